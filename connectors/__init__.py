@@ -1,0 +1,1 @@
+"""Edges of the service: Kafka clients, Redis reference queues, media sources, metrics, local services."""

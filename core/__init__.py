@@ -1,0 +1,1 @@
+"""DRF (Distribution-based feature Recovery and Fusion): the model, its encoders, training and evaluation."""
