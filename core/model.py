@@ -1,0 +1,205 @@
+"""DRFModel = image/text encoders + learned projections to the DRF width + the DRF head (core/drf.py).
+
+``create_model(name, labels, **kw)`` builds one by encoder configuration name, timm style.  The trainer can run the
+encoders separately (``encode_images``/``encode_texts`` give pre-projection features) and cache them while the
+encoders are frozen, then train from the cache with ``forward_features``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from core.distribution import DEFAULT_QUEUE_SIZE, QueueStats
+from core.drf import DRFConfig, DRFHead, DRFOutput
+from core.encoders import Encoders, create_encoders
+
+DEFAULT_DIM = 768
+ABLATIONS = ("sample_recovery", "distribution_recovery", "gaussian_weights", "expansion", "distribution_constraint")
+
+
+@dataclass
+class PreparedBatch:
+    """A model-ready batch, built on CPU by the runtime (possibly in worker threads)."""
+
+    pixel_values: Tensor  # [B, 3, H, W] float; rows of missing images are zeros
+    image_present: Tensor  # [B] bool (lambda^v)
+    text_inputs: dict[str, Tensor]  # tokenizer output for the batch (dynamic padding)
+    text_present: Tensor  # [B] bool (lambda^t)
+
+    def __len__(self) -> int:
+        return int(self.image_present.shape[0])
+
+    def to(self, device: torch.device | str) -> PreparedBatch:
+        non_blocking = torch.device(device).type == "cuda"
+        return PreparedBatch(
+            pixel_values=self.pixel_values.to(device, non_blocking=non_blocking),
+            image_present=self.image_present.to(device),
+            text_inputs={k: v.to(device, non_blocking=non_blocking) for k, v in self.text_inputs.items()},
+            text_present=self.text_present.to(device),
+        )
+
+
+def _scatter_rows(rows: Tensor | None, present: Tensor, width: int) -> Tensor:
+    """[B, width] with the encoded rows where present and zeros elsewhere."""
+    if rows is None:
+        return torch.zeros(present.shape[0], width, device=present.device)
+    out = rows.new_zeros(present.shape[0], width)
+    out[present] = rows
+    return out
+
+
+class DRFModel(nn.Module):
+    """Encoders, projections W_v, W_t to width d, and the DRF head; ``labels`` name the S sentiment classes."""
+
+    def __init__(
+        self,
+        encoders: Encoders,
+        labels: Sequence[str],
+        dim: int = DEFAULT_DIM,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        freeze_encoders: bool = True,
+        **head_options: Any,
+    ) -> None:
+        super().__init__()
+        labels = list(labels)
+        if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
+            raise ValueError(f"labels must be at least two distinct non-empty strings, got {labels}")
+        known = {f.name for f in fields(DRFConfig)} - {"num_classes", "dim", "queue_size"}
+        unknown = set(head_options) - known
+        if unknown:
+            raise ValueError(f"unknown DRF options {sorted(unknown)}; known: {sorted(known)}")
+        self.labels = labels
+        self.encoder_name = encoders.name
+        self.encoder_options = dict(encoders.options)
+        self.preprocessing = encoders.preprocessing()
+        self.image_encoder = encoders.image
+        self.text_encoder = encoders.text
+        self.image_projection = nn.Linear(encoders.image.dim, dim)
+        self.text_projection = nn.Linear(encoders.text.dim, dim)
+        self.head = DRFHead(DRFConfig(num_classes=len(labels), dim=dim, queue_size=queue_size, **head_options))
+        self.freeze_encoders = freeze_encoders
+        for encoder in (self.image_encoder, self.text_encoder):
+            encoder.requires_grad_(not freeze_encoders)
+        self.train(True)  # nn.Module's default mode, with frozen encoders kept in eval
+
+    def config(self) -> dict[str, Any]:
+        """Everything (besides weights) needed to rebuild this model; JSON-serialisable."""
+        head = self.head.config.to_dict()
+        return {
+            "encoders": self.encoder_name,
+            "encoder_options": self.encoder_options,
+            "labels": self.labels,
+            "dim": head.pop("dim"),
+            "queue_size": head.pop("queue_size"),
+            "freeze_encoders": self.freeze_encoders,
+            "head": {k: v for k, v in head.items() if k != "num_classes"},
+            "preprocessing": self.preprocessing,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], pretrained: bool = False) -> DRFModel:
+        """Rebuild from ``config()``; with ``pretrained=False`` no encoder weights are loaded (a checkpoint will)."""
+        encoders = create_encoders(config["encoders"], pretrained=pretrained, **config["encoder_options"])
+        return cls(
+            encoders,
+            config["labels"],
+            dim=config["dim"],
+            queue_size=config["queue_size"],
+            freeze_encoders=config["freeze_encoders"],
+            **config["head"],
+        )
+
+    def train(self, mode: bool = True) -> DRFModel:
+        """Frozen encoders stay in eval mode (BatchNorm statistics and dropout of pretrained weights untouched)."""
+        super().train(mode)
+        if self.freeze_encoders:
+            self.image_encoder.eval()
+            self.text_encoder.eval()
+        return self
+
+    def parameter_groups(self, encoder_lr: float, head_lr: float) -> list[dict[str, Any]]:
+        """Optimiser groups with the paper's two learning rates (encoders vs everything else)."""
+        encoder_ids = {id(p) for p in self.image_encoder.parameters()} | {id(p) for p in self.text_encoder.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trainable if id(p) in encoder_ids], "lr": encoder_lr},
+            {"params": [p for p in trainable if id(p) not in encoder_ids], "lr": head_lr},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """Pre-projection image features [B, D_v] (no autograd graph when the encoders are frozen)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
+            return self.image_encoder(pixel_values)
+
+    def encode_texts(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
+        """Pre-projection text features [B, D_t]."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
+            return self.text_encoder(text_inputs)
+
+    def forward_features(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        image_present: Tensor,
+        text_present: Tensor,
+        labels: Tensor | None = None,
+        stats: dict[str, QueueStats] | None = None,
+    ) -> DRFOutput:
+        """Projections + head on pre-projection features (e.g. cached from ``encode_images``/``encode_texts``)."""
+        f_v = self.image_projection(image_features.to(self.image_projection.weight.dtype))
+        f_t = self.text_projection(text_features.to(self.text_projection.weight.dtype))
+        return self.head(f_v, f_t, image_present, text_present, labels=labels, stats=stats)
+
+    def encode_batch(self, batch: PreparedBatch) -> tuple[Tensor, Tensor]:
+        """Pre-projection features of a batch; absent modalities are never encoded (their rows are zeros)."""
+        image_present = batch.image_present.to(torch.bool)
+        text_present = batch.text_present.to(torch.bool)
+        image_rows = self.encode_images(batch.pixel_values[image_present]) if bool(image_present.any()) else None
+        text_rows = None
+        if bool(text_present.any()):
+            text_rows = self.encode_texts({k: v[text_present] for k, v in batch.text_inputs.items()})
+        return (
+            _scatter_rows(image_rows, image_present, self.image_encoder.dim),
+            _scatter_rows(text_rows, text_present, self.text_encoder.dim),
+        )
+
+    def forward(
+        self, batch: PreparedBatch, labels: Tensor | None = None, stats: dict[str, QueueStats] | None = None
+    ) -> DRFOutput:
+        image_features, text_features = self.encode_batch(batch)
+        return self.forward_features(
+            image_features, text_features, batch.image_present, batch.text_present, labels=labels, stats=stats
+        )
+
+    def update_queues(self, output: DRFOutput) -> tuple[Tensor, Tensor]:
+        """After a training step: enqueue the batch's features that pass rule (13); returns accepted masks."""
+        return self.head.update_queues(output)
+
+
+def create_model(
+    name: str,
+    labels: Sequence[str],
+    *,
+    pretrained: bool = True,
+    dim: int | None = None,
+    queue_size: int = DEFAULT_QUEUE_SIZE,
+    freeze_encoders: bool = True,
+    encoder_options: Mapping[str, Any] | None = None,
+    **head_options: Any,
+) -> DRFModel:
+    """Build a DRF model with the named encoder configuration ("offline", "paper" or "tiny").
+
+    ``dim`` defaults to 768 (the paper's width), or the tiny encoders' own width for ``tiny``.
+    ``head_options`` are DRFConfig fields: dropout, converter_hidden, fusion_hidden and the ablation switches
+    (see ABLATIONS).
+    """
+    encoders = create_encoders(name, pretrained=pretrained, **dict(encoder_options or {}))
+    if dim is None:
+        dim = encoders.image.dim if name == "tiny" else DEFAULT_DIM
+    return DRFModel(encoders, labels, dim=dim, queue_size=queue_size, freeze_encoders=freeze_encoders, **head_options)
