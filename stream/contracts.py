@@ -84,9 +84,11 @@ def parse_post(raw: bytes | None, limits: Limits = Limits()) -> Post | Invalid:
     if len(raw) > limits.max_record_bytes:
         return Invalid("too_large", "RecordTooLarge", f"{len(raw)} bytes > limit {limits.max_record_bytes}")
     try:
-        doc = json.loads(raw)
+        text = raw.decode("utf-8")  # RFC 8259: JSON between systems is UTF-8 (json.loads would guess UTF-16/32)
     except UnicodeDecodeError as exc:
         return Invalid("not_utf8", type(exc).__name__, str(exc)[:200])
+    try:
+        doc = json.loads(text)
     except RecursionError:
         return Invalid("too_deep", "RecursionError", "JSON nesting exceeds the parser's limit")
     except ValueError as exc:

@@ -1,0 +1,101 @@
+"""The ``postsense`` command: global settings flags, then a subcommand.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args, settings) -> int``;
+modules are imported only when their command runs, so ``postsense --help`` stays fast and a
+missing optional part (e.g. torch on a config-only box) breaks only the commands that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any
+
+from stream import __version__
+from stream.settings import SettingsError, load_settings, parse_override
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "services": ("stream.services_cmd", "start, stop or inspect the local broker and Redis"),
+    "config": ("stream.config_cmd", "print the effective settings (secrets redacted) or check them"),
+}
+
+# Common flags mapped onto settings fields; anything else goes through --set section.field=value.
+FLAG_FIELDS = {
+    "bootstrap_servers": ("kafka", "bootstrap_servers"),
+    "group_id": ("kafka", "group_id"),
+    "input_topic": ("kafka", "input_topic"),
+    "output_topic": ("kafka", "output_topic"),
+    "dead_letter_topic": ("kafka", "dead_letter_topic"),
+    "checkpoint": ("model", "checkpoint"),
+    "device": ("model", "device"),
+    "redis_url": ("redis", "url"),
+    "metrics_port": ("metrics", "port"),
+    "log_level": ("log", "level"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="postsense", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"postsense {__version__}")
+    parser.add_argument("--config", "-c", help="settings file (TOML or JSON)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override any setting (repeatable); VALUE is parsed as JSON when it can be")
+    parser.add_argument("--bootstrap-servers", type=lambda s: s.split(","), help="comma-separated host:port list")
+    parser.add_argument("--group-id")
+    parser.add_argument("--input-topic")
+    parser.add_argument("--output-topic")
+    parser.add_argument("--dead-letter-topic")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--device")
+    parser.add_argument("--redis-url")
+    parser.add_argument("--metrics-port", type=int)
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    flags: dict[str, Any] = {}
+    for item in args.set:
+        for section, fields in parse_override(item).items():
+            flags.setdefault(section, {}).update(fields)
+    for attr, (section, field) in FLAG_FIELDS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            flags.setdefault(section, {})[field] = value
+    return flags
+
+
+def configure_logging(level: str, json_logs: bool) -> None:
+    from connectors.logs import setup_logging
+
+    setup_logging(level, json_logs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    cmd_parser = argparse.ArgumentParser(prog=f"postsense {args.command}", description=module.__doc__)
+    module.add_arguments(cmd_parser)
+    cmd_args = cmd_parser.parse_args(rest)
+    try:
+        settings = load_settings(args.config, flags_from_args(args))
+    except SettingsError as exc:
+        print(f"postsense: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log.level, settings.log.json_logs)
+    try:
+        code = module.run(cmd_args, settings)
+    except KeyboardInterrupt:
+        code = 130
+    logging.shutdown()
+    raise SystemExit(code)

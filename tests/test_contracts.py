@@ -1,0 +1,95 @@
+import base64
+import json
+
+import pytest
+
+from stream.contracts import DEAD_LETTER_HEADER, DeadLetter, Invalid, Limits, Post, parse_post, validator
+
+
+def raw(doc) -> bytes:
+    return json.dumps(doc).encode()
+
+
+GOOD = [
+    {"id": "1", "text": "hello", "image": {"base64": base64.b64encode(b"xx").decode()}},
+    {"id": "2", "text": None, "image": {"url": "https://example.com/a.jpg"}},
+    {"id": "3", "image": {"path": "a/b.jpg"}, "created_at": "2026-11-23T12:00:00Z"},
+    {"id": "4", "text": "", "image": None, "metadata": {"lang": "en", "tags": [1, 2]}},
+    {"id": "5"},  # neither modality: valid, answered with an abstention
+    {"schema_version": 1, "id": "6", "text": "x"},
+]
+
+
+@pytest.mark.parametrize("doc", GOOD)
+def test_good_posts_parse(doc):
+    post = parse_post(raw(doc))
+    assert isinstance(post, Post), post
+    assert post.id == doc["id"]
+    assert post.text == doc.get("text")
+    assert post.image == doc.get("image")
+
+
+@pytest.mark.parametrize(
+    "value, reason, needle",
+    [
+        (b"not json", "not_json", None),
+        (b"\xff\xfe\x00garbage", "not_utf8", None),
+        (b"[1, 2]", "schema_invalid", "expected object"),
+        (raw({"text": "no id"}), "schema_invalid", "'id' is a required property"),
+        (raw({"id": 5, "text": "x"}), "schema_invalid", "is not of type 'string'"),
+        (raw({"id": "", "text": "x"}), "schema_invalid", "id"),
+        (raw({"id": "1", "text": 3}), "schema_invalid", "text"),
+        (raw({"id": "1", "image": {"ftp": "x"}}), "schema_invalid", "image"),
+        (raw({"id": "1", "image": {"url": "u", "base64": "x"}}), "schema_invalid", "image"),
+        (raw({"id": "1", "image": "data:..."}), "schema_invalid", "image"),
+        (raw({"id": "1", "extra": 1}), "schema_invalid", "Additional properties"),
+        (raw({"id": "1", "schema_version": 2}), "schema_invalid", "schema_version"),
+        (None, "empty_value", None),
+    ],
+)
+def test_bad_posts_are_invalid_with_reason(value, reason, needle):
+    out = parse_post(value)
+    assert isinstance(out, Invalid)
+    assert out.reason == reason
+    if needle:
+        assert needle in (out.detail or "")
+
+
+def test_limits_on_size_text_and_metadata():
+    assert parse_post(b"x" * 2048, Limits(max_record_bytes=1024)).reason == "too_large"
+    long = parse_post(raw({"id": "1", "text": "a" * 50}), Limits(max_text_chars=10))
+    assert isinstance(long, Post) and long.text == "a" * 10 and long.text_truncated
+    deep: dict = {}
+    node = deep
+    for _ in range(40):
+        node["x"] = {}
+        node = node["x"]
+    assert parse_post(raw({"id": "1", "metadata": deep})).reason == "metadata_too_deep"
+    # deeper than the JSON parser itself allows: still an Invalid, not a crash
+    assert parse_post(b'{"id":"1","metadata":' + b"[" * 100_000 + b"]" * 100_000 + b"}").reason in (
+        "too_deep", "metadata_too_deep")
+
+
+def test_dead_letter_keeps_original_bytes_and_validates():
+    original = b"\x00\x01 not a post"
+    dl = DeadLetter(key=b"k", value=original, reason="not_json", error_class="JSONDecodeError",
+                    detail="Expecting value", topic="posts", partition=3, offset=41, timestamp_ms=1)
+    assert dl.value is original
+    header = dict(dl.headers())[DEAD_LETTER_HEADER]
+    validator("dead_letter").validate(json.loads(header))
+
+
+def test_output_schema_accepts_an_abstention_and_rejects_quality_zero():
+    record = {
+        "schema_version": 1, "id": "p", "label": None, "probabilities": None, "abstained": True,
+        "modalities": {"image": {"state": "missing", "reason": None, "quality": None},
+                       "text": {"state": "empty", "reason": None, "quality": None}},
+        "recovered": None,
+        "fusion_weights": {"intact": 0.0, "image_recovered_text": 0.0, "recovered_image_text": 0.0},
+        "model": {"name": "drf-offline", "version": "v1"},
+        "source": {"topic": "posts", "partition": 0, "offset": 0},
+        "event_time": None, "processed_at": "2026-11-23T12:00:00.000Z", "metadata": None,
+    }
+    validator("sentiment").validate(record)
+    record["modalities"]["image"] = {"state": "ok", "reason": None, "quality": 0.0}
+    assert not validator("sentiment").is_valid(record)
