@@ -36,7 +36,8 @@ class FetchPolicy:
     """Where image bytes may come from. The byte limit is `MediaLimits.max_image_bytes`.
 
     allowed_hosts: None = any public host, else exact names or `*.example.com` (any subdomain,
-    not the apex). local_root: None = `{"path": ...}` images refused, else only files that resolve
+    not the apex). allowed_networks: CIDRs reachable although not public (an internal image store),
+    while every other private address stays refused; strings are accepted. local_root: None = `{"path": ...}` images refused, else only files that resolve
     (after `..` and symlinks) inside this directory. ca_file: a PEM bundle to trust instead of the
     system store (a private CDN with its own CA).
     """
@@ -44,6 +45,7 @@ class FetchPolicy:
     allowed_schemes: tuple[str, ...] = ("https", "http")
     allowed_hosts: tuple[str, ...] | None = None
     allow_private_addresses: bool = False
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     timeout_s: float = 3.0
     max_redirects: int = 3
     local_root: Path | None = None
@@ -61,6 +63,11 @@ class FetchPolicy:
             object.__setattr__(
                 self, "allowed_hosts", tuple(_normalise_pattern(p) for p in self.allowed_hosts)
             )
+        try:
+            networks = tuple(ipaddress.ip_network(n) for n in self.allowed_networks)
+        except ValueError as exc:
+            raise ValueError(f"FetchPolicy.allowed_networks: {exc}") from exc
+        object.__setattr__(self, "allowed_networks", networks)
         if not self.timeout_s > 0:
             raise ValueError(f"FetchPolicy.timeout_s must be > 0, got {self.timeout_s!r}")
         if self.max_redirects < 0:
@@ -183,11 +190,17 @@ def _resolve(target: _Target, policy: FetchPolicy) -> list[tuple[Any, ...]]:
         infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise FetchError("fetch_dns_failed", target.host) from exc
-    if not policy.allow_private_addresses:
-        refused = [info[4][0] for info in infos if not is_public_address(info[4][0])]
-        if refused:
-            raise FetchError("fetch_refused_private_address", f"{target.host} -> {refused[0]}")
+    refused = [info[4][0] for info in infos if not _address_permitted(info[4][0], policy)]
+    if refused:  # one bad answer is enough: the attacker controls which one a retry would use
+        raise FetchError("fetch_refused_private_address", f"{target.host} -> {refused[0]}")
     return infos
+
+
+def _address_permitted(address: str, policy: FetchPolicy) -> bool:
+    if policy.allow_private_addresses or is_public_address(address):
+        return True
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    return any(ip in network for network in policy.allowed_networks)
 
 
 def _connect(

@@ -145,8 +145,9 @@ def _decode_base64(text: str, limits: MediaLimits) -> bytes | DecodedImage:
     if len(body) // 4 * 3 > limits.max_image_bytes + 3:  # refuse before materialising the bytes
         return _failed("too_large", len(body) // 4 * 3)
     altchars = b"-_" if ("-" in body or "_" in body) else None
+    unpadded = body.rstrip("=")  # padding is often dropped or wrong; the data length decides
     try:
-        return base64.b64decode(body + "=" * (-len(body) % 4), altchars=altchars, validate=True)
+        return base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), altchars=altchars, validate=True)
     except (binascii.Error, ValueError):
         return _failed("base64_invalid", 0)
 
