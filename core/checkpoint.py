@@ -1,0 +1,130 @@
+"""One-file checkpoints of a DRFModel: weights, queues and their statistics, configuration, labels, version.
+
+Layout: one header line ``POSTSENSE-DRF <format> <json>\\n`` (model version, payload size and SHA-256), then a
+``torch.save`` payload of plain data (loaded with ``weights_only=True``, so a checkpoint cannot run code).
+The checksum turns a truncated or corrupted file into a clear error instead of garbage weights.  The queues are
+buffers of the model, so they and their statistics travel in the state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.model import DRFModel
+
+MAGIC = b"POSTSENSE-DRF"
+FORMAT_VERSION = 1
+_MAX_HEADER = 4096
+
+
+class CheckpointError(ValueError):
+    """The file is not a usable postsense checkpoint (wrong kind, damaged, or incompatible with this code)."""
+
+
+@dataclass
+class Checkpoint:
+    model: DRFModel
+    model_version: str
+    metadata: dict[str, Any]  # created_at, torch version, config
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("postsense")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def save_checkpoint(model: DRFModel, path: str | Path, model_version: str | None = None) -> str:
+    """Write ``model`` atomically to ``path``; returns the model version (default: configuration + content hash)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "config": model.config(),
+        "state_dict": state,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {"torch": str(torch.__version__), "postsense": _package_version()},
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    version = model_version or f"drf-{model.encoder_name}-{digest[:12]}"
+    header = json.dumps({"model_version": version, "sha256": digest, "bytes": len(data)}, sort_keys=True)
+    if "\n" in header or len(header) > _MAX_HEADER:
+        raise ValueError(f"model version is too long or contains a newline: {version!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(MAGIC + f" {FORMAT_VERSION} ".encode() + header.encode() + b"\n")
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return version
+
+
+def _read_verified(path: Path) -> tuple[dict[str, Any], bytes]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {path} does not exist") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    end = raw.find(b"\n", 0, _MAX_HEADER + 64)
+    if not raw.startswith(MAGIC + b" ") or end < 0:
+        raise CheckpointError(f"{path} is not a postsense DRF checkpoint (no {MAGIC.decode()} header)")
+    try:
+        _, fmt, header_json = raw[:end].decode().split(" ", 2)
+        header = json.loads(header_json)
+        fmt_version = int(fmt)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path} has a damaged header") from exc
+    if fmt_version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {fmt_version}; this code reads format {FORMAT_VERSION}")
+    data = raw[end + 1 :]
+    if len(data) != header.get("bytes") or hashlib.sha256(data).hexdigest() != header.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is damaged (size or SHA-256 does not match its header)")
+    return header, data
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a checkpoint onto the CPU; raises CheckpointError with the reason when it cannot be used."""
+    path = Path(path)
+    header, data = _read_verified(path)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        config, state = payload["config"], payload["state_dict"]
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the caller
+        raise CheckpointError(f"checkpoint {path} has an unreadable payload: {exc}") from exc
+    try:
+        model = DRFModel.from_config(config, pretrained=False)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has a configuration this code cannot build: {exc}") from exc
+    if model.preprocessing != config["preprocessing"]:
+        raise CheckpointError(
+            f"checkpoint {path} was made with preprocessing {config['preprocessing']}, but the installed "
+            f"{config['encoders']!r} encoders use {model.preprocessing}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not match the {config['encoders']!r} model: {exc}") from exc
+    model.eval()
+    metadata = {k: payload[k] for k in ("created_at", "versions") if k in payload}
+    metadata["config"] = config
+    return Checkpoint(model=model, model_version=str(header["model_version"]), metadata=metadata)

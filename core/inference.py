@@ -1,0 +1,165 @@
+"""Inference API for the streaming runtime: posts in, label + probabilities + per-modality quality out.
+
+The runtime preprocesses images and texts on CPU (``preprocess_image``, ``normalise_text``, ``prepare``; safe in
+worker threads), then calls ``predict`` on one thread.  Reference-queue statistics can be swapped in from the shared
+store (``set_reference_stats``) so all replicas score quality against the same distributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.checkpoint import load_checkpoint
+from core.distribution import QueueStats, passes_enqueue_rule
+from core.model import DRFModel, PreparedBatch
+
+__all__ = ["BatchPrediction", "PreparedBatch", "Predictor", "resolve_device"]
+
+
+@dataclass
+class BatchPrediction:
+    """One batch's results, all numpy / Python on CPU."""
+
+    labels: list[str | None]  # None where abstained
+    probabilities: np.ndarray  # [B, S] float32
+    quality_image: np.ndarray  # [B] in (0, 1], NaN where the image is absent
+    quality_text: np.ndarray  # [B]
+    recovered: list[str | None]  # "image" | "text" | None: the missing modality a converter stood in for
+    fusion_weights: np.ndarray  # [B, 3] weights of (12): intact, image+recovered text, recovered image+text
+    abstained: np.ndarray  # [B] bool: no usable modality
+    image_features: np.ndarray  # [B, d] float32, zeros where absent (proposals for the reference queues)
+    text_features: np.ndarray  # [B, d]
+    image_accepted: np.ndarray  # [B] bool: present and passing enqueue rule (13) against the current stats
+    text_accepted: np.ndarray  # [B] bool
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+class Predictor:
+    """A DRF model in eval mode on one device, with the reference statistics it scores quality against."""
+
+    def __init__(self, model: DRFModel, device: torch.device, model_version: str) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.labels = list(model.labels)
+        self.model_name = f"drf-{model.encoder_name}"
+        self.model_version = model_version
+        self._stats = {k: v.to(device) for k, v in model.head.queue_stats().items()}
+        # bfloat16 where the GPU supports it: same exponent range as float32, so no loss scaling is needed.
+        self._amp_dtype: torch.dtype | None = None
+        if device.type == "cuda":
+            self._amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Predictor:
+        checkpoint = load_checkpoint(path)
+        return cls(checkpoint.model, resolve_device(device), checkpoint.model_version)
+
+    @classmethod
+    def from_model(cls, model: DRFModel, device: str = "cpu", model_version: str = "unversioned") -> Predictor:
+        return cls(model, resolve_device(device), model_version)
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """[3, H, W] float tensor, the encoder's own resize/crop/normalisation; thread-safe."""
+        return self.model.image_encoder.preprocess(image)
+
+    @staticmethod
+    def normalise_text(text: str | None) -> str | None:
+        """Strip whitespace; empty or whitespace-only text counts as missing (None)."""
+        if text is None:
+            return None
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str or None, got {type(text).__name__}")
+        text = text.strip()
+        return text or None
+
+    def prepare(self, images: list[torch.Tensor | None], texts: list[str | None]) -> PreparedBatch:
+        """Stack preprocessed images and tokenise texts; None (or empty text) marks a missing modality."""
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images but {len(texts)} texts")
+        if not images:
+            raise ValueError("cannot prepare an empty batch")
+        size = self.model.image_encoder.preprocessing.size
+        pixel_values = torch.zeros(len(images), 3, size, size)
+        for row, image in enumerate(images):
+            if image is None:
+                continue
+            if not isinstance(image, torch.Tensor) or tuple(image.shape) != (3, size, size):
+                shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"image {row} must be a preprocessed [3, {size}, {size}] tensor, got {shape}")
+            pixel_values[row] = image
+        normalised = [self.normalise_text(text) for text in texts]
+        return PreparedBatch(
+            pixel_values=pixel_values,
+            image_present=torch.tensor([image is not None for image in images]),
+            # Missing texts tokenise as "" only to keep the batch rectangular; they are never encoded.
+            text_inputs=self.model.text_encoder.tokenize([text or "" for text in normalised]),
+            text_present=torch.tensor([text is not None for text in normalised]),
+        )
+
+    @torch.inference_mode()
+    def predict(self, batch: PreparedBatch) -> BatchPrediction:
+        """Deterministic eval-mode prediction; mixed precision on CUDA."""
+        stats = self._stats  # one consistent snapshot even if set_reference_stats runs meanwhile
+        with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None):
+            out = self.model(batch.to(self.device), stats=stats)
+        image_present = out.image_present.cpu().numpy()
+        text_present = out.text_present.cpu().numpy()
+        abstained = out.abstained.cpu().numpy()
+        probabilities = out.probabilities.float().cpu().numpy()
+        image_features = out.image_features.float()
+        text_features = out.text_features.float()
+        image_accepted = passes_enqueue_rule(image_features, stats["image"]) & out.image_present
+        text_accepted = passes_enqueue_rule(text_features, stats["text"]) & out.text_present
+        recovered: list[str | None] = [
+            "text" if v and not t else "image" if t and not v else None
+            for v, t in zip(image_present, text_present, strict=True)
+        ]
+        return BatchPrediction(
+            labels=[None if a else self.labels[i] for a, i in zip(abstained, probabilities.argmax(-1), strict=True)],
+            probabilities=probabilities.astype(np.float32),
+            quality_image=np.where(image_present, out.log_quality_image.exp().cpu().numpy(), np.nan),
+            quality_text=np.where(text_present, out.log_quality_text.exp().cpu().numpy(), np.nan),
+            recovered=recovered,
+            fusion_weights=out.fusion_weights.float().cpu().numpy(),
+            abstained=abstained,
+            image_features=image_features.cpu().numpy(),
+            text_features=text_features.cpu().numpy(),
+            image_accepted=image_accepted.cpu().numpy(),
+            text_accepted=text_accepted.cpu().numpy(),
+        )
+
+    def reference_stats(self) -> dict[str, QueueStats]:
+        """The statistics quality is currently scored against (CPU copies), keys "image" and "text"."""
+        return {k: v.to("cpu") for k, v in self._stats.items()}
+
+    def set_reference_stats(self, stats: dict[str, QueueStats]) -> None:
+        """Swap in statistics from the shared reference queues; validated before anything changes."""
+        if set(stats) != {"image", "text"}:
+            raise ValueError(f"reference stats need exactly the keys 'image' and 'text', got {sorted(stats)}")
+        dim = self.model.head.config.dim
+        for key, value in stats.items():
+            if not isinstance(value, QueueStats) or value.dim != dim or value.mean.dim() != 1:
+                raise ValueError(f"{key} reference stats must be QueueStats with a [{dim}] mean")
+            numbers = torch.cat([value.mean.float().flatten(), value.sigma.float().flatten(), value.threshold.float().flatten()])
+            if not bool(torch.isfinite(numbers).all()) or float(value.sigma) <= 0:
+                raise ValueError(f"{key} reference stats must be finite with sigma > 0")
+        self._stats = {k: v.to(self.device) for k, v in stats.items()}
+
+    def checkpoint_queues(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's queue contents [n <= L, d], oldest first (to seed the shared reference queues)."""
+        head = self.model.head
+        return {"image": head.image_queue.contents().cpu().clone(), "text": head.text_queue.contents().cpu().clone()}
