@@ -9,12 +9,12 @@ Kubernetes Secret mounted as a volume never passes through the environment or a 
 from __future__ import annotations
 
 import json
-import tomllib
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 

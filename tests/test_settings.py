@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from stream.cli import build_parser, flags_from_args
 from stream.settings import Settings, SettingsError, load_settings, redact_url
@@ -90,5 +91,5 @@ def test_redact_url_keeps_urls_without_password():
 
 
 def test_settings_object_rejects_unknown_sections():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="nope"):
         Settings(nope={})
