@@ -340,7 +340,10 @@ class MetricsServer:
             raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
         self.host = host
         self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        # A short poll interval makes close() return within ~0.1 s (shutdown waits for the next poll).
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.1,), name="metrics-http", daemon=True
+        )
         self._thread.start()
         log.info("metrics on http://%s:%d/metrics", host, self.port)
 
