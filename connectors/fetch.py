@@ -320,13 +320,18 @@ def read_local_file(path: str, policy: FetchPolicy, max_bytes: int) -> bytes:
         raise FetchError("path_not_found", path) from exc
     except OSError as exc:
         raise FetchError("path_unreadable", f"{path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise FetchError("path_not_a_file", path)
         if info.st_size > max_bytes:
             raise FetchError("too_large", f"{info.st_size} > {max_bytes} bytes")
-        data = f.read(max_bytes + 1)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise FetchError("path_unreadable", f"{path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:
         raise FetchError("too_large", f"file grew past {max_bytes} bytes")
     return data
