@@ -1,0 +1,163 @@
+"""kafka-python clients configured from Settings, and the admin helpers the service and tests need.
+
+Every client (consumer, producer, admin) gets the same connection and security block, so TLS and SASL
+are configured once. The producer is idempotent with ``acks=all``, both set explicitly: kafka-python 3.x
+defaults to that already, but 2.x did not, and the service's at-least-once guarantee depends on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import errors as kafka_errors
+
+from stream.settings import KafkaSettings, LimitSettings, SecurityProtocol
+
+#: Errors after which an idempotent producer never recovers (its producer id or sequence numbers are no
+#: longer known to the broker, e.g. after a broker restart); the only cure is a new producer.
+PRODUCER_FATAL_ERRORS: tuple[type[Exception], ...] = (
+    kafka_errors.UnknownProducerIdError,
+    kafka_errors.OutOfOrderSequenceNumberError,
+    kafka_errors.InvalidProducerEpochError,
+    kafka_errors.InvalidProducerIdMappingError,
+    kafka_errors.ProducerFencedError,
+    kafka_errors.IllegalStateError,
+)
+
+#: Headroom over the largest accepted input record, so a dead letter (original bytes + reason headers) fits.
+_DEAD_LETTER_HEADROOM_BYTES = 64 * 1024
+
+
+def connection_config(kafka: KafkaSettings) -> dict[str, Any]:
+    """Bootstrap servers, client id, TLS and SASL: the block shared by every client."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": list(kafka.bootstrap_servers),
+        "client_id": kafka.client_id,
+        "security_protocol": kafka.security_protocol.value,
+        "request_timeout_ms": kafka.request_timeout_ms,
+    }
+    if kafka.security_protocol in (SecurityProtocol.SSL, SecurityProtocol.SASL_SSL):
+        config["ssl_check_hostname"] = kafka.ssl_check_hostname
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(kafka, name)
+            if path is not None:
+                config[name] = str(path)
+        if kafka.ssl_password is not None:
+            config["ssl_password"] = kafka.ssl_password.get_secret_value()
+    if kafka.security_protocol in (SecurityProtocol.SASL_PLAINTEXT, SecurityProtocol.SASL_SSL):
+        assert kafka.sasl_password is not None  # guaranteed by KafkaSettings' validator
+        config["sasl_mechanism"] = kafka.sasl_mechanism
+        config["sasl_plain_username"] = kafka.sasl_username
+        config["sasl_plain_password"] = kafka.sasl_password.get_secret_value()
+    return config
+
+
+def consumer_config(kafka: KafkaSettings, max_posts: int) -> dict[str, Any]:
+    """A group consumer that never commits on its own: the service commits explicit offsets per batch."""
+    config = connection_config(kafka)
+    config.update(
+        group_id=kafka.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset=kafka.auto_offset_reset,
+        session_timeout_ms=kafka.session_timeout_ms,
+        heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+        max_poll_interval_ms=kafka.max_poll_interval_ms,
+        max_poll_records=max_posts,
+        fetch_max_bytes=kafka.fetch_max_bytes,
+        max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
+    )
+    if kafka.group_instance_id:
+        config["group_instance_id"] = kafka.group_instance_id
+    return config
+
+
+def producer_config(kafka: KafkaSettings, limits: LimitSettings) -> dict[str, Any]:
+    """Idempotent, acks=all, and every send resolves (acknowledged or failed) within produce_timeout_s."""
+    config = connection_config(kafka)
+    linger = kafka.producer_linger_ms
+    config.update(
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger,
+        batch_size=kafka.producer_batch_size,
+        compression_type=None if kafka.producer_compression == "none" else kafka.producer_compression,
+        max_request_size=limits.max_record_bytes + _DEAD_LETTER_HEADROOM_BYTES,
+        # kafka-python requires delivery >= linger + request timeout; past it a send fails instead of hanging.
+        delivery_timeout_ms=max(int(kafka.produce_timeout_s * 1000), kafka.request_timeout_ms + linger),
+        max_block_ms=int(kafka.produce_timeout_s * 1000),
+    )
+    return config
+
+
+def make_consumer(kafka: KafkaSettings, max_posts: int) -> KafkaConsumer:
+    """A consumer not yet subscribed (the caller subscribes with its rebalance listener)."""
+    return KafkaConsumer(**consumer_config(kafka, max_posts))
+
+
+def make_producer(kafka: KafkaSettings, limits: LimitSettings) -> KafkaProducer:
+    return KafkaProducer(**producer_config(kafka, limits))
+
+
+def make_admin(kafka: KafkaSettings) -> KafkaAdminClient:
+    return KafkaAdminClient(**connection_config(kafka))
+
+
+def ensure_topics(
+    kafka: KafkaSettings,
+    topics: Iterable[str],
+    partitions: int = 6,
+    replication_factor: int = 1,
+    timeout_s: float = 30.0,
+) -> list[str]:
+    """Create the topics that do not exist yet with ``partitions`` partitions; returns the ones created.
+
+    Topics that already exist are left as they are (their partition count is not changed). Retries until
+    the broker answers or ``timeout_s`` passes, because a broker that was just started may refuse the
+    first connection.
+    """
+    names = sorted(set(topics))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = make_admin(kafka)
+            break
+        except kafka_errors.NoBrokersAvailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    try:
+        existing = set(admin.list_topics())
+        missing = [name for name in names if name not in existing]
+        if missing:
+            admin.create_topics(
+                {name: {"num_partitions": partitions, "replication_factor": replication_factor} for name in missing},
+                raise_errors=False,
+            )
+        _wait_for_topics(admin, names, deadline)
+        return missing
+    finally:
+        admin.close()
+
+
+def _wait_for_topics(admin: KafkaAdminClient, names: list[str], deadline: float) -> None:
+    while True:
+        existing = set(admin.list_topics())
+        absent = [name for name in names if name not in existing]
+        if not absent:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics not created in time: {', '.join(absent)}")
+        time.sleep(0.2)
+
+
+def committed_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
+    """The group's committed next-offset per partition of ``topic`` (partitions never committed are absent)."""
+    admin = make_admin(kafka)
+    try:
+        offsets = admin.list_group_offsets({kafka.group_id: None}).get(kafka.group_id, {})
+    finally:
+        admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}

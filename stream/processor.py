@@ -1,0 +1,238 @@
+"""What is computed on a batch: input records → sentiment records and dead letters (no Kafka here).
+
+The consumer loop (``stream.runtime``) decides *how* batches are fed, published and committed; this
+module only turns records into output records, so it can be tested and benchmarked without a broker.
+Per record: validate against the post contract (``parse_post``); decode the image under the media
+policy and normalise the text (in worker threads: Pillow and the tokenizer release the GIL); then one
+``predict`` per batch. A missing, empty or undecodable modality is a state with a reason (λ = 0 in
+the paper's eq. (12)), never an error; only a record that is not a post becomes a dead letter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from connectors.fetch import FetchPolicy
+from connectors.media import DecodedImage, ImageState, MediaLimits, decode_image_field
+from connectors.metrics import Metrics
+from stream.contracts import SCHEMA_VERSION, DeadLetter, Invalid, Limits, Post, parse_post, utc_now_iso
+from stream.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+    from core.inference import BatchPrediction, Predictor
+
+
+class ReferenceQueuesLike(Protocol):
+    """The two calls the processor makes on ``connectors.reference_queues.ReferenceQueues``."""
+
+    def stats(self) -> dict[str, Any] | None: ...
+
+    def propose(self, features: dict[str, Any], accepted: dict[str, Any], present: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Record:
+    """One consumed input record: where it came from, and its untouched key and value."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class OutgoingRecord:
+    """One record to publish (a sentiment record or a dead letter)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass
+class DecodedPost:
+    """A valid post with both modalities ready for ``Predictor.prepare``, and their states."""
+
+    record: Record
+    post: Post
+    image: DecodedImage
+    pixels: torch.Tensor | None  # the encoder's preprocessed image when image.state is ok
+    text: str | None  # normalised text; None when missing or empty
+    text_state: ImageState
+    text_reason: str | None
+
+
+@dataclass
+class BatchResult:
+    """The output of one batch: sentiment documents (for the output hook) and every record to publish."""
+
+    documents: list[dict[str, Any]]
+    records: list[OutgoingRecord]
+    dead_letter_reasons: list[str]
+    created_at: list[str | None]
+
+
+def media_config(settings: Settings) -> tuple[MediaLimits, FetchPolicy]:
+    """The media connector's limits and fetch policy from the ``limits`` and ``media`` settings."""
+    media = settings.media
+    limits = MediaLimits(
+        max_image_bytes=settings.limits.max_image_bytes, max_image_pixels=settings.limits.max_image_pixels
+    )
+    policy = FetchPolicy(
+        allowed_schemes=tuple(media.allowed_schemes),
+        allowed_hosts=None if media.allowed_hosts is None else tuple(media.allowed_hosts),
+        allow_private_addresses=media.allow_private_addresses,
+        timeout_s=media.fetch_timeout_s,
+        max_redirects=media.max_redirects,
+        local_root=media.local_root,
+    )
+    return limits, policy
+
+
+def contract_limits(settings: Settings) -> Limits:
+    lim = settings.limits
+    return Limits(
+        max_record_bytes=lim.max_record_bytes,
+        max_text_chars=lim.max_text_chars,
+        max_metadata_depth=lim.max_metadata_depth,
+        max_metadata_bytes=lim.max_metadata_bytes,
+    )
+
+
+def validate(record: Record, limits: Limits) -> Post | Invalid:
+    """The record's post, or why it is not one (cheap: JSON parse and schema check, no decoding)."""
+    return parse_post(record.value, limits)
+
+
+def dead_letter(record: Record, invalid: Invalid, topic: str) -> OutgoingRecord:
+    """The dead-letter record: original key and value untouched, the reason in headers."""
+    letter = DeadLetter(
+        key=record.key,
+        value=record.value,
+        reason=invalid.reason,
+        error_class=invalid.error_class,
+        detail=invalid.detail,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp_ms=record.timestamp_ms,
+    )
+    return OutgoingRecord(topic=topic, key=record.key, value=record.value, headers=letter.headers())
+
+
+class BatchProcessor:
+    """Decodes posts and runs the DRF model on a batch; builds the output contract's records."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        predictor: Predictor,
+        metrics: Metrics,
+        queues: ReferenceQueuesLike | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.metrics = metrics
+        self.queues = queues
+        self._stats_in_use: dict[str, Any] | None = None
+        self.output_topic = settings.kafka.output_topic
+        self.dead_letter_topic = settings.kafka.dead_letter_topic
+        self.limits = contract_limits(settings)
+        self.media_limits, self.fetch_policy = media_config(settings)
+
+    def decode(self, record: Record, post: Post) -> DecodedPost:
+        """Decode one post's modalities (thread-safe; runs in the decode pool). Never raises for bad input."""
+        image = decode_image_field(post.image, self.media_limits, self.fetch_policy)
+        pixels = self.predictor.preprocess_image(image.image) if image.image is not None else None
+        image.image = None  # the pixels are all inference needs; free the decoded bitmap early
+        if post.text is None:
+            text, text_state, text_reason = None, ImageState.missing, None
+        else:
+            text = self.predictor.normalise_text(post.text)
+            text_state, text_reason = (ImageState.ok, None) if text else (ImageState.empty, "blank_text")
+        return DecodedPost(record, post, image, pixels, text, text_state, text_reason)
+
+    def predict(self, posts: Sequence[DecodedPost]) -> BatchPrediction:
+        """One forward pass for the batch, against the freshest reference statistics."""
+        if self.queues is not None:
+            stats = self.queues.stats()  # cached, never a Redis round trip; a new dict only when it changed
+            if stats is not None and stats is not self._stats_in_use:
+                self.predictor.set_reference_stats(stats)
+                self._stats_in_use = stats
+        started = time.perf_counter()
+        prepared = self.predictor.prepare([p.pixels for p in posts], [p.text for p in posts])
+        prediction = self.predictor.predict(prepared)
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        if self.queues is not None:  # the one Redis round trip per batch: propose what passed rule (13)
+            self.queues.propose(
+                {"image": prediction.image_features, "text": prediction.text_features},
+                {"image": prediction.image_accepted, "text": prediction.text_accepted},
+                {"image": prepared.image_present.numpy(), "text": prepared.text_present.numpy()},
+            )
+        return prediction
+
+    def process(self, posts: Sequence[DecodedPost], invalid: Sequence[tuple[Record, Invalid]]) -> BatchResult:
+        """Sentiment records for the decoded posts and dead letters for the invalid records."""
+        documents: list[dict[str, Any]] = []
+        if posts:
+            prediction = self.predict(posts)
+            self.metrics.observe_prediction(prediction)
+            self.metrics.observe_modality_states("image", [p.image.state for p in posts])
+            self.metrics.observe_modality_states("text", [p.text_state for p in posts])
+            processed_at = utc_now_iso()
+            documents = [self.document(p, prediction, i, processed_at) for i, p in enumerate(posts)]
+        records = [
+            OutgoingRecord(self.output_topic, p.post.id.encode(), json.dumps(doc).encode(), [])
+            for p, doc in zip(posts, documents, strict=True)
+        ]
+        records += [dead_letter(record, why, self.dead_letter_topic) for record, why in invalid]
+        return BatchResult(
+            documents=documents,
+            records=records,
+            dead_letter_reasons=[why.reason for _, why in invalid],
+            created_at=[p.post.created_at for p in posts],
+        )
+
+    def document(self, post: DecodedPost, prediction: BatchPrediction, row: int, processed_at: str) -> dict[str, Any]:
+        """The sentiment record of one post (stream/schemas/sentiment.v1.json)."""
+        abstained = bool(prediction.abstained[row])
+        weights = prediction.fusion_weights[row]
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "id": post.post.id,
+            "label": None if abstained else prediction.labels[row],
+            # An abstention's softmax(b) is the classifier bias, not evidence: publish no probabilities.
+            "probabilities": None
+            if abstained
+            else {name: float(p) for name, p in zip(self.predictor.labels, prediction.probabilities[row], strict=True)},
+            "abstained": abstained,
+            "modalities": {
+                "image": _modality(post.image.state, post.image.reason, prediction.quality_image[row]),
+                "text": _modality(post.text_state, post.text_reason, prediction.quality_text[row]),
+            },
+            "recovered": prediction.recovered[row],
+            "fusion_weights": {
+                "intact": float(weights[0]),
+                "image_recovered_text": float(weights[1]),
+                "recovered_image_text": float(weights[2]),
+            },
+            "model": {"name": self.predictor.model_name, "version": self.predictor.model_version},
+            "source": {"topic": post.record.topic, "partition": post.record.partition, "offset": post.record.offset},
+            "event_time": post.post.created_at,
+            "processed_at": processed_at,
+            "metadata": post.post.metadata,
+        }
+
+
+def _modality(state: ImageState, reason: str | None, quality: float) -> dict[str, Any]:
+    ok = state is ImageState.ok and math.isfinite(float(quality)) and quality > 0
+    return {"state": state.value, "reason": reason, "quality": min(float(quality), 1.0) if ok else None}
