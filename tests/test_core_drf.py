@@ -1,0 +1,162 @@
+"""The DRF head against a 2-d example worked out by hand (equations (3)-(8), (10)-(12), (14)-(16)).
+
+Setup (fixed by ``head`` below): queues Q_v = {(1,0), (-1,0)} so mu_v = (0,0), sigma_v = 1, and
+Q_t = {(1,0), (1,2)} so mu_t = (1,1), sigma_t = 1.  Converters C_{v->t}(f) = 2f + (1,1), C_{t->v}(f) = f - (1,0);
+fusion F([a; b]) = a + b; classifier W = I, b = 0.  Sample f^v = (1,0), f^t = (1,3):
+  f^{v->t} = (3,1), f^{t->v} = (0,3)
+  q^v = e^-0.5, q^t = e^-2, q^{v->t} = e^-2, q^{t->v} = e^-4.5
+  weights of (12): intact e^-2.5, image+recovered text e^-2.5, recovered image+text e^-6.5
+  F terms: (2,3), (4,1), (1,6)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from core.drf import DRFConfig, DRFHead
+
+E = math.exp
+
+
+def linear(weight: list[list[float]], bias: list[float]) -> nn.Linear:
+    layer = nn.Linear(len(weight[0]), len(weight))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weight))
+        layer.bias.copy_(torch.tensor(bias))
+    return layer
+
+
+def make_head(**options: bool) -> DRFHead:
+    head = DRFHead(DRFConfig(num_classes=2, dim=2, queue_size=4, dropout=0.0, **options))
+    head.converter_v2t = linear([[2, 0], [0, 2]], [1, 1])
+    head.converter_t2v = linear([[1, 0], [0, 1]], [-1, 0])
+    head.fusion = linear([[1, 0, 1, 0], [0, 1, 0, 1]], [0, 0])
+    head.classifier = linear([[1, 0], [0, 1]], [0.25, -0.25])
+    head.image_queue.push(torch.tensor([[1.0, 0], [-1, 0]]))
+    head.text_queue.push(torch.tensor([[1.0, 0], [1, 2]]))
+    return head.eval().requires_grad_(False)  # hand-set weights; gradients are tested separately
+
+
+F_V = torch.tensor([[1.0, 0]])
+F_T = torch.tensor([[1.0, 3]])
+YES, NO = torch.tensor([True]), torch.tensor([False])
+
+
+def test_fusion_weights_and_fused_feature_match_equation_12() -> None:
+    out = make_head()(F_V, F_T, YES, YES)
+    assert out.fusion_weights[0].tolist() == pytest.approx([E(-2.5), E(-2.5), E(-6.5)], rel=1e-5)
+    expected = [E(-2.5) * 6 + E(-6.5) * 1, E(-2.5) * 4 + E(-6.5) * 6]
+    assert out.fused[0].tolist() == pytest.approx(expected, rel=1e-5)
+    assert out.logits[0].tolist() == pytest.approx([expected[0] + 0.25, expected[1] - 0.25], rel=1e-5)
+    assert out.log_quality_image.tolist() == pytest.approx([-0.5]) and out.log_quality_text.tolist() == pytest.approx([-2])
+
+
+def test_losses_match_equations_3_4_7_8_15_16() -> None:
+    out = make_head()(F_V, F_T, YES, YES, labels=torch.tensor([0]))
+    # (3): exp(||f^v-mu_v|| - ||f^v-mu_t||) + exp(||f^t-mu_t|| - ||f^t-mu_v||) = exp(1-1) + exp(2-sqrt(10))
+    assert float(out.loss_dis) == pytest.approx(1 + E(2 - math.sqrt(10)), rel=1e-5)
+    # (4): ||(3,1)-(1,3)|| = sqrt 8 and ||(0,3)-(1,0)|| = sqrt 10
+    assert float(out.loss_terms["sample_v2t"]) == pytest.approx(math.sqrt(8), rel=1e-5)
+    assert float(out.loss_terms["sample_t2v"]) == pytest.approx(math.sqrt(10), rel=1e-5)
+    # (5)-(7): C_{v->t}(Q_v) = {(3,1), (-1,1)}: mean (1,1) = mu_t, sigma 2 vs 1 -> 1
+    #          C_{t->v}(Q_t) = {(0,0), (0,2)}: mean (0,1) vs mu_v = (0,0) -> 1, sigma 1 = sigma_v -> 0
+    assert float(out.loss_terms["distribution_v2t"]) == pytest.approx(1.0, rel=1e-5)
+    assert float(out.loss_terms["distribution_t2v"]) == pytest.approx(1.0, rel=1e-5)
+    assert float(out.loss_rec) == pytest.approx(math.sqrt(8) + math.sqrt(10) + 2, rel=1e-5)
+    m0, m1 = E(-2.5) * 6 + E(-6.5) + 0.25, E(-2.5) * 4 + E(-6.5) * 6 - 0.25
+    cross_entropy = math.log(E(m0) + E(m1)) - m0
+    assert float(out.loss_cls) == pytest.approx(cross_entropy, rel=1e-5)
+    assert float(out.loss) == pytest.approx(float(out.loss_dis) + float(out.loss_rec) + cross_entropy, rel=1e-5)
+
+
+def test_presence_flags_remove_exactly_the_terms_of_equation_12() -> None:
+    head = make_head()
+    garbage = torch.full((1, 2), float("nan"))
+    image_only = head(F_V, garbage, YES, NO)
+    assert image_only.fusion_weights[0].tolist() == pytest.approx([0, E(-2.5), 0], rel=1e-5)
+    assert image_only.fused[0].tolist() == pytest.approx([E(-2.5) * 4, E(-2.5) * 1], rel=1e-5)
+    text_only = head(garbage, F_T, NO, YES)
+    assert text_only.fusion_weights[0].tolist() == pytest.approx([0, 0, E(-6.5)], rel=1e-5)
+    assert text_only.fused[0].tolist() == pytest.approx([E(-6.5) * 1, E(-6.5) * 6], rel=1e-5)
+    # A missing modality is a zero feature, whatever the caller passed.
+    assert text_only.image_features.tolist() == [[0.0, 0.0]]
+
+
+def test_sample_recovery_needs_both_modalities() -> None:
+    out = make_head()(F_V, F_T, YES, NO, labels=torch.tensor([1]))
+    assert float(out.loss_terms["sample_v2t"]) == 0.0 and float(out.loss_terms["sample_t2v"]) == 0.0
+    # (3) keeps only the image term: exp(1 - 1)
+    assert float(out.loss_dis) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_no_usable_modality_abstains_with_the_classifier_bias() -> None:
+    out = make_head()(F_V, F_T, NO, NO, labels=torch.tensor([0]))
+    assert out.fused.tolist() == [[0.0, 0.0]]
+    assert out.logits.tolist() == [[0.25, -0.25]]
+    assert out.abstained.tolist() == [True]
+    assert torch.isfinite(out.loss)
+
+
+def test_ablations_change_exactly_their_component() -> None:
+    no_gauss = make_head(gaussian_weights=False)(F_V, F_T, YES, YES)
+    assert no_gauss.fusion_weights[0].tolist() == [1.0, 1.0, 1.0]
+    assert no_gauss.fused[0].tolist() == pytest.approx([2 + 4 + 1, 3 + 1 + 6])
+    no_expansion = make_head(expansion=False)
+    assert no_expansion(F_V, F_T, YES, YES).fusion_weights[0].tolist() == pytest.approx([E(-2.5), 0, 0], rel=1e-5)
+    assert no_expansion(F_V, F_T, YES, NO).fusion_weights[0].tolist() == pytest.approx([0, E(-2.5), 0], rel=1e-5)
+    assert no_expansion(F_V, F_T, NO, YES).fusion_weights[0].tolist() == pytest.approx([0, 0, E(-6.5)], rel=1e-5)
+    label = torch.tensor([0])
+    no_dis = make_head(distribution_constraint=False)(F_V, F_T, YES, YES, labels=label)
+    assert float(no_dis.loss_dis) == 0.0 and float(no_dis.loss_rec) == pytest.approx(math.sqrt(8) + math.sqrt(10) + 2)
+    no_sample = make_head(sample_recovery=False)(F_V, F_T, YES, YES, labels=label)
+    assert float(no_sample.loss_rec) == pytest.approx(2.0, rel=1e-5)
+    no_distribution = make_head(distribution_recovery=False)(F_V, F_T, YES, YES, labels=label)
+    assert float(no_distribution.loss_rec) == pytest.approx(math.sqrt(8) + math.sqrt(10), rel=1e-5)
+
+
+def test_gradients_reach_both_converters_fusion_and_classifier_but_not_queues() -> None:
+    torch.manual_seed(0)
+    head = DRFHead(DRFConfig(num_classes=3, dim=8, queue_size=16, dropout=0.0)).train()
+    head.image_queue.push(torch.randn(6, 8))
+    head.text_queue.push(torch.randn(6, 8) + 1)
+    f_v = torch.randn(4, 8, requires_grad=True)
+    f_t = torch.randn(4, 8, requires_grad=True)
+    present_v = torch.tensor([True, True, False, True])
+    present_t = torch.tensor([True, False, True, True])
+    out = head(f_v, f_t, present_v, present_t, labels=torch.tensor([0, 1, 2, 0]))
+    out.loss.backward()
+    for name in ("converter_v2t", "converter_t2v", "fusion", "classifier"):
+        grads = [p.grad for p in getattr(head, name).parameters()]
+        assert all(g is not None and bool(g.abs().sum() > 0) for g in grads), name
+    assert all(not b.requires_grad for b in head.buffers())
+    # Absent rows receive no gradient: their features are replaced, not used.
+    assert f_v.grad[2].abs().sum() == 0 and f_t.grad[1].abs().sum() == 0
+
+
+def test_update_queues_enqueues_present_features_that_pass_rule_13() -> None:
+    head = make_head()
+    out = head(torch.tensor([[0.5, 0], [9, 9]]), torch.tensor([[1.0, 1], [5, 5]]), torch.tensor([True, True]),
+               torch.tensor([True, False]))
+    accepted_v, accepted_t = head.update_queues(out)
+    assert accepted_v.tolist() == [True, True]  # queues hold 2 of L = 4: warm-up accepts everything present
+    assert accepted_t.tolist() == [True, False]  # the absent text never enters
+    assert head.image_queue.contents().tolist() == [[1, 0], [-1, 0], [0.5, 0], [9, 9]]
+    assert head.text_queue.contents().tolist() == [[1, 0], [1, 2], [1, 1]]
+
+
+def test_eval_mode_is_deterministic_and_bad_shapes_are_rejected() -> None:
+    torch.manual_seed(1)
+    head = DRFHead(DRFConfig(num_classes=3, dim=8, queue_size=16)).eval()
+    f = torch.randn(5, 8)
+    present = torch.ones(5, dtype=torch.bool)
+    assert torch.equal(head(f, f, present, present).logits, head(f, f, present, present).logits)
+    with pytest.raises(ValueError, match="width 4"):
+        head(torch.randn(2, 4), torch.randn(2, 4), present[:2], present[:2])
+    with pytest.raises(ValueError, match="must both be"):
+        head(torch.randn(2, 8), torch.randn(3, 8), present[:2], present[:3])
+    with pytest.raises(ValueError, match="dropout"):
+        DRFConfig(num_classes=2, dropout=1.5)
