@@ -36,10 +36,11 @@ class FetchPolicy:
     """Where image bytes may come from. The byte limit is `MediaLimits.max_image_bytes`.
 
     allowed_hosts: None = any public host, else exact names or `*.example.com` (any subdomain,
-    not the apex). allowed_networks: CIDRs reachable although not public (an internal image store),
-    while every other private address stays refused; strings are accepted. local_root: None = `{"path": ...}` images refused, else only files that resolve
-    (after `..` and symlinks) inside this directory. ca_file: a PEM bundle to trust instead of the
-    system store (a private CDN with its own CA).
+    not the apex). allowed_networks: CIDRs reachable although not public (an internal image
+    store), while every other private address stays refused; strings are accepted.
+    local_root: None = `{"path": ...}` images refused, else only files that resolve (after `..`
+    and symlinks) inside this directory. ca_file: a PEM bundle to trust instead of the system
+    store (a private CDN with its own CA). Environment proxies are not used.
     """
 
     allowed_schemes: tuple[str, ...] = ("https", "http")
