@@ -104,3 +104,94 @@ def test_valid_posts_published_once_invalid_dead_lettered_offsets_committed(serv
     assert committed == ends  # everything consumed is committed, as next-offsets
     assert metrics.posts_consumed_total.labels(topic=settings.kafka.input_topic)._value.get() == len(values)
     assert metrics.posts_dead_lettered_total.labels(reason="not_json")._value.get() == 1
+
+
+def test_stopped_mid_stream_and_restarted_loses_nothing(services, names, predictor):
+    settings = stream_settings(services, names)
+    posts = valid_posts(60)
+    ends = produce_posts(settings, posts)
+    first = Collector()
+    service = Service(settings, predictor, on_output=first)
+    with Running(service) as running:
+        assert first.wait_for(1)
+        running.stop()  # mid-stream: the batches in hand are finished and committed, the rest stays unread
+    assert len(first.documents) < len(posts)
+
+    second = Collector()
+    with Running(Service(settings, predictor, on_output=second)):
+        assert second.wait_for(len(posts) - len(first.documents))
+        committed = wait_committed(settings, ends)
+    seen = Counter(d["id"] for d in first.documents + second.documents)
+    assert set(seen) == {p["id"] for p in posts}  # no post lost
+    assert max(seen.values()) == 1  # a graceful stop commits what it published: nothing twice
+    assert committed == ends
+
+
+def test_two_consumers_split_partitions_and_outputs_are_complete(services, names, predictor):
+    settings = stream_settings(services, names, partitions=4)
+    posts = valid_posts(80)
+    ends = produce_posts(settings, posts[:40])
+    a_metrics, b_metrics = Metrics(), Metrics()
+    a, b = Collector(), Collector()
+    with Running(Service(settings, predictor, metrics=a_metrics, on_output=a)):
+        assert a.wait_for(1)
+        with Running(Service(settings, predictor, metrics=b_metrics, on_output=b)) as second:
+            deadline = time.monotonic() + 30
+            while not second.service.ready() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert second.service.ready(), "the second member never got partitions"
+            ends.update({p: max(e, ends.get(p, 0)) for p, e in produce_posts(settings, posts[40:]).items()})
+            out = read_topic(settings, settings.kafka.output_topic, expect=len(posts))
+            committed = wait_committed(settings, ends)
+            assert b.documents, "the second member produced nothing"
+    assert {r.key.decode() for r in out} == {p["id"] for p in posts}
+    assert committed == ends
+    for m in (a_metrics, b_metrics):
+        assert m.rebalances_total.labels(event="lost")._value.get() == 0
+
+
+def test_slow_worker_pauses_and_resumes_without_losing_membership(services, names, predictor, caplog):
+    # The model takes longer per batch than max.poll.interval: without pausing and polling meanwhile,
+    # the member would be evicted and its batches redelivered.
+    settings = stream_settings(
+        services, names, partitions=2,
+        kafka={"max_poll_interval_ms": 1500},
+        batch={"max_posts": 4, "max_wait_ms": 50, "max_inflight_batches": 1},
+    )
+    posts = valid_posts(16)
+    ends = produce_posts(settings, posts)
+    metrics = Metrics()
+    caplog.set_level(logging.INFO, logger="stream.runtime")
+    collector = Collector()
+    with Running(Service(settings, SlowPredictor(predictor, 2.0), metrics=metrics, on_output=collector)):
+        assert collector.wait_for(len(posts), timeout_s=90)
+        committed = wait_committed(settings, ends)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("paused partitions") for m in messages)
+    assert any(m.startswith("resumed partitions") for m in messages)
+    assert metrics.rebalances_total.labels(event="assigned")._value.get() == 1  # joined once, never rejoined
+    assert metrics.rebalances_total.labels(event="lost")._value.get() == 0
+    assert Counter(d["id"] for d in collector.documents) == Counter(p["id"] for p in posts)
+    assert committed == ends
+
+
+def test_circuit_breaker_stops_on_a_stream_of_garbage(services, names, predictor):
+    settings = stream_settings(
+        services, names, partitions=1,
+        batch={"max_posts": 4, "max_wait_ms": 50},
+        dead_letter={"max_consecutive_invalid": 10, "min_window": 5, "window": 50, "max_invalid_ratio": 0.9},
+    )
+    produce_posts(settings, valid_posts(2))
+    produce(settings, [b"garbage %d" % i for i in range(40)])
+    metrics = Metrics()
+    running = Running(Service(settings, predictor, metrics=metrics))
+    with running:
+        running.thread.join(30)
+        assert not running.thread.is_alive(), "the breaker did not stop the service"
+    assert isinstance(running.error, CircuitBreakerOpen)
+    assert "invalid records in a row" in str(running.error)
+    assert metrics.circuit_breaker_open._value.get() == 1
+    dlq = read_topic(settings, settings.kafka.dead_letter_topic, expect=40, timeout_s=3)
+    assert len(dlq) < 10  # stopped rather than dead-lettering the topic
+    committed = wait_committed(settings, {0: 1}, timeout_s=5)
+    assert committed[0] == 2 + len(dlq)  # the valid posts and the dead letters before the trip, nothing after
