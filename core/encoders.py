@@ -301,63 +301,57 @@ def _find_weights_file(location: Path) -> Path | None:
     return next((location / name for name in _WEIGHT_FILES if (location / name).is_file()), None)
 
 
-def _paper_image(pretrained: bool, image_weights: str | None) -> ImageEncoder:
-    import timm
+def _paper_image_weights(image_weights: str | None) -> tuple[Path | None, str]:
+    """The ViT-B/16 weights file, or None and a description of where it was looked for."""
+    if image_weights is not None:
+        looked = f"{image_weights} (a weights file, or a directory holding one of {', '.join(_WEIGHT_FILES)})"
+        return _find_weights_file(Path(image_weights)), looked
+    from huggingface_hub import try_to_load_from_cache
 
-    overlay = None
-    if pretrained:
-        weights: Path | None
-        if image_weights is not None:
-            weights = _find_weights_file(Path(image_weights))
-            looked = f"{image_weights} (a weights file, or a directory holding one of {', '.join(_WEIGHT_FILES)})"
-        else:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(PAPER_IMAGE_HF_REPO, "model.safetensors")
-            weights = Path(cached) if isinstance(cached, str) else None
-            looked = f"the Hugging Face cache for {PAPER_IMAGE_HF_REPO}/model.safetensors"
-        if weights is None:
-            raise EncoderUnavailableError(
-                f"paper image encoder {PAPER_IMAGE_MODEL}: no weights found in {looked}; pass image_weights=<path> "
-                "(no download is attempted)"
-            )
-        overlay = {"file": str(weights), "hf_hub_id": None, "url": None}
-    model = timm.create_model(PAPER_IMAGE_MODEL, pretrained=pretrained, pretrained_cfg_overlay=overlay, num_classes=0)
-    preprocessing = ImagePreprocessing(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9)
-    return TimmImageEncoder(model, preprocessing)
+    cached = try_to_load_from_cache(PAPER_IMAGE_HF_REPO, "model.safetensors")
+    return (Path(cached) if isinstance(cached, str) else None), f"the Hugging Face cache ({PAPER_IMAGE_HF_REPO})"
 
 
-def _paper_text_dir(text_weights: str | None) -> Path:
+def _paper_text_dir(text_weights: str | None) -> tuple[Path | None, str]:
+    """The bert-base-uncased directory (config, tokenizer, weights), or None and where it was looked for."""
     if text_weights is not None:
         directory = Path(text_weights)
-        if not (directory / "config.json").is_file():
-            raise EncoderUnavailableError(
-                f"paper text encoder bert-base-uncased: {directory} has no config.json "
-                "(expected a directory saved by save_pretrained, with tokenizer files and weights)"
-            )
-        return directory
+        looked = f"{directory} (a save_pretrained directory with config.json, tokenizer files and weights)"
+        return (directory if (directory / "config.json").is_file() else None), looked
     from huggingface_hub import try_to_load_from_cache
 
     for repo in PAPER_TEXT_HF_REPOS:
         cached = try_to_load_from_cache(repo, "config.json")
         if isinstance(cached, str):
-            return Path(cached).parent
-    raise EncoderUnavailableError(
-        "paper text encoder bert-base-uncased: not in the Hugging Face cache "
-        f"(looked for {' or '.join(PAPER_TEXT_HF_REPOS)}); pass text_weights=<directory> (no download is attempted)"
-    )
+            return Path(cached).parent, repo
+    return None, f"the Hugging Face cache ({' or '.join(PAPER_TEXT_HF_REPOS)})"
 
 
 def _paper(
     pretrained: bool, image_weights: str | None = None, text_weights: str | None = None, max_length: int = 128
 ) -> Encoders:
-    directory = _paper_text_dir(text_weights)
+    """ViT-B/16 + BERT-base from local files only; one error names everything that is missing."""
+    import timm
+
+    weights, image_looked = _paper_image_weights(image_weights) if pretrained else (None, "")
+    directory, text_looked = _paper_text_dir(text_weights)
+    missing = []
+    if pretrained and weights is None:
+        missing.append(f"image encoder {PAPER_IMAGE_MODEL} weights (looked in {image_looked}; pass image_weights=)")
+    if directory is None:
+        missing.append(f"text encoder bert-base-uncased files (looked in {text_looked}; pass text_weights=)")
+    if missing:
+        raise EncoderUnavailableError("paper encoders unavailable, no download is attempted: " + "; ".join(missing))
+    assert directory is not None
     try:
         text = _hf_text(directory, pretrained, max_length, "bert-base-uncased")
     except OSError as exc:
-        raise EncoderUnavailableError(f"paper text encoder bert-base-uncased: incomplete files in {directory}: {exc}")
+        raise EncoderUnavailableError(f"text encoder bert-base-uncased: incomplete files in {directory}: {exc}") from exc
+    overlay = {"file": str(weights), "hf_hub_id": None, "url": None} if weights is not None else None
+    model = timm.create_model(PAPER_IMAGE_MODEL, pretrained=pretrained, pretrained_cfg_overlay=overlay, num_classes=0)
+    preprocessing = ImagePreprocessing(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9)
     options = {"image_weights": image_weights, "text_weights": text_weights, "max_length": max_length}
-    return Encoders("paper", _paper_image(pretrained, image_weights), text, options)
+    return Encoders("paper", TimmImageEncoder(model, preprocessing), text, options)
 
 
 # ------------------------------------------------------------------------------------------------------- tiny
