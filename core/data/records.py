@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -297,30 +297,66 @@ def read_post_files(
     return finish_sample(report, sample_id, text, image, label, label_names)
 
 
+def _largest_remainder(total: int, weights: Sequence[float]) -> list[int]:
+    """Integers proportional to ``weights`` that sum exactly to ``total``."""
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    for k in sorted(range(len(exact)), key=lambda k: counts[k] - exact[k])[: total - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+def _cell_counts(label_sizes: list[int], split_sizes: list[int], fractions: list[float]) -> list[list[int]]:
+    """How many of each label go to each split, matching both the per-label and the per-split totals.
+
+    Each cell starts at the floor of its exact share; the leftover units go first to the cells with
+    the largest fractional parts, then to any cell whose label and split still have room.
+    """
+    exact = [[n * f / sum(fractions) for f in fractions] for n in label_sizes]
+    cells = [[int(x) for x in row] for row in exact]
+    label_left = [n - sum(row) for n, row in zip(label_sizes, cells, strict=True)]
+    split_left = [t - sum(row[s] for row in cells) for s, t in enumerate(split_sizes)]
+    by_fraction = sorted(
+        ((g, s) for g in range(len(cells)) for s in range(len(fractions))),
+        key=lambda ls: cells[ls[0]][ls[1]] - exact[ls[0]][ls[1]],
+    )
+    for g, s in by_fraction:  # at most one extra unit per cell, largest fractional part first
+        if label_left[g] > 0 and split_left[s] > 0:
+            cells[g][s] += 1
+            label_left[g] -= 1
+            split_left[s] -= 1
+    for g, row in enumerate(cells):  # whatever is left: both sides' totals are equal, so this completes
+        for s in range(len(row)):
+            extra = min(label_left[g], split_left[s])
+            row[s] += extra
+            label_left[g] -= extra
+            split_left[s] -= extra
+    return cells
+
+
 def stratified_split(
     samples: Sequence[Sample],
     fractions: Mapping[str, float],
     seed: int,
 ) -> dict[str, list[Sample]]:
-    """Deterministic per-label split: each split gets its fraction of every label (largest remainder).
+    """Deterministic split: every split gets its fraction of the samples and of every label.
 
     Within a split the samples keep their input order, so a split is reproducible and diffable.
     """
-    total = sum(fractions.values())
-    if not fractions or total <= 0 or any(f < 0 for f in fractions.values()):
+    weights = list(fractions.values())
+    if not weights or sum(weights) <= 0 or any(f < 0 for f in weights):
         raise ValueError(f"split fractions must be non-negative and sum > 0, got {dict(fractions)}")
     rng = np.random.default_rng(seed)
     by_label: dict[int, list[int]] = {}
     for index, sample in enumerate(samples):
         by_label.setdefault(sample.label, []).append(index)
+    labels = sorted(by_label)
+    split_sizes = _largest_remainder(len(samples), weights)
+    cells = _cell_counts([len(by_label[g]) for g in labels], split_sizes, weights)
     assigned: dict[str, list[int]] = {name: [] for name in fractions}
-    for label in sorted(by_label):
+    for label, counts in zip(labels, cells, strict=True):
         indices = by_label[label]
         order = rng.permutation(len(indices))
-        exact = [len(indices) * f / total for f in fractions.values()]
-        counts = [int(x) for x in exact]
-        for k in sorted(range(len(exact)), key=lambda k: counts[k] - exact[k])[: len(indices) - sum(counts)]:
-            counts[k] += 1
         start = 0
         for name, count in zip(fractions, counts, strict=True):
             assigned[name].extend(indices[j] for j in order[start : start + count])
@@ -343,6 +379,3 @@ def label_index(value: object, label_names: Sequence[str]) -> int | None:
             return label_index(int(lowered), label_names)
     return None
 
-
-def count_labels(samples: Iterable[Sample]) -> Counter[int]:
-    return Counter(s.label for s in samples)
