@@ -95,7 +95,9 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], bytes]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} has a damaged header") from exc
     if fmt_version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {fmt_version}; this code reads format {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path} has format {fmt_version}; this code reads format {FORMAT_VERSION}"
+        )
     data = raw[end + 1 :]
     if len(data) != header.get("bytes") or hashlib.sha256(data).hexdigest() != header.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is damaged (size or SHA-256 does not match its header)")
@@ -123,7 +125,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path} does not match the {config['encoders']!r} model: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint {path} does not match the {config['encoders']!r} model: {exc}"
+        ) from exc
     model.eval()
     metadata = {k: payload[k] for k in ("created_at", "versions") if k in payload}
     metadata["config"] = config

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distribution import DEFAULT_QUEUE_SIZE, FeatureQueue, QueueStats, distribution_moments, stats_log_quality
+from core.distribution import (
+    DEFAULT_QUEUE_SIZE,
+    FeatureQueue,
+    QueueStats,
+    distribution_moments,
+    stats_log_quality,
+)
 
 #: Cap on the exponent of (3): exp(30) ~ 1e13 keeps the loss finite in float32 for any feature.
 DIS_EXPONENT_CAP = 30.0
@@ -107,7 +113,10 @@ def distribution_constraint(
     mu_v, mu_t = stats_v.mean.to(f_v), stats_t.mean.to(f_v)
     image_term = torch.linalg.vector_norm(f_v - mu_v, dim=-1) - torch.linalg.vector_norm(f_v - mu_t, dim=-1)
     text_term = torch.linalg.vector_norm(f_t - mu_t, dim=-1) - torch.linalg.vector_norm(f_t - mu_v, dim=-1)
-    loss = lam_v * image_term.clamp_max(DIS_EXPONENT_CAP).exp() + lam_t * text_term.clamp_max(DIS_EXPONENT_CAP).exp()
+    loss = (
+        lam_v * image_term.clamp_max(DIS_EXPONENT_CAP).exp()
+        + lam_t * text_term.clamp_max(DIS_EXPONENT_CAP).exp()
+    )
     return loss.mean()
 
 
@@ -219,14 +228,22 @@ class DRFHead(nn.Module):
         return out
 
     def _add_losses(
-        self, out: DRFOutput, labels: Tensor, lam_v: Tensor, lam_t: Tensor, stats_v: QueueStats, stats_t: QueueStats
+        self,
+        out: DRFOutput,
+        labels: Tensor,
+        lam_v: Tensor,
+        lam_t: Tensor,
+        stats_v: QueueStats,
+        stats_t: QueueStats,
     ) -> None:
         """Fill in (3), (8), (15) and (16); disabled components contribute an exact zero."""
         cfg = self.config
         zero = out.logits.new_zeros((), dtype=torch.float32)
         f_v, f_t = out.image_features.float(), out.text_features.float()
         loss_dis = (
-            distribution_constraint(f_v, f_t, lam_v, lam_t, stats_v, stats_t) if cfg.distribution_constraint else zero
+            distribution_constraint(f_v, f_t, lam_v, lam_t, stats_v, stats_t)
+            if cfg.distribution_constraint
+            else zero
         )
         terms = {"sample_v2t": zero, "sample_t2v": zero, "distribution_v2t": zero, "distribution_t2v": zero}
         if cfg.sample_recovery:
@@ -236,8 +253,12 @@ class DRFHead(nn.Module):
         if cfg.distribution_recovery and len(self.image_queue) >= 2 and len(self.text_queue) >= 2:
             queue_v = self.image_queue.contents().detach()
             queue_t = self.text_queue.contents().detach()
-            terms["distribution_v2t"] = distribution_recovery_loss(self.converter_v2t, queue_v, stats_t).float()
-            terms["distribution_t2v"] = distribution_recovery_loss(self.converter_t2v, queue_t, stats_v).float()
+            terms["distribution_v2t"] = distribution_recovery_loss(
+                self.converter_v2t, queue_v, stats_t
+            ).float()
+            terms["distribution_t2v"] = distribution_recovery_loss(
+                self.converter_t2v, queue_t, stats_v
+            ).float()
         loss_rec = sum(terms.values(), zero)
         if bool((labels != -100).any()):
             loss_cls = F.cross_entropy(out.logits.float(), labels.long(), ignore_index=-100)

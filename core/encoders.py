@@ -58,8 +58,13 @@ class ImagePreprocessing:
             raise TypeError(f"expected a PIL image, got {type(image).__name__}")
         image = image.convert("RGB")
         scale = self.size / self.crop_pct / min(image.size)
-        width, height = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
-        resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[self.interpolation]
+        width, height = (
+            max(self.size, round(image.width * scale)),
+            max(self.size, round(image.height * scale)),
+        )
+        resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[
+            self.interpolation
+        ]
         image = image.resize((width, height), resample)
         left, top = (width - self.size) // 2, (height - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
@@ -112,7 +117,9 @@ def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 class TimmImageEncoder(ImageEncoder):
     """A timm backbone with its classifier removed; features are its pooled pre-logits."""
 
-    def __init__(self, model: nn.Module, preprocessing: ImagePreprocessing, channels_last: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, preprocessing: ImagePreprocessing, channels_last: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.dim = int(model.num_features)  # type: ignore[arg-type]
@@ -146,7 +153,9 @@ class HFTextEncoder(TextEncoder):
             encoded = self.tokenizer(
                 list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
-        return {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
+        return {
+            key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded
+        }
 
     def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
         hidden = self.model(**text_inputs).last_hidden_state
@@ -226,7 +235,9 @@ class Encoders:
 # ---------------------------------------------------------------------------------------------------- offline
 
 
-def efficientnet_lite0_state_for_timm(package_state: Mapping[str, Tensor], timm_state: Mapping[str, Tensor]) -> dict:
+def efficientnet_lite0_state_for_timm(
+    package_state: Mapping[str, Tensor], timm_state: Mapping[str, Tensor]
+) -> dict:
     """Map the package's EfficientNet-Lite0 state dict onto timm's ``tf_efficientnet_lite0`` keys.
 
     Both register their layers in the same order (stem, blocks' expand/depthwise/project convs and norms, head,
@@ -235,7 +246,9 @@ def efficientnet_lite0_state_for_timm(package_state: Mapping[str, Tensor], timm_
     source = [(k, v) for k, v in package_state.items() if not k.endswith("num_batches_tracked")]
     target = [k for k in timm_state if not k.endswith("num_batches_tracked")]
     if len(source) != len(target):
-        raise EncoderUnavailableError(f"EfficientNet-Lite0 weights have {len(source)} tensors, timm {len(target)}")
+        raise EncoderUnavailableError(
+            f"EfficientNet-Lite0 weights have {len(source)} tensors, timm {len(target)}"
+        )
     mapped = {}
     for (src_key, value), dst_key in zip(source, target, strict=True):
         if tuple(value.shape) != tuple(timm_state[dst_key].shape):
@@ -309,7 +322,9 @@ def _paper_image_weights(image_weights: str | None) -> tuple[Path | None, str]:
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(PAPER_IMAGE_HF_REPO, "model.safetensors")
-    return (Path(cached) if isinstance(cached, str) else None), f"the Hugging Face cache ({PAPER_IMAGE_HF_REPO})"
+    return (
+        Path(cached) if isinstance(cached, str) else None
+    ), f"the Hugging Face cache ({PAPER_IMAGE_HF_REPO})"
 
 
 def _paper_text_dir(text_weights: str | None) -> tuple[Path | None, str]:
@@ -337,18 +352,26 @@ def _paper(
     directory, text_looked = _paper_text_dir(text_weights)
     missing = []
     if pretrained and weights is None:
-        missing.append(f"image encoder {PAPER_IMAGE_MODEL} weights (looked in {image_looked}; pass image_weights=)")
+        missing.append(
+            f"image encoder {PAPER_IMAGE_MODEL} weights (looked in {image_looked}; pass image_weights=)"
+        )
     if directory is None:
         missing.append(f"text encoder bert-base-uncased files (looked in {text_looked}; pass text_weights=)")
     if missing:
-        raise EncoderUnavailableError("paper encoders unavailable, no download is attempted: " + "; ".join(missing))
+        raise EncoderUnavailableError(
+            "paper encoders unavailable, no download is attempted: " + "; ".join(missing)
+        )
     assert directory is not None
     try:
         text = _hf_text(directory, pretrained, max_length, "bert-base-uncased")
     except OSError as exc:
-        raise EncoderUnavailableError(f"text encoder bert-base-uncased: incomplete files in {directory}: {exc}") from exc
+        raise EncoderUnavailableError(
+            f"text encoder bert-base-uncased: incomplete files in {directory}: {exc}"
+        ) from exc
     overlay = {"file": str(weights), "hf_hub_id": None, "url": None} if weights is not None else None
-    model = timm.create_model(PAPER_IMAGE_MODEL, pretrained=pretrained, pretrained_cfg_overlay=overlay, num_classes=0)
+    model = timm.create_model(
+        PAPER_IMAGE_MODEL, pretrained=pretrained, pretrained_cfg_overlay=overlay, num_classes=0
+    )
     preprocessing = ImagePreprocessing(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9)
     options = {"image_weights": image_weights, "text_weights": text_weights, "max_length": max_length}
     return Encoders("paper", TimmImageEncoder(model, preprocessing), text, options)
@@ -360,7 +383,9 @@ def _paper(
 def _tiny(pretrained: bool, dim: int = 32, image_size: int = 32, max_length: int = 32) -> Encoders:
     del pretrained  # random init by design
     options = {"dim": dim, "image_size": image_size, "max_length": max_length}
-    return Encoders("tiny", TinyImageEncoder(dim, image_size), TinyTextEncoder(dim, max_length=max_length), options)
+    return Encoders(
+        "tiny", TinyImageEncoder(dim, image_size), TinyTextEncoder(dim, max_length=max_length), options
+    )
 
 
 def create_encoders(name: str = "offline", *, pretrained: bool = True, **options: Any) -> Encoders:
@@ -371,7 +396,9 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
     """
     builders = {"offline": _offline, "paper": _paper, "tiny": _tiny}
     if name not in builders:
-        raise ValueError(f"unknown encoder configuration {name!r}; choose one of {', '.join(ENCODER_CONFIGS)}")
+        raise ValueError(
+            f"unknown encoder configuration {name!r}; choose one of {', '.join(ENCODER_CONFIGS)}"
+        )
     builder = builders[name]
     try:
         inspect.signature(builder).bind(pretrained, **options)

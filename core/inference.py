@@ -39,7 +39,7 @@ class BatchPrediction:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    """ "auto" -> CUDA when available, else CPU; anything else is passed to torch.device."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
@@ -69,7 +69,9 @@ class Predictor:
         return cls(checkpoint.model, resolve_device(device), checkpoint.model_version)
 
     @classmethod
-    def from_model(cls, model: DRFModel, device: str = "cpu", model_version: str = "unversioned") -> Predictor:
+    def from_model(
+        cls, model: DRFModel, device: str = "cpu", model_version: str = "unversioned"
+    ) -> Predictor:
         return cls(model, resolve_device(device), model_version)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
@@ -99,7 +101,9 @@ class Predictor:
                 continue
             if not isinstance(image, torch.Tensor) or tuple(image.shape) != (3, size, size):
                 shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-                raise ValueError(f"image {row} must be a preprocessed [3, {size}, {size}] tensor, got {shape}")
+                raise ValueError(
+                    f"image {row} must be a preprocessed [3, {size}, {size}] tensor, got {shape}"
+                )
             pixel_values[row] = image
         normalised = [self.normalise_text(text) for text in texts]
         return PreparedBatch(
@@ -129,7 +133,10 @@ class Predictor:
             for v, t in zip(image_present, text_present, strict=True)
         ]
         return BatchPrediction(
-            labels=[None if a else self.labels[i] for a, i in zip(abstained, probabilities.argmax(-1), strict=True)],
+            labels=[
+                None if a else self.labels[i]
+                for a, i in zip(abstained, probabilities.argmax(-1), strict=True)
+            ],
             probabilities=probabilities.astype(np.float32),
             quality_image=np.where(image_present, out.log_quality_image.exp().cpu().numpy(), np.nan),
             quality_text=np.where(text_present, out.log_quality_text.exp().cpu().numpy(), np.nan),
@@ -154,7 +161,13 @@ class Predictor:
         for key, value in stats.items():
             if not isinstance(value, QueueStats) or value.dim != dim or value.mean.dim() != 1:
                 raise ValueError(f"{key} reference stats must be QueueStats with a [{dim}] mean")
-            numbers = torch.cat([value.mean.float().flatten(), value.sigma.float().flatten(), value.threshold.float().flatten()])
+            numbers = torch.cat(
+                [
+                    value.mean.float().flatten(),
+                    value.sigma.float().flatten(),
+                    value.threshold.float().flatten(),
+                ]
+            )
             if not bool(torch.isfinite(numbers).all()) or float(value.sigma) <= 0:
                 raise ValueError(f"{key} reference stats must be finite with sigma > 0")
         self._stats = {k: v.to(self.device) for k, v in stats.items()}
@@ -162,4 +175,7 @@ class Predictor:
     def checkpoint_queues(self) -> dict[str, torch.Tensor]:
         """The checkpoint's queue contents [n <= L, d], oldest first (to seed the shared reference queues)."""
         head = self.model.head
-        return {"image": head.image_queue.contents().cpu().clone(), "text": head.text_queue.contents().cpu().clone()}
+        return {
+            "image": head.image_queue.contents().cpu().clone(),
+            "text": head.text_queue.contents().cpu().clone(),
+        }

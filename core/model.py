@@ -19,7 +19,13 @@ from core.drf import DRFConfig, DRFHead, DRFOutput
 from core.encoders import Encoders, create_encoders
 
 DEFAULT_DIM = 768
-ABLATIONS = ("sample_recovery", "distribution_recovery", "gaussian_weights", "expansion", "distribution_constraint")
+ABLATIONS = (
+    "sample_recovery",
+    "distribution_recovery",
+    "gaussian_weights",
+    "expansion",
+    "distribution_constraint",
+)
 
 
 @dataclass
@@ -67,7 +73,11 @@ class DRFModel(nn.Module):
     ) -> None:
         super().__init__()
         labels = list(labels)
-        if len(labels) < 2 or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
+        if (
+            len(labels) < 2
+            or len(set(labels)) != len(labels)
+            or not all(isinstance(x, str) and x for x in labels)
+        ):
             raise ValueError(f"labels must be at least two distinct non-empty strings, got {labels}")
         known = {f.name for f in fields(DRFConfig)} - {"num_classes", "dim", "queue_size"}
         unknown = set(head_options) - known
@@ -81,7 +91,9 @@ class DRFModel(nn.Module):
         self.text_encoder = encoders.text
         self.image_projection = nn.Linear(encoders.image.dim, dim)
         self.text_projection = nn.Linear(encoders.text.dim, dim)
-        self.head = DRFHead(DRFConfig(num_classes=len(labels), dim=dim, queue_size=queue_size, **head_options))
+        self.head = DRFHead(
+            DRFConfig(num_classes=len(labels), dim=dim, queue_size=queue_size, **head_options)
+        )
         self.freeze_encoders = freeze_encoders
         for encoder in (self.image_encoder, self.text_encoder):
             encoder.requires_grad_(not freeze_encoders)
@@ -124,7 +136,9 @@ class DRFModel(nn.Module):
 
     def parameter_groups(self, encoder_lr: float, head_lr: float) -> list[dict[str, Any]]:
         """Optimiser groups with the paper's two learning rates (encoders vs everything else)."""
-        encoder_ids = {id(p) for p in self.image_encoder.parameters()} | {id(p) for p in self.text_encoder.parameters()}
+        encoder_ids = {id(p) for p in self.image_encoder.parameters()} | {
+            id(p) for p in self.text_encoder.parameters()
+        }
         trainable = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in trainable if id(p) in encoder_ids], "lr": encoder_lr},
@@ -160,7 +174,9 @@ class DRFModel(nn.Module):
         """Pre-projection features of a batch; absent modalities are never encoded (their rows are zeros)."""
         image_present = batch.image_present.to(torch.bool)
         text_present = batch.text_present.to(torch.bool)
-        image_rows = self.encode_images(batch.pixel_values[image_present]) if bool(image_present.any()) else None
+        image_rows = (
+            self.encode_images(batch.pixel_values[image_present]) if bool(image_present.any()) else None
+        )
         text_rows = None
         if bool(text_present.any()):
             text_rows = self.encode_texts({k: v[text_present] for k, v in batch.text_inputs.items()})
@@ -202,4 +218,6 @@ def create_model(
     encoders = create_encoders(name, pretrained=pretrained, **dict(encoder_options or {}))
     if dim is None:
         dim = encoders.image.dim if name == "tiny" else DEFAULT_DIM
-    return DRFModel(encoders, labels, dim=dim, queue_size=queue_size, freeze_encoders=freeze_encoders, **head_options)
+    return DRFModel(
+        encoders, labels, dim=dim, queue_size=queue_size, freeze_encoders=freeze_encoders, **head_options
+    )

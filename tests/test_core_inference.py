@@ -96,7 +96,9 @@ def test_reference_stats_drive_quality_and_are_validated(predictor: Predictor) -
     batch = predictor.prepare([image], ["hello"])
     features = predictor.predict(batch).image_features[0]
     stats = predictor.reference_stats()
-    centred = QueueStats(torch.from_numpy(features), torch.tensor(1.0), torch.tensor(0.5), count=16, capacity=16)
+    centred = QueueStats(
+        torch.from_numpy(features), torch.tensor(1.0), torch.tensor(0.5), count=16, capacity=16
+    )
     predictor.set_reference_stats({"image": centred, "text": stats["text"]})
     result = predictor.predict(batch)
     assert result.quality_image[0] == pytest.approx(1.0)  # the image sits exactly on the reference mean
@@ -125,7 +127,9 @@ def test_forward_equals_head_only_forward_on_cached_features(model: DRFModel) ->
     image_features, text_features = model.encode_batch(batch)
     with torch.no_grad():
         direct = model(batch)
-        cached = model.forward_features(image_features, text_features, batch.image_present, batch.text_present)
+        cached = model.forward_features(
+            image_features, text_features, batch.image_present, batch.text_present
+        )
     assert torch.equal(direct.logits, cached.logits)
     assert image_features.shape == (3, 32) and image_features[1].abs().sum() == 0
 
@@ -133,7 +137,9 @@ def test_forward_equals_head_only_forward_on_cached_features(model: DRFModel) ->
 def test_training_step_updates_head_not_frozen_encoders() -> None:
     torch.manual_seed(0)
     model = create_model("tiny", LABELS, queue_size=8).train()
-    assert not model.image_encoder.training and not model.text_encoder.training  # frozen encoders stay in eval
+    assert (
+        not model.image_encoder.training and not model.text_encoder.training
+    )  # frozen encoders stay in eval
     groups = model.parameter_groups(encoder_lr=2e-5, head_lr=2e-4)
     assert [g["lr"] for g in groups] == [2e-4]  # frozen encoders have nothing to optimise
     batch = PreparedBatch(
