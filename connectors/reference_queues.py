@@ -30,16 +30,20 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
 import torch
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from core.distribution import SIGMA_EPS, QueueStats, queue_statistics
 from stream.settings import QueueMode, RedisSettings
+
+if TYPE_CHECKING:
+    from core.inference import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,7 @@ def connect(settings: RedisSettings) -> redis.Redis:
         retry=Retry(NoBackoff(), 0),
         max_connections=8,
         client_name="postsense-reference-queues",
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),  # a round trip per connect, unused
     )
 
 
@@ -132,6 +137,12 @@ def drift_sigmas(live: QueueStats, reference: QueueStats) -> float:
     """Distance of the live mean from the checkpoint's mean, in units of the checkpoint's sigma."""
     distance = float(torch.linalg.vector_norm(live.mean.float() - reference.mean.float()))
     return distance / max(float(reference.sigma), SIGMA_EPS)
+
+
+def checkpoint_reference(predictor: Predictor) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The checkpoint's queue contents and capacities L, as ``seed`` takes them."""
+    capacity = {m: stats.capacity for m, stats in predictor.reference_stats().items()}
+    return {m: q.numpy() for m, q in predictor.checkpoint_queues().items()}, capacity
 
 
 def _as_feature_matrix(features: Any, name: str, dim: int | None = None) -> np.ndarray:
@@ -335,7 +346,9 @@ class QueueStore:
                     pipe.multi()
                     for m in MODALITIES:
                         version = int(old[m][0] or 0) + 1
-                        generation = int(old[m][1] or 0) + 1
+                        # A first seed starts from the clock, so a queue re-created after Redis lost its data
+                        # never repeats a (generation, version) tag that a worker still caches.
+                        generation = max(int(old[m][1] or 0) + 1, int(time.time() * 1000))
                         self._queue_replace(pipe, m, contents[m], "features")
                         self._queue_replace(pipe, m, references[m], "reference")
                         pipe.delete(self.key(m, "meta"), self.key(m, "stats"))
@@ -553,8 +566,7 @@ class ReferenceQueues:
         for m, result in results.items():
             if result.code == APPEND_OK:
                 self.capped_updates += len(proposals[m]) - result.taken
-                self._metric("reference_accepted_total", m, inc=result.taken)
-                self._metric("reference_queue_length", m, set=result.length)
+                self._metric(m, accepted=result.taken, queue_length=result.length)
                 continue
             self.dropped_updates += len(proposals[m])
             if result.code == APPEND_BAD_DIM:
@@ -656,12 +668,11 @@ class ReferenceQueues:
             ratios = {m: self._proposed[m] / self._present[m] for m in MODALITIES if self._present[m]}
             self._proposed = dict.fromkeys(MODALITIES, 0)
             self._present = dict.fromkeys(MODALITIES, 0)
+        drift = self.drift()
         for m, state in states.items():
-            self._metric("reference_queue_length", m, set=state.length)
-            if m in ratios:
-                self._metric("reference_acceptance_ratio", m, set=ratios[m])
-        for m, value in self.drift().items():
-            self._metric("reference_drift_sigmas", m, set=value)
+            self._metric(
+                m, queue_length=state.length, acceptance_ratio=ratios.get(m), drift_sigmas=drift.get(m)
+            )
 
     def _run(self) -> None:
         first = min(0.2, self.settings.reconnect_backoff_max_s)
@@ -692,6 +703,7 @@ class ReferenceQueues:
     def _mark_unavailable(self, exc: Exception) -> None:
         with self._lock:
             was, self._available = self._available, False
+        self._wake.set()  # the refresher switches from its interval to reconnecting with backoff
         if was is not False:
             log.warning(
                 "Redis at %s unavailable (%s): serving the last cached reference statistics, dropping queue "
@@ -702,13 +714,6 @@ class ReferenceQueues:
             if self.metrics is not None:
                 self.metrics.redis_up.set(0)
 
-    def _metric(
-        self, name: str, modality: str, *, set: float | None = None, inc: float | None = None
-    ) -> None:
-        if self.metrics is None:
-            return
-        child = getattr(self.metrics, name).labels(modality=modality)
-        if set is not None:
-            child.set(set)
-        if inc:
-            child.inc(inc)
+    def _metric(self, modality: str, **values: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.set_reference(modality, **values)
