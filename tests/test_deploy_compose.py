@@ -1,0 +1,160 @@
+"""The compose stack and the Dockerfile, checked structurally (no Docker engine here): every file they mount or
+copy exists, the service settings they pass are valid, and the pieces point at each other."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import yaml
+
+from stream.settings import MetricsSettings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def service(name: str) -> dict[str, Any]:
+    return compose()["services"][name]
+
+
+def bind_mounts(name: str) -> dict[str, str]:
+    """{container path: host path} of a service's bind mounts (named volumes left out)."""
+    out = {}
+    for spec in service(name).get("volumes", []):
+        host, container = re.match(r"(\$\{[^}]*\}|[^:]+):([^:]+)", spec).groups()
+        if host.startswith((".", "/", "$")):
+            out[container] = host
+    return out
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of deploy/Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (DEPLOY / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, args = line.partition(" ")
+            out.append((instruction.upper(), args.strip()))
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    steps = dockerfile()
+    last_from = max(i for i, (ins, _) in enumerate(steps) if ins == "FROM")
+    return steps[last_from:]
+
+
+def postsense_settings() -> Any:
+    env = {k: str(v) for k, v in service("postsense")["environment"].items()}
+    return load_settings(None, None, environ=env)
+
+
+def test_stack_has_kafka_redis_prometheus_grafana_and_postsense() -> None:
+    services = compose()["services"]
+    assert {"kafka", "redis", "prometheus", "grafana", "postsense"} <= set(services)
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+
+
+def test_postsense_environment_is_valid_settings_pointing_at_the_stack() -> None:
+    settings = postsense_settings()
+    kafka_env = service("kafka")["environment"]
+    advertised = {url.split("://", 1)[1] for url in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")}
+    assert set(settings.kafka.bootstrap_servers) <= advertised
+    assert settings.redis.url.get_secret_value().startswith("redis://redis:")
+    assert settings.model.device == "cpu"
+    assert Path(settings.model.checkpoint).parent.as_posix() in bind_mounts("postsense")
+
+
+def test_topics_the_service_uses_are_created_before_it_starts() -> None:
+    settings = postsense_settings()
+    script = "\n".join(service("kafka-init")["command"])
+    created = set(re.findall(r"--topic (\S+)", script))
+    assert {settings.kafka.input_topic, settings.kafka.output_topic, settings.kafka.dead_letter_topic} <= created
+    assert service("kafka")["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert service("postsense")["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+
+
+def test_bind_mounted_files_exist() -> None:
+    for name in compose()["services"]:
+        for container, host in bind_mounts(name).items():
+            if not host.startswith("$"):  # ${POSTSENSE_MODELS:-...} is the user's model directory
+                assert (DEPLOY / host).exists(), f"{name}: {host} (for {container}) does not exist"
+
+
+def test_prometheus_scrapes_postsense_and_loads_the_alerts() -> None:
+    mounts = bind_mounts("prometheus")
+    config_path = next(arg.split("=", 1)[1] for arg in service("prometheus")["command"] if arg.startswith("--config.file="))
+    config = yaml.safe_load((DEPLOY / mounts[config_path]).read_text())
+    for rule_file in config["rule_files"]:
+        in_container = str(Path(config_path).parent / rule_file)
+        assert (DEPLOY / mounts[in_container]).resolve() == (DEPLOY / "prometheus" / "alerts.yaml").resolve()
+    [job] = config["scrape_configs"]
+    [sd] = job["dns_sd_configs"]
+    assert sd["names"] == ["postsense"] and sd["port"] == postsense_settings().metrics.port
+    assert str(sd["port"]) in service("postsense")["expose"]
+    targets = {r["target_label"] for r in job["relabel_configs"]}
+    assert {"namespace", "consumer_group", "pod"} <= targets  # what the dashboard and the alerts group by
+
+
+def test_grafana_loads_the_provisioning_and_dashboard() -> None:
+    mounts = bind_mounts("grafana")
+    assert (DEPLOY / mounts["/etc/grafana/provisioning"]).resolve() == (DEPLOY / "grafana" / "provisioning").resolve()
+    home = service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    host_dir = DEPLOY / mounts[str(Path(home).parent)]
+    assert json.loads((host_dir / Path(home).name).read_text())["uid"] == "postsense"
+
+
+def test_compose_builds_the_cpu_variant_of_the_dockerfile() -> None:
+    build = service("postsense")["build"]
+    assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == (DEPLOY / "Dockerfile").resolve()
+    declared = {args.split("=")[0] for ins, args in dockerfile() if ins == "ARG"}
+    assert set(build["args"]) <= declared
+    assert "/cpu" in build["args"]["TORCH_INDEX_URL"]
+
+
+def test_dockerfile_defaults_to_a_cuda_runtime_image() -> None:
+    [default] = [args.split("=", 1)[1] for ins, args in dockerfile() if ins == "ARG" and args.startswith("BASE_IMAGE=")]
+    assert default.startswith("nvidia/cuda:") and "runtime" in default
+
+
+def test_dockerfile_runs_the_service_as_a_non_root_user_on_the_metrics_port() -> None:
+    stage = final_stage()
+    users = [args for ins, args in stage if ins == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    last_run = max(i for i, (ins, _) in enumerate(stage) if ins == "RUN")
+    assert max(i for i, (ins, _) in enumerate(stage) if ins == "USER") > last_run
+    port = MetricsSettings().port
+    assert ("EXPOSE", str(port)) in stage
+    [health] = [args for ins, args in stage if ins == "HEALTHCHECK"]
+    assert f"127.0.0.1:{port}/healthz" in health
+    [entry] = [json.loads(args) for ins, args in stage if ins == "ENTRYPOINT"]
+    assert entry[-1] == "postsense"
+
+
+def test_dockerfile_installs_the_package_and_the_pinned_offline_encoders() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = set(pyproject["tool"]["setuptools"]["packages"]["find"]["include"])
+    copied = set()
+    for ins, args in dockerfile():
+        if ins == "COPY" and not args.startswith("--from"):
+            *sources, _ = shlex.split(args)
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+                copied.add(source)
+    assert {p.rstrip("*") for p in packages} <= copied
+    installs = " ".join(args for ins, args in dockerfile() if ins == "RUN")
+    for pin in pyproject["project"]["optional-dependencies"]["offline"]:
+        assert pin in installs, f"{pin} (pyproject offline extra) is not what the image installs"
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    for source in copied:
+        assert f"!{source}" in ignore or f"!{source}/**" in ignore, f"{source} is excluded from the build context"
