@@ -1,0 +1,145 @@
+"""`postsense produce` and `postsense serve` as processes: SIGTERM drains and commits, kill -9 loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_stream_support import LABELS, read_topic, stream_settings, valid_posts, wait_committed
+
+from connectors.kafka import committed_offsets
+from core.checkpoint import save_checkpoint
+from core.model import create_model
+from stream.settings import Settings
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.ckpt"
+    save_checkpoint(create_model("tiny", labels=LABELS), path)
+    return path
+
+
+def cli(settings: Settings, *args: str, checkpoint: Path | None = None) -> list[str]:
+    k, b = settings.kafka, settings.batch
+    flags = [
+        "--bootstrap-servers", ",".join(k.bootstrap_servers), "--group-id", k.group_id,
+        "--input-topic", k.input_topic, "--output-topic", k.output_topic, "--dead-letter-topic", k.dead_letter_topic,
+        "--redis-url", settings.redis.url.get_secret_value(), "--metrics-port", "0",
+        "--set", f"kafka.session_timeout_ms={k.session_timeout_ms}",
+        "--set", f"kafka.heartbeat_interval_ms={k.heartbeat_interval_ms}",
+        "--set", f"batch.max_posts={b.max_posts}", "--set", f"batch.max_wait_ms={b.max_wait_ms}",
+        "--set", f"redis.key_prefix={settings.redis.key_prefix}",
+    ]
+    if checkpoint is not None:
+        flags += ["--checkpoint", str(checkpoint)]
+    return [str(Path(sys.executable).parent / "postsense"), *flags, *args]  # the installed console command
+
+
+def serve(settings: Settings, checkpoint: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cli(settings, "serve", checkpoint=checkpoint), env=env, stderr=subprocess.PIPE)
+
+
+def produce_jsonl(settings: Settings, tmp_path: Path, lines: list[bytes]) -> None:
+    path = tmp_path / "posts.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    done = subprocess.run(cli(settings, "produce", "--jsonl", str(path)), capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert f"sent {len(lines)} records (0 failed)" in done.stdout.decode()
+
+
+def outputs_by_source(records: list[Any]) -> dict[tuple[int, int], list[str]]:
+    """(input partition, input offset) -> post ids published for it (sentiment records carry their source)."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for r in records:
+        doc = json.loads(r.value)
+        out.setdefault((doc["source"]["partition"], doc["source"]["offset"]), []).append(doc["id"])
+    return out
+
+
+def test_sigterm_drains_commits_and_exits_zero(services, names, checkpoint, tmp_path):
+    settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50})
+    posts = valid_posts(300)
+    produce_jsonl(settings, tmp_path, [json.dumps(p).encode() for p in posts] + [b"{not json"])
+    proc = serve(settings, checkpoint)
+    try:
+        first = read_topic(settings, settings.kafka.output_topic, expect=1, timeout_s=60)
+        assert first, "serve published nothing"
+        proc.send_signal(signal.SIGTERM)  # mid-stream
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    assert "SIGTERM" in stderr.decode()
+    committed = committed_offsets(settings.kafka, settings.kafka.input_topic)
+    out = outputs_by_source(read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=3))
+    # Everything below a committed offset was published (the dead letter has no sentiment record).
+    dlq = read_topic(settings, settings.kafka.dead_letter_topic, expect=1, timeout_s=2)
+    dead = {(json.loads(dict(r.headers)["postsense.dlq"])["source"]["partition"],
+             json.loads(dict(r.headers)["postsense.dlq"])["source"]["offset"]) for r in dlq}
+    assert committed, "nothing committed"
+    for partition, end in committed.items():
+        for offset in range(end):
+            assert (partition, offset) in out or (partition, offset) in dead, (partition, offset)
+    # ...and nothing published past what was committed: the drain committed every batch it finished.
+    assert all(offset < committed.get(partition, 0) for partition, offset in out)
+
+
+def test_killed_mid_stream_restart_loses_nothing_duplicates_bounded(services, names, checkpoint, tmp_path):
+    settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50})
+    posts = valid_posts(300)
+    produce_jsonl(settings, tmp_path, [json.dumps(p).encode() for p in posts])
+    proc = serve(settings, checkpoint)
+    try:
+        assert read_topic(settings, settings.kafka.output_topic, expect=20, timeout_s=60)
+        proc.kill()  # no drain, no commit of the batches in hand
+        proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    before = committed_offsets(settings.kafka, settings.kafka.input_topic)
+    assert sum(before.values()) < len(posts), "the first process finished before it was killed"
+    proc = serve(settings, checkpoint)
+    try:
+        ends = {0: 0, 1: 0}
+        out = read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=120)
+        for r in out:
+            doc = json.loads(r.value)
+            ends[doc["source"]["partition"]] = max(ends[doc["source"]["partition"]], doc["source"]["offset"] + 1)
+        committed = wait_committed(settings, ends)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    seen = Counter(json.loads(r.value)["id"] for r in out)
+    assert set(seen) == {p["id"] for p in posts}  # no post lost
+    duplicates = sum(n - 1 for n in seen.values())
+    # Only the uncommitted batches can be replayed: those in the pipeline plus one finished, not yet committed.
+    bound = (settings.batch.max_inflight_batches + 1) * settings.batch.max_posts
+    assert duplicates <= bound
+    assert committed == ends
+
+
+def test_produce_rejects_a_missing_file_with_a_clear_error(services, names, tmp_path):
+    settings = stream_settings(services, names, partitions=1)
+    done = subprocess.run(cli(settings, "produce", "--jsonl", str(tmp_path / "absent.jsonl")),
+                          capture_output=True, timeout=60)
+    assert done.returncode == 2
+    assert "absent.jsonl" in done.stderr.decode() and "Traceback" not in done.stderr.decode()
+
+
+def test_serve_without_checkpoint_says_what_is_missing(services, names):
+    settings = stream_settings(services, names, partitions=1)
+    done = subprocess.run(cli(settings, "serve"), capture_output=True, timeout=60)
+    assert done.returncode == 2
+    assert "model.checkpoint" in done.stderr.decode()
