@@ -19,6 +19,8 @@ from stream.settings import SettingsError, load_settings, parse_override
 COMMANDS: dict[str, tuple[str, str]] = {
     "services": ("stream.services_cmd", "start, stop or inspect the local broker and Redis"),
     "config": ("stream.config_cmd", "print the effective settings (secrets redacted) or check them"),
+    "serve": ("stream.serve", "score posts from the input topic as a consumer-group member"),
+    "produce": ("stream.produce", "send posts from a data set or a JSONL file to a topic"),
 }
 
 # Common flags mapped onto settings fields; anything else goes through --set section.field=value.
