@@ -1,0 +1,1 @@
+"""Benchmarks of postsense (run them all with ``python -m bench``; see BENCHMARKS.md)."""
