@@ -69,8 +69,9 @@ class Publisher:
             if not pending:
                 break
             attempts += 1
-            self.metrics.publish_failures_total.inc()
-            if not self._failing:
+            if attempts == 1:
+                self.metrics.publish_failures_total.inc()
+            if not self._failing:  # one line per state change, not per retry
                 log.warning("publishing failed (%s: %s); retrying %d records", type(error).__name__, error, len(pending))
                 self._failing = True
             if isinstance(error, PRODUCER_FATAL_ERRORS) or attempts % RECREATE_AFTER_FAILED_ATTEMPTS == 0:
@@ -110,7 +111,7 @@ class Publisher:
 
     def recreate(self, reason: BaseException | None) -> None:
         """Close the producer and let the next send build a new one (new producer id, new sequences)."""
-        log.warning("recreating the Kafka producer after %s", type(reason).__name__ if reason else "failures")
+        log.info("recreating the Kafka producer after %s", type(reason).__name__ if reason else "failures")
         self.metrics.producer_recreated_total.inc()
         self.close(timeout_s=0)
 
