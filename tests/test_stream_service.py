@@ -195,3 +195,19 @@ def test_circuit_breaker_stops_on_a_stream_of_garbage(services, names, predictor
     assert len(dlq) < 10  # stopped rather than dead-lettering the topic
     committed = wait_committed(settings, {0: 1}, timeout_s=5)
     assert committed[0] == 2 + len(dlq)  # the valid posts and the dead letters before the trip, nothing after
+
+
+def test_static_group_membership_consumes_and_restarts_with_the_same_instance_id(services, names, predictor):
+    settings = stream_settings(services, names, partitions=2, kafka={"group_instance_id": names("pod")})
+    posts = valid_posts(20)
+    ends = produce_posts(settings, posts[:10])
+    first = Collector()
+    with Running(Service(settings, predictor, on_output=first)):
+        assert first.wait_for(10)
+    ends.update({p: max(e, ends.get(p, 0)) for p, e in produce_posts(settings, posts[10:]).items()})
+    second = Collector()
+    with Running(Service(settings, predictor, on_output=second)):  # the same pod identity comes back
+        assert second.wait_for(10)
+        committed = wait_committed(settings, ends)
+    assert Counter(d["id"] for d in first.documents + second.documents) == Counter(p["id"] for p in posts)
+    assert committed == ends
