@@ -81,24 +81,27 @@ def dashboard_panels() -> list[dict[str, Any]]:
     return out
 
 
-def substitute(expr: str) -> str:
-    for var, value in GRAFANA_VARIABLES.items():
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    for var, value in variables.items():
         expr = expr.replace(var, value)
     assert "$" not in expr, f"unknown dashboard variable in {expr}"
     return expr
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title / refId, PromQL as Grafana sends it) for every panel target and variable query."""
+def dashboard_queries(variables: dict[str, str] = GRAFANA_VARIABLES) -> list[tuple[str, str]]:
+    """(panel title / refId, PromQL as Grafana sends it) for every panel target and variable query.
+
+    A variable query ``label_values(selector, label)`` contributes its selector.
+    """
     queries = []
     for panel in dashboard_panels():
         for target in panel.get("targets", []):
-            queries.append((f"{panel['title']} / {target['refId']}", substitute(target["expr"])))
+            queries.append((f"{panel['title']} / {target['refId']}", substitute(target["expr"], variables)))
     for var in dashboard()["templating"]["list"]:
         if var["type"] == "query":
             inner = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", var["query"]["query"])
             assert inner, f"variable {var['name']}: expected label_values(selector, label)"
-            queries.append((f"variable {var['name']}", substitute(inner.group(1))))
+            queries.append((f"variable {var['name']}", substitute(inner.group(1), variables)))
     return queries
 
 
