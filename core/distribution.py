@@ -62,10 +62,11 @@ class QueueStats:
         return self.count < max(self.capacity, 2)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> QueueStats:
+        """A detached copy on ``device`` (never aliases a live queue's buffers)."""
         return QueueStats(
-            mean=self.mean.to(device=device, dtype=dtype),
-            sigma=self.sigma.to(device=device, dtype=dtype),
-            threshold=self.threshold.to(device=device, dtype=dtype),
+            mean=self.mean.detach().to(device=device, dtype=dtype, copy=True),
+            sigma=self.sigma.detach().to(device=device, dtype=dtype, copy=True),
+            threshold=self.threshold.detach().to(device=device, dtype=dtype, copy=True),
             count=self.count,
             capacity=self.capacity,
         )

@@ -206,9 +206,13 @@ class DRFHead(nn.Module):
         )
         fused_pairs = self.fusion(pairs).reshape(3, batch, cfg.dim)
         # Where a weight is exactly zero the term is removed, not multiplied (0 * inf would be NaN).
-        terms = torch.where(weights.T[..., None] > 0, weights.T[..., None].to(fused_pairs) * fused_pairs, 0.0)
+        # (12) and (14) run in float32 even under autocast: in float16 a weight near the floor (e^-80), and so a
+        # small M, would flush to zero.
+        column_weights = weights.T[..., None]
+        terms = torch.where(column_weights > 0, column_weights * fused_pairs.float(), 0.0)
         fused = terms.sum(dim=0)
-        logits = self.classifier(fused)
+        with torch.autocast(fused.device.type, enabled=False):
+            logits = self.classifier(fused)
 
         out = DRFOutput(
             logits=logits,
