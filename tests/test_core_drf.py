@@ -176,3 +176,13 @@ def test_eval_mode_is_deterministic_and_bad_shapes_are_rejected() -> None:
         head(torch.randn(2, 8), torch.randn(3, 8), present[:2], present[:3])
     with pytest.raises(ValueError, match="dropout"):
         DRFConfig(num_classes=2, dropout=1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_keeps_tiny_fusion_weights_and_float32_logits(dtype: torch.dtype) -> None:
+    head = make_head()
+    far = torch.tensor([[40.0, 0]])  # log q^v floored at -40: weights e^-40 * q, far below float16's range
+    with torch.autocast("cpu", dtype=dtype):
+        out = head(far, F_T, YES, NO)
+    assert out.logits.dtype == torch.float32 and out.fused.dtype == torch.float32
+    assert float(out.fusion_weights[0, 1]) > 0 and float(out.fused.abs().sum()) > 0
