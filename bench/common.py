@@ -128,6 +128,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def service_options(parser: argparse.ArgumentParser) -> None:
+    """For benchmarks that need the broker and Redis: use running ones, or start private ones (default)."""
+    parser.add_argument(
+        "--bootstrap", help="a running Kafka-protocol broker (default: start a private Tansu)"
+    )
+    parser.add_argument("--redis-url", help="a running Redis (default: start a private redis-server)")
+
+
 # ------------------------------------------------------------------------------------------- statistics
 
 
@@ -336,13 +344,17 @@ class Endpoints:
 
 
 @contextlib.contextmanager
-def local_services() -> Iterator[Endpoints]:
-    """A private Tansu broker and redis-server on free loopback ports, stopped on exit."""
+def local_services(args: argparse.Namespace | None = None) -> Iterator[Endpoints]:
+    """The broker and Redis named in ``args`` (see ``service_options``), else private ones on free loopback
+    ports; only what was started here is stopped on exit."""
     from connectors.services import LocalServices, free_port
 
     with tempfile.TemporaryDirectory(prefix="postsense-bench-") as state:
         services = LocalServices(Path(state))
-        endpoints = Endpoints(f"127.0.0.1:{free_port()}", f"redis://127.0.0.1:{free_port()}/0")
+        endpoints = Endpoints(
+            getattr(args, "bootstrap", None) or f"127.0.0.1:{free_port()}",
+            getattr(args, "redis_url", None) or f"redis://127.0.0.1:{free_port()}/0",
+        )
         try:
             services.ensure_broker(endpoints.bootstrap)
             services.ensure_redis(endpoints.redis_url)
