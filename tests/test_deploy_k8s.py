@@ -172,6 +172,8 @@ def test_keda_scales_the_deployment_on_this_groups_lag_within_the_partition_coun
     [trigger] = scaled["triggers"]
     meta = trigger["metadata"]
     assert trigger["type"] == "kafka"
+    # The CRD types trigger metadata as map[string]string: an unquoted number or boolean is rejected on apply.
+    assert all(isinstance(v, str) for v in meta.values()), meta
     assert meta["consumerGroup"] == s.kafka.group_id
     assert meta["topic"] == s.kafka.input_topic
     assert meta["bootstrapServers"] == ",".join(s.kafka.bootstrap_servers)
