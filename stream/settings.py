@@ -189,6 +189,9 @@ class MediaSettings(_Section):
     allowed_schemes: list[Literal["http", "https"]] = Field(default_factory=lambda: ["https", "http"])
     allowed_hosts: list[str] | None = None  # None: any public host
     allow_private_addresses: bool = False
+    # CIDRs exempt from the private-address refusal (an internal image store), e.g. ["10.20.0.0/16"].
+    allowed_networks: list[str] = Field(default_factory=list)
+    ca_file: Path | None = None  # extra CA bundle for https image hosts with a private CA
     fetch_timeout_s: float = Field(3.0, gt=0, le=60)
     max_redirects: int = Field(3, ge=0, le=10)
     local_root: Path | None = None  # None: local image paths are refused
