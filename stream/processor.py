@@ -92,9 +92,11 @@ def media_config(settings: Settings) -> tuple[MediaLimits, FetchPolicy]:
         allowed_schemes=tuple(media.allowed_schemes),
         allowed_hosts=None if media.allowed_hosts is None else tuple(media.allowed_hosts),
         allow_private_addresses=media.allow_private_addresses,
+        allowed_networks=tuple(media.allowed_networks),  # FetchPolicy parses and validates the CIDRs
         timeout_s=media.fetch_timeout_s,
         max_redirects=media.max_redirects,
         local_root=media.local_root,
+        ca_file=media.ca_file,
     )
     return limits, policy
 
