@@ -198,7 +198,7 @@ def main() -> None:
                   f"{lat['latency_p50_s']}, p99 {lat['latency_p99_s']}", flush=True)
     print_table(
         f"serve end to end ({config} encoders, {PARTITIONS} partitions, decode workers {args.decode_workers})",
-        ["batch", "posts/s (backlog)", "complete", "latency rate /s", "p50 ms", "p99 ms", "complete "],
+        ["batch", "posts/s (backlog)", "backlog done", "paced rate /s", "p50 ms", "p99 ms", "paced done"],
         [
             [
                 r["throughput"]["batch"],
