@@ -1,0 +1,64 @@
+"""Reproduce the paper's evaluation (Tables 1, 3, 4 and Figure 5) with baselines, as Markdown, JSON and PNG.
+
+Without --full: one seed, Tables 1 and 3 with the baselines (a quick look).  With --full: three seeds, the
+ablations of Table 4 and the modality-random curves of Figure 5.  Any option below overrides either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from core.data import SPEC_HELP, DataFormatError
+from core.data.disruption import SETTINGS
+from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
+from core.evaluate import EvalConfig, run_evaluation
+from core.model import ABLATIONS
+from stream.settings import Settings
+
+QUICK = {"seeds": (0,), "random_settings": (), "ablations": ()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="vader", help=f"data set: {SPEC_HELP} (default: vader)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for report.md, results.json, figure5.png")
+    parser.add_argument("--full", action="store_true", help="3 seeds, ablations and Figure 5 (the full report)")
+    parser.add_argument("--encoders", choices=ENCODER_CONFIGS)
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--dim", type=int, help="DRF width d of every head (default 128)")
+    parser.add_argument("--queue-size", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--head-lr", type=float)
+    parser.add_argument("--disruption-seed", type=int)
+    parser.add_argument("--fixed-settings", nargs="+", choices=SETTINGS)
+    parser.add_argument("--random-settings", nargs="*", choices=SETTINGS, help="Figure 5 panels (none: skip it)")
+    parser.add_argument("--ratios", type=float, nargs="+", help="Figure 5 disruption ratios dr")
+    parser.add_argument("--ablations", nargs="*", choices=ABLATIONS, help="Table 4 rows (none: skip it)")
+    parser.add_argument("--baselines", nargs="*", help="concat, text_only, image_only (none: skip)")
+    parser.add_argument("--random-methods", nargs="+", help="methods in Figure 5 (default: drf concat)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("data/features"), help="feature cache root")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    values = {} if args.full else dict(QUICK)
+    for f in fields(EvalConfig):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = tuple(given) if isinstance(given, list) else given
+    return EvalConfig(**values)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    del settings  # evaluation runs on the CPU features cache; no service settings apply
+    try:
+        paths = run_evaluation(config_from_args(args), args.out, args.cache_dir, progress=not args.no_progress)
+    except (DataFormatError, EncoderUnavailableError, ValueError) as exc:
+        print(f"postsense evaluate: {exc}", file=sys.stderr)
+        return 2
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0

@@ -1,0 +1,110 @@
+"""Train a DRF model on a data set and write its checkpoint (model selection on the dev split only).
+
+Frozen encoders (default): features are encoded once and cached, then the head trains on them.  --fine-tune trains
+the encoders too (the paper's setting; needs a GPU to be practical).  The state after every epoch goes to --state;
+--resume continues an interrupted run from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import save_checkpoint
+from core.data import SPEC_HELP, DataFormatError, load_dataset
+from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
+from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
+from core.inference import resolve_device
+from core.model import ABLATIONS, create_model
+from core.train import (
+    CachedSource,
+    SampleSource,
+    TrainConfig,
+    TrainingError,
+    encode_samples,
+    feature_cache_for,
+    fit,
+    score,
+)
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+DEFAULTS = TrainConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="vader", help=f"data set: {SPEC_HELP} (default: vader)")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+    parser.add_argument("--encoders", default="offline", choices=ENCODER_CONFIGS)
+    parser.add_argument("--dim", type=int, help="DRF width d (default 768; the tiny encoders' width for tiny)")
+    parser.add_argument("--queue-size", type=int, default=512, help="queue length L (default 512)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--encoder-lr", type=float, default=DEFAULTS.encoder_lr)
+    parser.add_argument("--head-lr", type=float, default=DEFAULTS.head_lr)
+    parser.add_argument("--min-lr", type=float, default=DEFAULTS.min_lr, help="end of the cosine decay")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation, batch order and dropout")
+    parser.add_argument("--fine-tune", action="store_true", help="train the encoders too (no feature cache)")
+    parser.add_argument("--modality-random", type=float, metavar="DR",
+                        help=f"modality-random training: disrupt a ratio DR of the samples, e.g. {DISRUPTION_RATIOS}")
+    parser.add_argument("--setting", default="C+D", choices=SETTINGS, help="disruption setting (default C+D)")
+    parser.add_argument("--disruption-seed", type=int, default=0)
+    parser.add_argument("--ablate", action="append", default=[], choices=ABLATIONS,
+                        help="switch a DRF component off (repeatable; paper Table 4)")
+    parser.add_argument("--state", type=Path, help="training state file (default: OUT.state)")
+    parser.add_argument("--resume", action="store_true", help="continue from the state file")
+    parser.add_argument("--cache-dir", type=Path, default=Path("data/features"), help="feature cache root")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        return _train(args, settings)
+    except (DataFormatError, EncoderUnavailableError, TrainingError, ValueError) as exc:
+        print(f"postsense train: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, encoder_lr=args.encoder_lr, head_lr=args.head_lr,
+        min_lr=args.min_lr, weight_decay=args.weight_decay, seed=args.seed,
+    )
+    device = resolve_device(settings.model.device)
+    progress = not args.no_progress
+    dataset = load_dataset(args.data)
+    print(dataset.report.summary())
+    if args.modality_random is not None:
+        dataset, _ = disrupt_dataset(dataset, "random", args.setting, args.disruption_seed, dr=args.modality_random)
+    torch.manual_seed(args.seed)
+    model = create_model(
+        args.encoders, dataset.label_names, dim=args.dim, queue_size=args.queue_size,
+        freeze_encoders=not args.fine_tune, **{name: False for name in args.ablate},
+    ).to(device)
+    if args.fine_tune:
+        train, dev, test = (SampleSource(model, dataset[s]) for s in ("train", "dev", "test"))
+    else:
+        cache = feature_cache_for(model, args.cache_dir)
+        train, dev, test = (
+            CachedSource(encode_samples(model, dataset[s], cache, progress=progress)) for s in ("train", "dev", "test")
+        )
+    state = args.state or args.out.with_name(args.out.name + ".state")
+    result = fit(model, train, dev, config, state_path=state, resume=args.resume, progress=progress)
+    version = save_checkpoint(model, args.out)
+    test_scores = score(model, test, len(dataset.label_names))
+    summary = {
+        "checkpoint": str(args.out),
+        "model_version": version,
+        "best_epoch": result.best_epoch,
+        "best_dev_accuracy": round(result.best_dev_accuracy, 2),
+        "test": {k: round(v, 2) for k, v in test_scores.items()},
+        "history": result.history,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,227 @@
+"""Training: it learns (beats the majority class on held-apart data), resumes exactly, caches features per
+(sample, disruption), selects on dev, and the CLI writes a checkpoint the service can load.
+
+The data is a tiny synthetic image-text set in the service's JSONL post schema (``make_dataset``): texts mix label
+words with filler, images are noisy patches whose colour leans towards the label, and half the samples are
+positive, so the majority class scores about 50 % and a model must learn to beat it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import core.train as train_module
+from core.data import SENTIMENT_LABELS, load_dataset
+from core.data.disruption import disrupt_dataset
+from core.inference import Predictor
+from core.model import create_model
+from core.train import (
+    CachedSource,
+    FeatureCache,
+    TrainConfig,
+    TrainingError,
+    classification_scores,
+    encode_samples,
+    feature_cache_for,
+    fit,
+    image_key,
+    score,
+)
+from stream.cli import main
+
+WORDS = {
+    "positive": ["great", "love", "happy", "wonderful", "sunny", "win"],
+    "neutral": ["meeting", "table", "monday", "report", "bus", "paper"],
+    "negative": ["awful", "hate", "sad", "terrible", "rain", "lost"],
+}
+FILLER = ["the", "today", "we", "just", "about", "so", "with", "friends", "again", "city"]
+COLOURS = {"positive": (220, 150, 40), "neutral": (128, 128, 128), "negative": (40, 60, 150)}
+SPLIT_SIZES = {"train": 120, "dev": 40, "test": 40}
+
+
+def make_dataset(root: Path, seed: int = 0) -> Path:
+    """Write train/dev/test.jsonl and images/ under ``root``; returns ``root`` (use as ``jsonl:ROOT``)."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, size in SPLIT_SIZES.items():
+        lines = []
+        for i in range(size):
+            label = str(rng.choice(SENTIMENT_LABELS, p=[0.5, 0.25, 0.25]))
+            words = list(rng.choice(WORDS[label], size=2)) + list(rng.choice(FILLER, size=4))
+            if rng.random() < 0.2:  # some texts carry another label's word: not trivially separable
+                words.append(str(rng.choice(WORDS[str(rng.choice(SENTIMENT_LABELS))])))
+            rng.shuffle(words)
+            colour = np.array(COLOURS[label], dtype=np.float32)
+            pixels = np.clip(colour + rng.normal(0, 50, size=(24, 24, 3)), 0, 255).astype(np.uint8)
+            name = f"{split}-{i}.png"
+            Image.fromarray(pixels).save(root / "images" / name)
+            post = {"schema_version": 1, "id": f"{split}-{i}", "text": " ".join(words),
+                    "image": {"path": f"images/{name}"}, "created_at": None, "metadata": {}, "label": label}
+            lines.append(json.dumps(post))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+FAST = TrainConfig(epochs=12, batch_size=16, head_lr=3e-3, min_lr=1e-5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def dataset(data_root: Path):
+    return load_dataset(f"jsonl:{data_root}")
+
+
+def tiny_model(labels, seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model("tiny", labels, dim=32, queue_size=64)
+
+
+@pytest.fixture(scope="module")
+def tables(dataset, tmp_path_factory: pytest.TempPathFactory):
+    model = tiny_model(dataset.label_names)
+    cache = feature_cache_for(model, tmp_path_factory.mktemp("cache"))
+    return {split: encode_samples(model, dataset[split], cache) for split in ("train", "dev", "test")}
+
+
+def test_short_training_lowers_the_loss_and_beats_the_majority_class_on_test(dataset, tables) -> None:
+    model = tiny_model(dataset.label_names)
+    result = fit(model, CachedSource(tables["train"]), CachedSource(tables["dev"]), FAST)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.7 * losses[0]
+    test_labels = tables["test"].labels.numpy()
+    majority = 100.0 * Counter(test_labels.tolist()).most_common(1)[0][1] / len(test_labels)
+    accuracy = score(model, CachedSource(tables["test"]), 3)["accuracy"]
+    assert accuracy >= majority + 15, (accuracy, majority)
+
+
+def test_the_returned_model_is_the_best_dev_epoch(dataset, tables) -> None:
+    model = tiny_model(dataset.label_names)
+    config = TrainConfig(epochs=6, batch_size=16, head_lr=1e-2, seed=1)
+    result = fit(model, CachedSource(tables["train"]), CachedSource(tables["dev"]), config)
+    dev_accuracies = [h["dev_accuracy"] for h in result.history]
+    assert result.best_dev_accuracy == max(dev_accuracies)
+    assert result.best_epoch == 1 + dev_accuracies.index(max(dev_accuracies))
+    # The weights left in the model are that epoch's, not the last epoch's.
+    assert score(model, CachedSource(tables["dev"]), 3)["accuracy"] == pytest.approx(result.best_dev_accuracy)
+
+
+def test_an_interrupted_run_resumed_ends_in_the_same_state(dataset, tables, tmp_path, monkeypatch) -> None:
+    config = TrainConfig(epochs=4, batch_size=16, head_lr=3e-3, seed=3)
+    train, dev = CachedSource(tables["train"]), CachedSource(tables["dev"])
+    uninterrupted = tiny_model(dataset.label_names, seed=3)
+    full = fit(uninterrupted, train, dev, config, state_path=tmp_path / "a.state")
+
+    calls = {"n": 0}
+    real_score = train_module.score
+
+    def crash_in_third_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "score", crash_in_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(dataset.label_names, seed=3), train, dev, config, state_path=tmp_path / "b.state")
+    monkeypatch.setattr(train_module, "score", real_score)
+    # A new process: fresh model (different init), state from the file.
+    resumed_model = tiny_model(dataset.label_names, seed=99)
+    resumed = fit(resumed_model, train, dev, config, state_path=tmp_path / "b.state", resume=True)
+
+    assert resumed.history == full.history
+    assert resumed.best_epoch == full.best_epoch
+    expected = uninterrupted.state_dict()
+    for name, tensor in resumed_model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_resume_refuses_a_state_from_another_configuration(dataset, tables, tmp_path) -> None:
+    train, dev = CachedSource(tables["train"]), CachedSource(tables["dev"])
+    fit(tiny_model(dataset.label_names), train, dev, TrainConfig(epochs=1, batch_size=16), state_path=tmp_path / "s")
+    with pytest.raises(TrainingError, match="cannot resume"):
+        fit(tiny_model(dataset.label_names), train, dev, TrainConfig(epochs=1, batch_size=32),
+            state_path=tmp_path / "s", resume=True)
+    with pytest.raises(TrainingError, match="no training state"):
+        fit(tiny_model(dataset.label_names), train, dev, FAST, state_path=tmp_path / "absent", resume=True)
+
+
+def test_features_are_cached_per_sample_and_disruption(dataset, tmp_path) -> None:
+    model = tiny_model(dataset.label_names)
+    cache = feature_cache_for(model, tmp_path)
+    test = dataset["test"][:12]
+    clean = encode_samples(model, test, cache)
+    corrupted_set, _ = disrupt_dataset(dataset, "fixed", "C", seed=5, modality="image")
+    corrupted = encode_samples(model, corrupted_set["test"][:12], cache)
+    # The pixel mask is applied before encoding, so corrupted images have their own features...
+    assert not torch.allclose(clean.image, corrupted.image)
+    assert torch.equal(clean.text, corrupted.text)
+    assert len({image_key(s) for s in test} | {image_key(s) for s in corrupted_set["test"][:12]}) == 24
+    # ...and a new process (fresh cache object on the same folder) finds everything: nothing left to encode.
+    reopened = FeatureCache(cache.directory)
+    assert reopened.missing("image", [image_key(s) for s in corrupted_set["test"][:12]]) == []
+    again, _ = disrupt_dataset(dataset, "fixed", "C", seed=5, modality="image")
+    assert torch.equal(encode_samples(model, again["test"][:12], reopened).image, corrupted.image)
+    # Discarded modalities are absent (lambda = 0, zero rows), never encoded from a blank.
+    discarded_set, _ = disrupt_dataset(dataset, "fixed", "D", seed=5, modality="text")
+    discarded = encode_samples(model, discarded_set["test"][:12], reopened)
+    assert not discarded.text_present.any() and discarded.image_present.all()
+    assert torch.count_nonzero(discarded.text) == 0
+
+
+def test_feature_cache_depends_on_encoder_weights(dataset, tmp_path) -> None:
+    assert feature_cache_for(tiny_model(dataset.label_names, 0), tmp_path).directory != feature_cache_for(
+        tiny_model(dataset.label_names, 1), tmp_path
+    ).directory
+
+
+def test_classification_scores_match_a_hand_computed_example() -> None:
+    # class 0: tp 2, fp 0, fn 1 -> F1 0.8 (support 3); class 1: tp 1, fp 1, fn 0 -> F1 2/3 (support 1)
+    scores = classification_scores(np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1]), 3)
+    assert scores["accuracy"] == pytest.approx(75.0)
+    assert scores["weighted_f1"] == pytest.approx(100 * (3 * 0.8 + 2 / 3) / 4)
+    with pytest.raises(ValueError):
+        classification_scores(np.array([0, 1]), np.array([0]), 2)
+
+
+def test_invalid_training_configuration_is_rejected_clearly() -> None:
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig(min_lr=1.0)
+
+
+def test_cli_train_writes_a_checkpoint_the_service_loads(data_root, tmp_path, capsys) -> None:
+    out = tmp_path / "model.ckpt"
+    args = ["--device", "cpu", "train", "--data", f"jsonl:{data_root}", "--encoders", "tiny", "--out", str(out),
+            "--epochs", "2", "--batch-size", "32", "--queue-size", "32", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--modality-random", "0.4"]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 0
+    assert '"best_dev_accuracy"' in capsys.readouterr().out
+    predictor = Predictor.from_checkpoint(out, device="cpu")
+    batch = predictor.prepare([None], ["great happy day"])
+    assert predictor.predict(batch).labels[0] in ("positive", "neutral", "negative")
+    assert (tmp_path / "model.ckpt.state").is_file()
+    # Resuming a finished run is a no-op that rewrites the same model.
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--resume"])
+    assert done.value.code == 0
+
+
+def test_cli_train_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--data", f"jsonl:{tmp_path / 'nowhere'}", "--encoders", "tiny", "--out", str(tmp_path / "m")])
+    assert done.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
