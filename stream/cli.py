@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("stream.config_cmd", "print the effective settings (secrets redacted) or check them"),
     "serve": ("stream.serve", "score posts from the input topic as a consumer-group member"),
     "produce": ("stream.produce", "send posts from a data set or a JSONL file to a topic"),
+    "train": ("stream.train_cmd", "train a DRF model and write its checkpoint (model selection on dev)"),
+    "evaluate": ("stream.evaluate_cmd", "reproduce the paper's tables and Figure 5 with baselines (Markdown, JSON, PNG)"),
 }
 
 # Common flags mapped onto settings fields; anything else goes through --set section.field=value.
