@@ -129,7 +129,9 @@ def connect(settings: RedisSettings) -> redis.Redis:
         retry=Retry(NoBackoff(), 0),
         max_connections=8,
         client_name="postsense-reference-queues",
-        maint_notifications_config=MaintNotificationsConfig(enabled=False),  # a round trip per connect, unused
+        maint_notifications_config=MaintNotificationsConfig(
+            enabled=False
+        ),  # a round trip per connect, unused
     )
 
 
@@ -250,10 +252,7 @@ class QueueStore:
             if not meta:
                 return None
             dim, version, generation = int(meta[b"dim"]), int(meta[b"version"]), int(meta[b"generation"])
-            current = bool(stored) and (int(stored[b"version"]), int(stored[b"generation"])) == (
-                version,
-                generation,
-            )
+            tagged = (int(stored[b"version"]), int(stored[b"generation"])) if stored else None
             states[m] = ModalityState(
                 dim=dim,
                 capacity=int(meta[b"capacity"]),
@@ -261,7 +260,7 @@ class QueueStore:
                 generation=generation,
                 length=int(length),
                 reference=_decode_stats(meta, "ref_"),
-                stats=_decode_stats(stored) if current else None,
+                stats=_decode_stats(stored) if tagged == (version, generation) else None,
                 features=None if blobs is None else _rows(blobs, dim),
                 reference_features=None if reference_blobs is None else _rows(reference_blobs, dim),
             )
@@ -314,16 +313,12 @@ class QueueStore:
         """
         contents = self._check_queues(queues, "queues")
         references = contents if reference is None else self._check_queues(reference, "reference")
-        capacities = {
-            m: (
-                len(contents[m])
-                if capacity is None
-                else capacity
-                if isinstance(capacity, int)
-                else capacity[m]
-            )
-            for m in MODALITIES
-        }
+        if capacity is None:
+            capacities = {m: len(contents[m]) for m in MODALITIES}
+        elif isinstance(capacity, int):
+            capacities = dict.fromkeys(MODALITIES, capacity)
+        else:
+            capacities = {m: int(capacity[m]) for m in MODALITIES}
         for m in MODALITIES:
             if references[m].shape[1] != contents[m].shape[1]:
                 raise ValueError(f"{m}: reference and queue feature dimensions differ")
@@ -404,11 +399,6 @@ class QueueStore:
                     return generations
                 except redis.WatchError:
                     continue
-
-    def delete(self) -> int:
-        """Remove every key of this model version (tests, decommissioning)."""
-        keys = list(self.client.scan_iter(match=f"{self.base}:*", count=500))
-        return int(self.client.delete(*keys)) if keys else 0
 
     def _queue_replace(self, pipe: Any, modality: str, rows: np.ndarray, part: str) -> None:
         pipe.delete(self.key(modality, part))
@@ -505,9 +495,18 @@ class ReferenceQueues:
     ) -> bool:
         """Seed the queues from the checkpoint's (False if they already exist and ``overwrite`` is False).
 
-        An online worker remembers them and seeds again if it finds Redis emptied (a restart without persistence).
+        An online worker remembers them and seeds them when it finds Redis empty: after a restart without
+        persistence, or when Redis was down at this call (which then raises the RedisError).
         """
-        seeded = self.store.seed(queues, capacity, overwrite=overwrite, source="worker")
+        try:
+            seeded = self.store.seed(queues, capacity, overwrite=overwrite, source="worker")
+        except redis.RedisError as exc:
+            self._fallback = (
+                queues,
+                capacity,
+            )  # validated already: the refresher seeds them once Redis answers
+            self._mark_unavailable(exc)
+            raise
         self._fallback = (queues, capacity)
         self.refresh()
         return seeded

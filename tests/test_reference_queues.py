@@ -443,6 +443,21 @@ def test_redis_restart_mid_stream_serves_cached_stats_and_resumes_updates(
         assert any("is back" in r.getMessage() for r in caplog.records)
 
 
+def test_a_worker_started_while_redis_is_down_seeds_once_it_answers(fresh_server, make_settings):
+    fresh_server.stop()
+    with ReferenceQueues(make_settings(fresh_server.url), "v1") as queues:
+        assert not queues.available and queues.stats() is None
+        seed = features(0, L)
+        with pytest.raises(redis.ConnectionError):
+            queues.seed(seed, capacity=L)
+        batch = features(1, 2)
+        queues.propose(batch, all_accepted(batch))  # no statistics yet: dropped, no crash
+        fresh_server.start()
+        assert wait_for(lambda: queues.stats() is not None)
+        assert_stats_match(queues.stats()["text"], seed["text"])
+        np.testing.assert_array_equal(queues.store.read(contents=True)["image"].features, seed["image"])
+
+
 def test_a_hung_redis_never_blocks_the_consumer_past_the_op_timeout(fresh_server, make_settings):
     settings = make_settings(fresh_server.url, op_timeout_s=0.3)
     with ReferenceQueues(settings, "v1") as queues:
