@@ -1,0 +1,114 @@
+"""Evaluation: a tiny configuration writes the report files with the paper's tables; baselines pad missing
+modalities as the paper does; cells are mean ± sample standard deviation over seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core.baselines import BaselineHead
+from core.evaluate import EvalConfig, aggregate, run_evaluation
+from stream.cli import main
+from test_train import make_dataset
+
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EvalConfig]:
+    root = make_dataset(tmp_path_factory.mktemp("synthetic"))
+    out = tmp_path_factory.mktemp("report")
+    config = EvalConfig(
+        data=f"jsonl:{root}", encoders="tiny", seeds=SEEDS, dim=32, queue_size=32, epochs=2, batch_size=32,
+        head_lr=3e-3, ratios=(0.5, 1.0), ablations=("gaussian_weights", "expansion"),
+    )
+    run_evaluation(config, out, tmp_path_factory.mktemp("cache"), progress=False)
+    return out, config
+
+
+def test_evaluation_writes_markdown_json_and_png(report) -> None:
+    out, _ = report
+    assert {p.name for p in out.iterdir()} == {"report.md", "results.json", "figure5.png"}
+    with Image.open(out / "figure5.png") as image:
+        assert image.format == "PNG" and image.width > 200
+
+
+def test_report_has_the_papers_tables_with_their_rows_and_captions(report) -> None:
+    out, _ = report
+    text = (out / "report.md").read_text()
+    for heading in ("Table 3: without disruption", "Table 1: modality-fixed", "Table 4: ablations", "Figure 5"):
+        assert heading in text
+    for row in ("| image | DRF |", "| text | Concat (padded) |", "| text | Image only |",
+                "| image | w/o Gaussian probability |", "| text | w/o image-text expansion |"):
+        assert row in text
+    assert "| Disrupted | Method | C | D | C+D |" in text
+    assert "| Method (C+D) | 0 (clean) | 0.5 | 1 | drop 0.2→1.0 |" in text
+    # Every table states data, split, seeds and encoders.
+    captions = [line for line in text.splitlines() if line.startswith("*Data:")]
+    assert len(captions) == 4
+    for caption in captions:
+        assert "jsonl:" in caption and "test split" in caption and "Seeds 0, 1" in caption and "Encoders: tiny" in caption
+
+
+def test_results_json_holds_every_run_per_seed(report) -> None:
+    out, config = report
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["data"]["sizes"] == {"train": 120, "dev": 40, "test": 40}
+    assert doc["config"]["seeds"] == list(SEEDS)
+    runs = {(r["method"], r["seed"], r["regime"], r["test"]) for r in doc["results"]}
+    clean_methods = ["drf", "drf-no-gaussian_weights", "drf-no-expansion", "concat", "text_only", "image_only"]
+    tests = ["clean"] + [f"{m}/{s}" for m in ("image", "text") for s in ("C", "D", "C+D")]
+    for method in clean_methods:
+        for seed in SEEDS:
+            for test in tests:
+                assert (method, seed, "clean", test) in runs
+    for method in ("drf", "concat"):
+        for dr in ("0.5", "1"):
+            assert (method, 1, f"random C+D dr={dr}", "test") in runs
+    assert all(0 <= r["accuracy"] <= 100 and 1 <= r["best_epoch"] <= config.epochs for r in doc["results"])
+    # Modality-fixed disruption hit every test sample: 40 images corrupted in image/C.
+    assert doc["disruption"]["fixed image/C"]["test"] == {"image/corrupt": 40}
+
+
+def test_cells_are_mean_and_sample_std_over_seeds() -> None:
+    rows = [
+        {"method": "drf", "regime": "clean", "test": "clean", "accuracy": a, "weighted_f1": f}
+        for a, f in ((60.0, 50.0), (70.0, 60.0), (80.0, 40.0))
+    ]
+    cell = aggregate(rows, "drf", "clean", "clean")
+    assert cell["accuracy"] == pytest.approx(70.0) and cell["accuracy_sd"] == pytest.approx(10.0)
+    assert cell["weighted_f1"] == pytest.approx(50.0) and cell["weighted_f1_sd"] == pytest.approx(10.0)
+    assert aggregate(rows, "concat", "clean", "clean") is None
+
+
+def test_baselines_replace_a_missing_modality_by_the_padding_features() -> None:
+    torch.manual_seed(0)
+    pad_image, pad_text = torch.randn(8), torch.randn(6)
+    head = BaselineHead("concat", ["a", "b"], pad_image, pad_text, dim=4).eval()
+    image, text = torch.randn(2, 8), torch.randn(2, 6)
+    missing = head.forward_features(image, text, torch.tensor([False, True]), torch.tensor([True, False])).logits
+    padded = head.forward_features(
+        torch.stack([pad_image, image[1]]), torch.stack([text[0], pad_text]), torch.ones(2, dtype=torch.bool),
+        torch.ones(2, dtype=torch.bool),
+    ).logits
+    assert torch.allclose(missing, padded)
+    text_only = BaselineHead("text_only", ["a", "b"], pad_image, pad_text, dim=4).eval()
+    # A text-only model ignores the image entirely.
+    a = text_only.forward_features(image, text, torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    b = text_only.forward_features(-image, text, torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    assert torch.equal(a.logits, b.logits)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        BaselineHead("late_fusion", ["a", "b"], pad_image, pad_text)
+
+
+def test_invalid_evaluation_options_are_reported_clearly(tmp_path, capsys) -> None:
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        EvalConfig(seeds=(0, 0))
+    with pytest.raises(SystemExit) as done:
+        main(["evaluate", "--data", "vader", "--out", str(tmp_path), "--baselines", "svm", "--no-progress"])
+    assert done.value.code == 2
+    assert "baselines: unknown ['svm']" in capsys.readouterr().err
