@@ -129,22 +129,26 @@ def test_stopped_mid_stream_and_restarted_loses_nothing(services, names, predict
 
 def test_two_consumers_split_partitions_and_outputs_are_complete(services, names, predictor):
     settings = stream_settings(services, names, partitions=4)
-    posts = valid_posts(80)
-    ends = produce_posts(settings, posts[:40])
+    posts = valid_posts(120)
+    ends = produce_posts(settings, posts[:80])
     a_metrics, b_metrics = Metrics(), Metrics()
     a, b = Collector(), Collector()
-    with Running(Service(settings, predictor, metrics=a_metrics, on_output=a)):
+    # The first member is slow enough to still hold batches in flight when the second one joins.
+    with Running(Service(settings, SlowPredictor(predictor, 0.4), metrics=a_metrics, on_output=a)):
         assert a.wait_for(1)
         with Running(Service(settings, predictor, metrics=b_metrics, on_output=b)) as second:
             deadline = time.monotonic() + 30
             while not second.service.ready() and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert second.service.ready(), "the second member never got partitions"
-            ends.update({p: max(e, ends.get(p, 0)) for p, e in produce_posts(settings, posts[40:]).items()})
+            assert len(a.documents) < 80, "the first member finished before the rebalance"
+            ends.update({p: max(e, ends.get(p, 0)) for p, e in produce_posts(settings, posts[80:]).items()})
             out = read_topic(settings, settings.kafka.output_topic, expect=len(posts))
             committed = wait_committed(settings, ends)
             assert b.documents, "the second member produced nothing"
     assert {r.key.decode() for r in out} == {p["id"] for p in posts}
+    # The first member drained and committed its batches on revoke: the rebalance published nothing twice.
+    assert max(ids(out).values()) == 1
     assert committed == ends
     for m in (a_metrics, b_metrics):
         assert m.rebalances_total.labels(event="lost")._value.get() == 0
