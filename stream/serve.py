@@ -15,6 +15,8 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from kafka.errors import KafkaError
+
 from stream import __version__
 from stream.breaker import CircuitBreakerOpen
 from stream.publisher import PublishError
@@ -87,6 +89,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_BREAKER  # already logged with its reason by the loop
     except (ServiceError, PublishError) as exc:
         log.error("stopped: %s", exc)
+        return EXIT_FAILED
+    except KafkaError as exc:  # e.g. no broker answered within the bootstrap timeout
+        log.error("Kafka: %s: %s", type(exc).__name__, exc)
         return EXIT_FAILED
     finally:
         server.close()
