@@ -1,0 +1,105 @@
+"""The ONNX Runtime path of the image encoder (image_runtime="onnxruntime"): same features as eager torch.
+
+It is a speed switch (bench/levers.py), so what a user relies on is that it changes nothing else: the features
+match eager within float tolerance, the daisy is still a daisy, training and autograd never go through it, and
+loading new weights (a checkpoint) is reflected in what it computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+pytest.importorskip("onnxruntime")
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+from core.encoders import ImagePreprocessing, TimmImageEncoder, create_encoders  # noqa: E402
+from core.inference import Predictor  # noqa: E402
+from core.model import create_model  # noqa: E402
+
+TOLERANCE = 1e-4  # float32 kernels differ in summation order; features are O(1)
+
+
+def small_encoder(runtime: str, seed: int = 0) -> TimmImageEncoder:
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    preprocessing = ImagePreprocessing(size=64, mean=(0.5,) * 3, std=(0.5,) * 3)  # type: ignore[arg-type]
+    return TimmImageEncoder(model, preprocessing, runtime=runtime).eval()
+
+
+def test_offline_onnx_features_match_eager_on_real_photos() -> None:
+    onnx = create_encoders("offline", image_runtime="onnxruntime").image.eval()
+    eager = create_encoders("offline").image.eval()
+    photos = [Image.fromarray(sklearn_datasets.load_sample_image(n)) for n in ("flower.jpg", "china.jpg")]
+    pixels = torch.stack([eager.preprocess(p) for p in photos * 2])  # batch 4: not the traced batch size
+    with torch.inference_mode():
+        got, want = onnx(pixels), eager(pixels)
+    assert got.shape == want.shape == (4, 1280)
+    assert torch.allclose(got, want, atol=TOLERANCE, rtol=0)
+    assert onnx._session is not None  # the fast path was really taken
+
+
+def test_predictions_are_the_same_with_either_runtime() -> None:
+    labels = ["negative", "neutral", "positive"]
+    torch.manual_seed(1)
+    eager = create_model("offline", labels)
+    onnx = create_model("offline", labels, encoder_options={"image_runtime": "onnxruntime"})
+    onnx.load_state_dict(eager.state_dict())
+    photo = Image.fromarray(sklearn_datasets.load_sample_image("flower.jpg"))
+    out = []
+    for model in (eager, onnx):
+        predictor = Predictor.from_model(model)
+        batch = predictor.prepare([predictor.preprocess_image(photo), None], ["what a lovely day", "meh"])
+        out.append(predictor.predict(batch))
+    assert out[0].labels == out[1].labels
+    assert abs(out[0].probabilities - out[1].probabilities).max() < 1e-4
+    assert abs(out[0].image_features - out[1].image_features).max() < 1e-4
+
+
+def test_training_and_autograd_take_the_torch_path() -> None:
+    encoder = small_encoder("onnxruntime")
+    pixels = torch.randn(2, 3, 64, 64)
+    encoder.train()
+    assert encoder(pixels).requires_grad  # a gradient flows: not an ONNX Runtime output
+    encoder.eval()
+    with torch.no_grad():
+        encoder(pixels)
+    assert encoder._session is not None
+
+
+def test_loading_new_weights_re_exports() -> None:
+    encoder = small_encoder("onnxruntime", seed=0)
+    checkpoint = small_encoder("torch", seed=1)  # other weights, as a checkpoint would bring
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        before = encoder(pixels)
+        encoder.load_state_dict(checkpoint.state_dict())
+        after, want = encoder(pixels), checkpoint(pixels)
+    assert not torch.allclose(before, after, atol=1e-3)
+    assert torch.allclose(after, want, atol=TOLERANCE, rtol=0)
+
+
+def test_copies_do_not_share_the_session() -> None:
+    encoder = small_encoder("onnxruntime")
+    with torch.inference_mode():
+        encoder(torch.randn(1, 3, 64, 64))
+    clone = copy.deepcopy(encoder)
+    assert clone._session is None and clone.runtime == "onnxruntime"
+    with torch.inference_mode():
+        assert clone(torch.randn(2, 3, 64, 64)).shape == (2, encoder.dim)
+
+
+def test_unknown_runtime_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown image runtime 'tensorrt'"):
+        small_encoder("tensorrt")
+    with pytest.raises(ValueError, match="unknown image runtime"):
+        create_encoders("offline", image_runtime="tensorrt")
