@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaTimeoutError
 
 from connectors.kafka import PRODUCER_FATAL_ERRORS, make_producer
 from connectors.metrics import Metrics
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 #: a fresh producer (new connections, new producer id) is cheap next to a stuck batch.
 RECREATE_AFTER_FAILED_ATTEMPTS = 3
 BACKOFF_MAX_S = 5.0
+#: How long closing waits for the I/O thread to fail the aborted records (it only has to wake up).
+ABORT_CLOSE_TIMEOUT_S = 2.0
 
 
 class PublishError(RuntimeError):
@@ -119,6 +122,14 @@ class Publisher:
         if self._producer is not None:
             producer, self._producer = self._producer, None
             try:
-                producer.close(timeout=timeout_s)
+                try:
+                    producer.close(timeout=timeout_s)
+                except KafkaTimeoutError:
+                    # close() flushes first and, with records still pending, raises before it stops the
+                    # producer's I/O thread: every recreation would leak a thread and its connections.
+                    # Those records are re-sent by the next producer or reported unpublished, so abort them
+                    # (kafka-python has no public call for this), after which close() returns at once.
+                    producer._sender.force_close()
+                    producer.close(timeout=ABORT_CLOSE_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 (closing a broken producer must not mask the real error)
                 log.debug("closing the producer: %s", exc)
