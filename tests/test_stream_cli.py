@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from test_stream_support import LABELS, read_topic, stream_settings, valid_posts, wait_committed
 
 from connectors.kafka import committed_offsets
+from connectors.services import free_port
 from core.checkpoint import save_checkpoint
 from core.model import create_model
 from stream.settings import Settings
@@ -29,12 +32,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def cli(settings: Settings, *args: str, checkpoint: Path | None = None) -> list[str]:
+def cli(settings: Settings, *args: str, checkpoint: Path | None = None, metrics_port: int = 0) -> list[str]:
     k, b = settings.kafka, settings.batch
     flags = [
         "--bootstrap-servers", ",".join(k.bootstrap_servers), "--group-id", k.group_id,
         "--input-topic", k.input_topic, "--output-topic", k.output_topic, "--dead-letter-topic", k.dead_letter_topic,
-        "--redis-url", settings.redis.url.get_secret_value(), "--metrics-port", "0",
+        "--redis-url", settings.redis.url.get_secret_value(), "--metrics-port", str(metrics_port),
         "--set", f"kafka.session_timeout_ms={k.session_timeout_ms}",
         "--set", f"kafka.heartbeat_interval_ms={k.heartbeat_interval_ms}",
         "--set", f"batch.max_posts={b.max_posts}", "--set", f"batch.max_wait_ms={b.max_wait_ms}",
@@ -45,9 +48,18 @@ def cli(settings: Settings, *args: str, checkpoint: Path | None = None) -> list[
     return [str(Path(sys.executable).parent / "postsense"), *flags, *args]  # the installed console command
 
 
-def serve(settings: Settings, checkpoint: Path) -> subprocess.Popen[bytes]:
+def serve(settings: Settings, checkpoint: Path, metrics_port: int = 0) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cli(settings, "serve", checkpoint=checkpoint), env=env, stderr=subprocess.PIPE)
+    command = cli(settings, "serve", checkpoint=checkpoint, metrics_port=metrics_port)
+    return subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 def produce_jsonl(settings: Settings, tmp_path: Path, lines: list[bytes]) -> None:
@@ -71,10 +83,14 @@ def test_sigterm_drains_commits_and_exits_zero(services, names, checkpoint, tmp_
     settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50})
     posts = valid_posts(300)
     produce_jsonl(settings, tmp_path, [json.dumps(p).encode() for p in posts] + [b"{not json"])
-    proc = serve(settings, checkpoint)
+    port = free_port()
+    proc = serve(settings, checkpoint, metrics_port=port)
     try:
         first = read_topic(settings, settings.kafka.output_topic, expect=1, timeout_s=60)
         assert first, "serve published nothing"
+        assert http_get(port, "/readyz") == (200, "ready\n")  # model loaded, partitions assigned
+        status, exposition = http_get(port, "/metrics")
+        assert status == 200 and "postsense_posts_consumed_total{" in exposition
         proc.send_signal(signal.SIGTERM)  # mid-stream
         _, stderr = proc.communicate(timeout=60)
     finally:
