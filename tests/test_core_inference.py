@@ -171,3 +171,11 @@ def test_factory_validates_names_labels_and_options() -> None:
         create_model("tiny", LABELS, encoder_options={"colour": "red"})
     for ablation in ABLATIONS:
         assert getattr(create_model("tiny", LABELS, **{ablation: False}).head.config, ablation) is False
+
+
+def test_a_batch_with_nothing_usable_abstains_on_every_row(predictor: Predictor) -> None:
+    result = predictor.predict(predictor.prepare([None, None], [None, "   "]))
+    assert result.labels == [None, None] and result.abstained.all()
+    assert np.isnan(result.quality_image).all() and np.isnan(result.quality_text).all()
+    assert not result.image_accepted.any() and not result.text_accepted.any()
+    assert np.array_equal(result.probabilities[0], result.probabilities[1])  # softmax(b) for both
