@@ -243,7 +243,7 @@ class Workload:
 
 
 @cache
-def _photos() -> tuple[Image.Image, ...]:
+def sample_photos() -> tuple[Image.Image, ...]:
     """scikit-learn's two sample photos (CC-BY 2.0): real JPEG statistics, no download."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -261,7 +261,7 @@ def tweet_texts() -> tuple[str, ...]:
 
 def _jpeg_near(rng: random.Random, target: int) -> bytes:
     """A random crop of a sample photo, scaled and compressed to within ~15 % of ``target`` bytes."""
-    photo = rng.choice(_photos())
+    photo = rng.choice(sample_photos())
     w, h = rng.randint(photo.width // 2, photo.width), rng.randint(photo.height // 2, photo.height)
     left, top = rng.randint(0, photo.width - w), rng.randint(0, photo.height - h)
     crop = photo.crop((left, top, left + w, top + h))
