@@ -17,9 +17,11 @@ from stream import __version__
 from stream.settings import SettingsError, load_settings, parse_override
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("stream.demo", "the main job end to end on a local broker and Redis, with live results"),
     "services": ("stream.services_cmd", "start, stop or inspect the local broker and Redis"),
     "config": ("stream.config_cmd", "print the effective settings (secrets redacted) or check them"),
     "serve": ("stream.serve", "score posts from the input topic as a consumer-group member"),
+    "queues": ("stream.queues_cmd", "seed, inspect, snapshot or reset the shared reference queues in Redis"),
     "produce": ("stream.produce", "send posts from a data set or a JSONL file to a topic"),
     "train": ("stream.train_cmd", "train a DRF model and write its checkpoint (model selection on dev)"),
     "evaluate": ("stream.evaluate_cmd", "reproduce the paper's tables and Figure 5 with baselines (Markdown, JSON, PNG)"),
