@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -158,3 +159,41 @@ def test_serve_without_checkpoint_says_what_is_missing(services, names):
     done = subprocess.run(cli(settings, "serve"), capture_output=True, timeout=60)
     assert done.returncode == 2
     assert "model.checkpoint" in done.stderr.decode()
+
+
+def test_member_evicted_while_frozen_learns_it_lost_its_partitions_and_nothing_is_lost(
+    services, names, checkpoint, tmp_path
+):
+    settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50},
+                               kafka={"session_timeout_ms": 3000, "heartbeat_interval_ms": 500})
+    posts = valid_posts(400)
+    produce_jsonl(settings, tmp_path, [json.dumps(p).encode() for p in posts])
+    frozen = serve(settings, checkpoint)
+    other = None
+    try:
+        assert read_topic(settings, settings.kafka.output_topic, expect=1, timeout_s=60)
+        frozen.send_signal(signal.SIGSTOP)  # misses heartbeats: the group evicts it after the session timeout
+        other = serve(settings, checkpoint)
+        time.sleep(settings.kafka.session_timeout_ms / 1000 + 5)
+        frozen.send_signal(signal.SIGCONT)  # wakes up evicted, with batches in hand
+        out = read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=120)
+        ends = {0: 0, 1: 0}
+        for r in out:
+            source = json.loads(r.value)["source"]
+            ends[source["partition"]] = max(ends[source["partition"]], source["offset"] + 1)
+        committed = wait_committed(settings, ends)
+        for proc in (frozen, other):
+            proc.send_signal(signal.SIGTERM)
+        _, frozen_log = frozen.communicate(timeout=60)
+        other.communicate(timeout=60)
+    finally:
+        for proc in (frozen, other):
+            if proc is not None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+    assert frozen.returncode == 0 and other.returncode == 0
+    # It learnt it was evicted (on_partitions_lost, so it committed nothing for them), not revoked.
+    assert "(evicted); nothing is committed for them" in frozen_log.decode()
+    seen = Counter(json.loads(r.value)["id"] for r in out)
+    assert set(seen) == {p["id"] for p in posts}
+    assert committed == ends
