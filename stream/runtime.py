@@ -326,7 +326,8 @@ class Service:
         if full != self._paused:
             self._paused = full
             self.metrics.paused.set(int(full))
-            log.info("%s partitions (pipeline %s)", "paused" if full else "resumed", "full" if full else "has room")
+            # DEBUG: under a backlog this flips with every batch (normal operation); the paused gauge shows it.
+            log.debug("%s partitions (pipeline %s)", "paused" if full else "resumed", "full" if full else "has room")
 
     def _update_lag(self) -> None:
         assert self._consumer is not None

@@ -164,7 +164,7 @@ def test_slow_worker_pauses_and_resumes_without_losing_membership(services, name
     posts = valid_posts(16)
     ends = produce_posts(settings, posts)
     metrics = Metrics()
-    caplog.set_level(logging.INFO, logger="stream.runtime")
+    caplog.set_level(logging.DEBUG, logger="stream.runtime")
     collector = Collector()
     with Running(Service(settings, SlowPredictor(predictor, 2.0), metrics=metrics, on_output=collector)):
         assert collector.wait_for(len(posts), timeout_s=90)
