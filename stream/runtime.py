@@ -1,8 +1,9 @@
 """How batches are fed, published and committed: the consumer-group loop of ``postsense serve``.
 
-Threads: the *consumer loop* (the thread that calls ``Service.run``) owns the KafkaConsumer; a pool of
-*decode* threads validates nothing but decodes images and normalises texts; one *model* thread runs
-inference and publishing, batch after batch, so decoding batch N+1 overlaps inference of batch N.
+Threads: the *consumer loop* (the thread that calls ``Service.run``) owns the KafkaConsumer and
+validates records (cheap, and the circuit breaker must count them in order); a pool of *decode* threads
+decodes images and normalises texts; one *model* thread runs inference and publishing, batch after
+batch, so decoding batch N+1 overlaps inference of batch N.
 
 The commit protocol, in one place (``Service._loop``):
 
@@ -18,9 +19,9 @@ The commit protocol, in one place (``Service._loop``):
    submit the valid ones to the decode pool, hand the batch to the model thread.
 
 Rebalance (a listener on the consumer's IO thread, which must not block on the consumer): on revoke it
-waits, yielding to the IO loop so heartbeats continue, until the pipeline is empty, commits what
-finished (asynchronously) and drops the open batch's records; so a graceful rebalance publishes nothing
-twice. On lost (evicted) nothing is committed for those partitions. Shutdown (``stop()``, SIGTERM):
+waits, yielding to the IO loop so heartbeats continue (``await`` on kafka-python's own loop sleep, a
+private attribute of kafka-python 3.x, pinned <4), until the pipeline is empty, commits what finished
+(``commit_async``) and drops the open batch's records; so a graceful rebalance publishes nothing twice. On lost (evicted) nothing is committed for those partitions. Shutdown (``stop()``, SIGTERM):
 the open batch is sealed and finished, everything is published and committed, the consumer leaves the
 group, exit 0.
 """

@@ -21,6 +21,7 @@ from test_stream_support import (
     wait_committed,
 )
 
+from connectors.kafka import ensure_topics
 from connectors.metrics import Metrics
 from core.inference import Predictor
 from core.model import create_model
@@ -214,3 +215,26 @@ def test_static_group_membership_consumes_and_restarts_with_the_same_instance_id
         committed = wait_committed(settings, ends)
     assert Counter(d["id"] for d in first.documents + second.documents) == Counter(p["id"] for p in posts)
     assert committed == ends
+
+
+def test_broker_restart_mid_stream_the_service_recovers_and_scores_new_posts(services, names, predictor):
+    settings = stream_settings(services, names, partitions=2, kafka={"produce_timeout_s": 3.0})
+    k = settings.kafka
+    metrics = Metrics()
+    out = Collector()
+    with Running(Service(settings, predictor, metrics=metrics, on_output=out)) as running:
+        produce_posts(settings, valid_posts(10, prefix="before"))
+        assert out.wait_for(10)
+        # The memory-engine broker comes back empty: no topics, no group, no producer ids.
+        services.stop_broker()
+        services.start_broker()
+        ensure_topics(k, [k.input_topic, k.output_topic, k.dead_letter_topic], partitions=2)
+        after = valid_posts(10, prefix="after")
+        produce_posts(settings, after)
+        deadline = time.monotonic() + 90
+        while not {p["id"] for p in after} <= {d["id"] for d in out.documents} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running.error is None
+    assert {p["id"] for p in after} <= {d["id"] for d in out.documents}
+    published = read_topic(settings, k.output_topic, expect=10, timeout_s=10)
+    assert {p["id"] for p in after} <= set(ids(published))  # on the (new) output topic, not only in the hook
