@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from core.inference import Predictor
+    from core.model import DRFModel
     from stream.settings import Settings
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -325,16 +326,32 @@ def stamp_created_at(record: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------- model, services
 
 
-def bench_predictor(config: str, device: str = "cpu") -> Predictor:
-    """A Predictor for encoder configuration ``config`` with an untrained head (speed does not depend on it)."""
+#: The image encoder runtime the benchmarks use for the offline configuration on CPU: ONNX Runtime, the lever
+#: bench/levers.py found to pay (~3x); ``POSTSENSE_BENCH_IMAGE_RUNTIME=torch`` (or ``python -m bench
+#: --image-runtime torch``) measures eager torch instead.
+IMAGE_RUNTIME_ENV = "POSTSENSE_BENCH_IMAGE_RUNTIME"
+
+
+def bench_model(config: str) -> DRFModel:
+    """A DRF model for encoder configuration ``config`` with an untrained head (speed does not depend on it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from core.data import SENTIMENT_LABELS
-    from core.inference import Predictor
     from core.model import create_model
 
-    model = create_model(config, labels=list(SENTIMENT_LABELS), pretrained=config != "tiny")
-    return Predictor.from_model(model, device=device, model_version=f"bench-{config}")
+    options = {}
+    if config == "offline":
+        options["image_runtime"] = os.environ.get(IMAGE_RUNTIME_ENV, "onnxruntime")
+    return create_model(
+        config, labels=list(SENTIMENT_LABELS), pretrained=config != "tiny", encoder_options=options
+    )
+
+
+def bench_predictor(config: str, device: str = "cpu") -> Predictor:
+    """``bench_model(config)`` ready for inference on ``device``."""
+    from core.inference import Predictor
+
+    return Predictor.from_model(bench_model(config), device=device, model_version=f"bench-{config}")
 
 
 @dataclass(frozen=True)
@@ -368,10 +385,9 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
 
 
-def bench_settings(endpoints: Endpoints, batch: int, **sections: dict[str, Any]) -> Settings:
-    """Service settings for a benchmark run: fresh topics and group, short group timings, given batch size."""
-    from stream.settings import load_settings
-
+def bench_flags(endpoints: Endpoints, batch: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Settings flags for a benchmark run: fresh topics and group, short group timings, the given batch size;
+    ``sections`` override or add fields per settings section."""
     flags: dict[str, dict[str, Any]] = {
         "kafka": {
             "bootstrap_servers": [endpoints.bootstrap],
@@ -388,4 +404,11 @@ def bench_settings(endpoints: Endpoints, batch: int, **sections: dict[str, Any])
     }
     for section, values in sections.items():
         flags[section] = {**flags.get(section, {}), **values}
-    return load_settings(None, flags)
+    return flags
+
+
+def bench_settings(endpoints: Endpoints, batch: int, **sections: dict[str, Any]) -> Settings:
+    """``bench_flags`` as a Settings object."""
+    from stream.settings import load_settings
+
+    return load_settings(None, bench_flags(endpoints, batch, **sections))
