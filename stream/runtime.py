@@ -377,6 +377,8 @@ class Service:
             future = self._consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
             while not future.is_done and time.monotonic() < deadline:
                 await self._net_sleep(0.01)
+            if not future.succeeded():
+                log.warning("commit on revoke failed, those records will be redelivered: %s", future.exception)
         # The open batch's records are re-read from the committed offsets by whoever owns them next.
         self._open = [r for r in self._open if TopicPartition(r.topic, r.partition) not in revoked]
         self._assigned -= revoked
