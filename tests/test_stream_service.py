@@ -176,6 +176,7 @@ def test_slow_worker_pauses_and_resumes_without_losing_membership(services, name
     assert metrics.rebalances_total.labels(event="assigned")._value.get() == 1  # joined once, never rejoined
     assert metrics.rebalances_total.labels(event="lost")._value.get() == 0
     assert Counter(d["id"] for d in collector.documents) == Counter(p["id"] for p in posts)
+    assert max(collector.batch_sizes) <= 4  # micro-batches never exceed batch.max_posts
     assert committed == ends
 
 

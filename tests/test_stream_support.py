@@ -157,11 +157,13 @@ class Collector:
 
     def __init__(self) -> None:
         self.documents: list[dict[str, Any]] = []
+        self.batch_sizes: list[int] = []
         self._cond = threading.Condition()
 
     def __call__(self, documents: list[dict[str, Any]]) -> None:
         with self._cond:
             self.documents.extend(documents)
+            self.batch_sizes.append(len(documents))
             self._cond.notify_all()
 
     def wait_for(self, n: int, timeout_s: float = 60.0) -> bool:
