@@ -95,6 +95,7 @@ def run_naive(endpoints: Endpoints, config: str, posts: int, seed: int = 0) -> d
         "posts_per_s": measured / elapsed if elapsed > 0 else 0.0,
         "latency_p50_ms": percentile(service_times, 50) * 1000,
         "latency_p99_ms": percentile(service_times, 99) * 1000,
+        "service_times_ms": [round(t * 1000, 3) for t in service_times],
     }
 
 

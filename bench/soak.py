@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=256, help="posts kept waiting ahead of the service")
     args = parser.parse_args(argv)
     if args.smoke:
-        config, seconds, warmup_s, sample_s, backlog = args.config or "tiny", 25.0, 10.0, 1.0, 64
+        config, seconds, warmup_s, sample_s, backlog = args.config or "tiny", 15.0, 5.0, 1.0, 64
     else:
         config, seconds, warmup_s = args.config or "offline", args.minutes * 60, args.warmup_minutes * 60
         sample_s, backlog = args.sample_s, args.backlog

@@ -1,0 +1,229 @@
+"""The issue's targets, checked against the benchmark results of one run, and the plots for BENCHMARKS.md.
+
+Reads ``<results>/<name>[.smoke].json``, prints one table (target, measured, met or not) and writes it to
+``targets[.smoke].json``, and draws ``throughput[.smoke].png`` (posts/s against batch size: bare forward,
+end to end, naive) and ``latency[.smoke].png`` (end-to-end latency by batch size, and the naive loop's
+per-post service times). A target whose inputs are missing (a benchmark not run) is reported as such.
+
+    python -m bench.report [--smoke] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS_DIR, print_table
+
+E2E_OVER_FORWARD = 0.85
+E2E_OVER_NAIVE = 10.0
+HEAD_OVER_ENCODERS = 0.05
+REDIS_ROUND_TRIPS = 1.0
+#: "Flat": RSS after warm-up grows by less than this share of the steady RSS over the whole soak.
+RSS_GROWTH_SHARE = 0.02
+
+
+def load(out: Path, name: str, smoke: bool) -> dict[str, Any] | None:
+    path = out / f"{name}{'.smoke' if smoke else ''}.json"
+    return json.loads(path.read_text())["results"] if path.is_file() else None
+
+
+def targets(results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """One row per target and configuration/batch size: what was measured, against what, and whether it is met."""
+    rows: list[dict[str, Any]] = []
+    forward, e2e, naive, stages, soak = (
+        results.get(n) for n in ("forward", "e2e", "naive", "stages", "soak")
+    )
+    if forward and e2e:
+        bare = {(r["config"], r["batch_size"]): r["posts_per_s"] for r in forward["rows"]}
+        for row in e2e["rows"]:
+            batch = row["throughput"]["batch"]
+            if (e2e["config"], batch) in bare:
+                ratio = row["throughput"]["posts_per_s"] / bare[(e2e["config"], batch)]
+                rows.append(
+                    _row(
+                        f"end to end / bare forward, {e2e['config']} batch {batch}",
+                        ratio,
+                        E2E_OVER_FORWARD,
+                        ">=",
+                    )
+                )
+    else:
+        rows.append(_missing("end to end / bare forward", "forward, e2e"))
+    if e2e and naive:
+        same = [r for r in naive["runs"] if r["config"] == e2e["config"]]
+        best = max((r["throughput"] for r in e2e["rows"]), key=lambda t: t["posts_per_s"])
+        for run in same:
+            ratio = best["posts_per_s"] / run["posts_per_s"]
+            rows.append(
+                _row(
+                    f"end to end (batch {best['batch']}) / naive loop, {run['config']}",
+                    ratio,
+                    E2E_OVER_NAIVE,
+                    ">=",
+                )
+            )
+    else:
+        rows.append(_missing("end to end / naive loop", "e2e, naive"))
+    if forward:
+        for r in forward["rows"]:
+            if r["batch_size"] == 32:
+                ratio = r["head_ms"]["median"] / r["encoders_ms"]["median"]
+                rows.append(
+                    _row(
+                        f"DRF head / encoders (forward), {r['config']} batch 32",
+                        ratio,
+                        HEAD_OVER_ENCODERS,
+                        "<=",
+                    )
+                )
+    if stages:
+        for run in stages["runs"]:
+            label = f"DRF head / encoders (serve path), {run['config']} batch {run['batch']}"
+            rows.append(_row(label, run["head_over_encoders"], HEAD_OVER_ENCODERS, "<="))
+            trips = run["redis_round_trips_per_batch"]["max"]
+            rows.append(
+                _row(f"Redis round trips per batch (max), {run['config']}", trips, REDIS_ROUND_TRIPS, "<=")
+            )
+    else:
+        rows.append(_missing("DRF head / encoders, Redis round trips", "stages"))
+    if soak:
+        share = soak["rss_growth_mib"] / soak["steady_rss_mib"]["median"]
+        label = (
+            f"RSS growth after warm-up / steady RSS ({soak['duration_s'] / 60:.0f} min soak, "
+            f"{soak['rss_slope_mib_per_min']:+.2f} MiB/min)"
+        )
+        rows.append(_row(label, share, RSS_GROWTH_SHARE, "<="))
+    else:
+        rows.append(_missing("RSS flat after warm-up", "soak"))
+    return rows
+
+
+def _row(target: str, measured: float, bound: float, op: str) -> dict[str, Any]:
+    met = measured >= bound if op == ">=" else measured <= bound
+    return {"target": target, "measured": measured, "bound": f"{op} {bound:g}", "met": met}
+
+
+def _missing(target: str, needs: str) -> dict[str, Any]:
+    return {"target": target, "measured": None, "bound": f"needs {needs}", "met": None}
+
+
+def plot_throughput(results: dict[str, dict[str, Any] | None], path: Path) -> bool:
+    forward, e2e, naive = results.get("forward"), results.get("e2e"), results.get("naive")
+    if not (forward or e2e):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if forward:
+        for config in sorted({r["config"] for r in forward["rows"]}):
+            rows = [r for r in forward["rows"] if r["config"] == config]
+            ax.plot(
+                [r["batch_size"] for r in rows],
+                [r["posts_per_s"] for r in rows],
+                "o-",
+                label=f"bare forward, {config}",
+            )
+    if e2e:
+        rows = [r["throughput"] for r in e2e["rows"]]
+        ax.plot(
+            [r["batch"] for r in rows],
+            [r["posts_per_s"] for r in rows],
+            "s-",
+            label=f"serve end to end, {e2e['config']}",
+        )
+    if naive:
+        for run in naive["runs"]:
+            ax.axhline(run["posts_per_s"], linestyle=":", color="grey")
+            ax.annotate(f"naive loop, {run['config']}", (1, run["posts_per_s"]), fontsize=8, va="bottom")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (posts)")
+    ax.set_ylabel("posts / s")
+    ax.set_title("Throughput against batch size (2-core shared CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_latency(results: dict[str, dict[str, Any] | None], path: Path) -> bool:
+    e2e, naive = results.get("e2e"), results.get("naive")
+    if not (e2e or naive):
+        return False
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if e2e:
+        rows = [r["latency"] for r in e2e["rows"] if r["latency"]["latency_p50_s"] is not None]
+        batches = [str(r["batch"]) for r in rows]
+        for key, marker in (("latency_p50_s", "o"), ("latency_p99_s", "^"), ("latency_max_s", "x")):
+            left.plot(batches, [r[key] * 1000 for r in rows], marker, label=key.split("_")[1])
+        left.set_xlabel("batch size (max_posts)")
+        left.set_ylabel("created_at → published, ms")
+        left.set_title(f"serve, paced at half its throughput ({e2e['config']})", fontsize=9)
+        left.legend(fontsize=8)
+    if naive:
+        for run in naive["runs"]:
+            samples = sorted(run.get("service_times_ms", []))
+            if samples:
+                right.plot(
+                    samples, [(i + 1) / len(samples) for i in range(len(samples))], label=run["config"]
+                )
+        right.set_xscale("log")
+        right.set_xlabel("poll → commit per post, ms")
+        right.set_ylabel("cumulative share of posts")
+        right.set_title("naive loop: service time per post", fontsize=9)
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def report(out: Path, smoke: bool) -> list[dict[str, Any]]:
+    suffix = ".smoke" if smoke else ""
+    names = ("forward", "e2e", "naive", "stages", "soak")
+    results = {name: load(out, name, smoke) for name in names}
+    rows = targets(results)
+    print_table(
+        "Targets (ratios measured in this run, on this machine)",
+        ["target", "measured", "bound", "met"],
+        [
+            [
+                r["target"],
+                "-" if r["measured"] is None else r["measured"],
+                r["bound"],
+                {True: "yes", False: "NO", None: "not run"}[r["met"]],
+            ]
+            for r in rows
+        ],
+    )
+    (out / f"targets{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plots = ((f"throughput{suffix}.png", plot_throughput), (f"latency{suffix}.png", plot_latency))
+    drawn = [name for name, draw in plots if draw(results, out / name)]
+    print(f"wrote {out / f'targets{suffix}.json'}; plots: {', '.join(drawn) or 'none (no results to draw)'}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="read the smoke results")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    report(args.out, args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
