@@ -18,18 +18,12 @@ from bench.common import (
     base_parser,
     bench_predictor,
     print_table,
+    sample_photos,
     spread,
     time_repeats,
     tweet_texts,
     write_result,
 )
-
-
-def photos() -> list:
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    return [Image.fromarray(array) for array in load_sample_images().images]
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -47,7 +41,7 @@ def bench_config(config: str, batch_sizes: list[int], repeats: int) -> list[dict
     torch.manual_seed(0)
     predictor = bench_predictor(config)
     model = predictor.model
-    images = [predictor.preprocess_image(photo) for photo in photos()]
+    images = [predictor.preprocess_image(photo) for photo in sample_photos()]
     texts = tweet_texts()
     rows = []
     for size in batch_sizes:
