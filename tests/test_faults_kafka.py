@@ -13,7 +13,6 @@ import logging
 import signal
 import threading
 import time
-from typing import Any
 
 import pytest
 from helpers import Broker, Endpoints, S3Server, as_client, proxied_broker, report_counts, wait_until
@@ -105,3 +104,113 @@ def test_produce_failing_commits_nothing_past_what_was_published_and_recovers(se
     assert counts["duplicated"] <= (settings.batch.max_inflight_batches + 1) * settings.batch.max_posts
     assert any("publishing failed" in r.getMessage() for r in caplog.records)
     assert any("publishing recovered" in r.getMessage() for r in caplog.records)
+
+
+def test_memory_broker_restart_service_survives_reconnects_and_recreates_its_producer(services, names, predictor,
+                                                                                      tmp_path, caplog):
+    # Tansu's memory engine forgets everything on restart (topics, records, offsets, producer ids): what was
+    # in it is the broker's loss. The service must live through it and score everything sent afterwards.
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        settings = stream_settings(Endpoints(broker.bootstrap, services.redis_url), names, partitions=4,
+                                   kafka={"produce_timeout_s": 3.0, "request_timeout_ms": 2000})
+        before, after = valid_posts(20, "before"), valid_posts(20, "after")
+        metrics = Metrics()
+        collector = Collector()
+        caplog.set_level(logging.INFO, logger="stream")
+        with Running(Service(settings, predictor, metrics=metrics, on_output=collector)) as running:
+            produce_posts(settings, before)
+            assert collector.wait_for(len(before))
+            broker.restart(down_s=2)
+            k = settings.kafka
+            ensure_topics(k, [k.input_topic, k.output_topic, k.dead_letter_topic], partitions=4)
+            ends = produce_posts(settings, after)
+            assert collector.wait_for(len(before) + len(after), timeout_s=90), len(collector.documents)
+            assert wait_committed(settings, ends, timeout_s=30) == ends
+            assert running.thread.is_alive() and running.error is None
+            republished = out_ids(settings, expect=len(after))
+    finally:
+        broker.stop()
+    ids = [d["id"] for d in collector.documents]
+    counts = report_counts("memory broker restarted", [p["id"] for p in before + after], ids)
+    assert counts["lost"] == 0
+    # The group is gone with the broker: a batch in hand when that is noticed is published but its offsets
+    # are not committed (its partitions were lost), so it is read again: duplicates bounded by the pipeline.
+    assert counts["duplicated"] <= (settings.batch.max_inflight_batches + 1) * settings.batch.max_posts
+    assert set(republished) == {p["id"] for p in after}  # the new broker holds what came after
+    # Reported: the broken idempotent producer was replaced, and the group membership was re-established.
+    assert metrics.producer_recreated_total._value.get() >= 1
+    assert metrics.rebalances_total.labels(event="assigned")._value.get() >= 2
+    assert any("recreating the Kafka producer" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["restarted", "killed"])
+def test_persistent_broker_restart_loses_nothing_acknowledged(services, names, predictor, tmp_path, crash):
+    if S3Server.binary() is None:
+        pytest.skip("s3rver not installed (npm install --prefix .run/node s3rver@3.7.1)")
+    s3 = S3Server(tmp_path / "s3").start()
+    broker = Broker(tmp_path / "broker", storage="s3://tansu/", env=s3.engine_env()).start()
+    try:
+        settings = stream_settings(Endpoints(broker.bootstrap, services.redis_url), names, partitions=2,
+                                   kafka={"produce_timeout_s": 3.0, "request_timeout_ms": 2000},
+                                   batch={"max_posts": 4, "max_wait_ms": 50})
+        posts = valid_posts(60, "s3-")
+        ends = produce_posts(settings, posts)  # every one acknowledged by the broker
+        collector = Collector()  # sees each batch once every record of it was acknowledged
+        with Running(Service(settings, predictor, on_output=collector)) as running:
+            assert collector.wait_for(8, timeout_s=60)
+            broker.restart(sig=signal.SIGKILL if crash else signal.SIGTERM, down_s=1)  # mid-stream
+            assert wait_committed(settings, ends, timeout_s=120) == ends
+            assert running.thread.is_alive() and running.error is None
+            final = out_ids(settings, expect=len(posts), timeout_s=60)
+    finally:
+        broker.stop()
+        s3.stop()
+    name = "persistent broker " + ("killed" if crash else "restarted")
+    ids = [p["id"] for p in posts]
+    acknowledged = report_counts(name + ", acknowledged to the service", ids, [d["id"] for d in collector.documents])
+    on_topic = report_counts(name + ", on the output topic", ids, final)
+    # The service's side: every input record scored and acknowledged, replays only of what was uncommitted.
+    assert acknowledged["lost"] == 0 and acknowledged["unexpected"] == 0
+    assert acknowledged["duplicated"] <= (settings.batch.max_inflight_batches + 1) * settings.batch.max_posts
+    if not crash:
+        assert on_topic["lost"] == 0 and on_topic["unexpected"] == 0
+    # After kill -9, Tansu 0.6's S3 engine can reuse the offsets of the last records it acknowledged, so a
+    # few acknowledged output records may be overwritten: the broker's loss, printed above, not asserted.
+
+
+def test_second_worker_joins_then_leaves_mid_stream_nothing_lost_or_doubled(services, names, predictor):
+    settings = stream_settings(services, names, partitions=4, batch={"max_posts": 4, "max_wait_ms": 50})
+    sent: list[str] = []
+    ends: dict[int, int] = {}
+    stop_feeding = threading.Event()
+
+    def feed() -> None:  # a steady stream while the group changes under it
+        while not stop_feeding.is_set():
+            chunk = valid_posts(4, f"r{len(sent)}-")
+            ends.update(merge_ends(ends, produce_posts(settings, chunk)))
+            sent.extend(p["id"] for p in chunk)
+            time.sleep(0.2)
+
+    a_metrics, b_metrics = Metrics(), Metrics()
+    a, b = Collector(), Collector()
+    feeder = threading.Thread(target=feed, daemon=True)
+    with Running(Service(settings, predictor, metrics=a_metrics, on_output=a)):
+        feeder.start()
+        assert a.wait_for(1)
+        with Running(Service(settings, predictor, metrics=b_metrics, on_output=b)) as second:
+            assert wait_until(second.service.ready, 30), "the second worker never got partitions"
+            assert wait_until(lambda: len(b.documents) >= 8, 30), "the second worker scored nothing"
+        # The second worker has left (drained and committed); the first takes its partitions back.
+        assert wait_until(lambda: a_metrics.rebalances_total.labels(event="assigned")._value.get() >= 3, 30)
+        time.sleep(2)
+        stop_feeding.set()
+        feeder.join(10)
+        assert wait_committed(settings, ends, timeout_s=60) == ends
+    final = out_ids(settings, expect=len(sent))
+    counts = report_counts("second worker joined then left", sent, final)
+    assert counts["lost"] == 0 and counts["unexpected"] == 0
+    assert counts["duplicated"] == 0  # graceful rebalances commit what they published before handing over
+    assert a_metrics.rebalances_total.labels(event="revoked")._value.get() >= 1
+    for m in (a_metrics, b_metrics):
+        assert m.rebalances_total.labels(event="lost")._value.get() == 0
