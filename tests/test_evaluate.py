@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_train import make_dataset
 
 from core.baselines import BaselineHead
 from core.evaluate import EvalConfig, aggregate, run_evaluation
 from stream.cli import main
-from test_train import make_dataset
 
 SEEDS = (0, 1)
 

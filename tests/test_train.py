@@ -225,3 +225,11 @@ def test_cli_train_reports_bad_input_without_a_traceback(tmp_path, capsys) -> No
         main(["train", "--data", f"jsonl:{tmp_path / 'nowhere'}", "--encoders", "tiny", "--out", str(tmp_path / "m")])
     assert done.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_ensure_demo_model_reuses_an_existing_checkpoint(tmp_path) -> None:
+    existing = tmp_path / "demo.ckpt"
+    existing.write_bytes(b"already trained")
+    # No data set under data_dir and no training: the checkpoint that is there is handed back untouched.
+    assert train_module.ensure_demo_model(tmp_path / "no-data", existing) == existing
+    assert existing.read_bytes() == b"already trained"
