@@ -169,6 +169,8 @@ class Service:
         self._seq = 0
         self._paused = False
         self._assigned: set[TopicPartition] = set()
+        #: Assigned partitions whose position is not yet checked against the committed offset.
+        self._unverified: set[TopicPartition] = set()
         self._consumer: KafkaConsumer | None = None
         self._net_sleep: Callable[[float], Any] | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -226,6 +228,9 @@ class Service:
                 timeout = PAUSED_POLL_MS if self._paused else self._poll_timeout_ms()
                 polled = consumer.poll(timeout_ms=timeout, max_records=self._room())  # 3
                 self.last_poll = time.monotonic()
+                if self._unverified:
+                    rewound = self._verify_positions(polled)
+                    polled = {tp: msgs for tp, msgs in polled.items() if tp not in rewound}
                 self._add_polled(polled)
                 self._update_lag()
                 if self._should_seal():  # 4
@@ -333,11 +338,66 @@ class Service:
     def _update_lag(self) -> None:
         assert self._consumer is not None
         lag: dict[tuple[str, int], int] = {}
-        for tp in self._assigned:
+        for tp in list(self._assigned):
             highwater = self._consumer.highwater(tp)
-            if highwater is not None:
-                lag[(tp.topic, tp.partition)] = highwater - self._consumer.position(tp)
+            if highwater is None:
+                continue
+            position = self._consumer.position(tp)
+            if position > highwater:
+                self._rewind(tp, position, highwater)
+                continue
+            lag[(tp.topic, tp.partition)] = highwater - position
         self.metrics.set_consumer_lag(lag)
+
+    def _verify_positions(self, polled: dict[TopicPartition, list[Any]]) -> set[TopicPartition]:
+        """After an assignment, start every partition at the group's committed offset; returns those moved.
+
+        kafka-python 3.x keeps the position of a partition that stays assigned across a rebalance, but this
+        member may hold records past the committed offset that it dropped on revoke, and a broker that lost
+        its data (Tansu's memory engine) forgets the commits: positions must follow the commits, as a fresh
+        assignment's do. Runs on the consumer loop (blocking calls are allowed here, not in the listener).
+        """
+        assert self._consumer is not None
+        partitions, self._unverified = self._unverified & self._assigned, set()
+        moved: set[TopicPartition] = set()
+        for tp in partitions:
+            try:
+                committed = self._consumer.committed(tp)
+                if committed is None:
+                    if self.settings.kafka.auto_offset_reset != "earliest":
+                        continue
+                    committed = self._consumer.beginning_offsets([tp])[tp]
+                # Where this poll started reading the partition: records it returned already moved the position.
+                position = polled[tp][0].offset if polled.get(tp) else self._consumer.position(tp)
+            except Exception as exc:  # noqa: BLE001 (broker unreachable: kafka-python's own reset still applies)
+                log.debug("cannot verify the position of %s: %s", tp, exc)
+                continue
+            if position != committed:
+                self._consumer.seek(tp, committed)
+                moved.add(tp)
+                log.info("partition %s-%d: position %d moved to the committed offset %d", tp.topic, tp.partition,
+                         position, committed)
+        return moved
+
+    def _rewind(self, tp: TopicPartition, position: int, highwater: int) -> None:
+        """A position past the log end means the partition was recreated (a broker that lost its data).
+
+        Kafka answers such a fetch with OFFSET_OUT_OF_RANGE and the client resets by itself; Tansu returns
+        nothing, so without this the member would wait at the old position and skip the new records.
+        """
+        assert self._consumer is not None
+        committed = self._consumer.committed(tp)
+        if committed is not None and committed <= highwater:
+            self._consumer.seek(tp, committed)
+        elif self.settings.kafka.auto_offset_reset == "earliest":
+            self._consumer.seek_to_beginning(tp)
+        else:
+            self._consumer.seek_to_end(tp)
+        log.warning(
+            "partition %s-%d: position %d is past the log end %d (topic recreated?); rewound to %s",
+            tp.topic, tp.partition, position, highwater,
+            committed if committed is not None and committed <= highwater else self.settings.kafka.auto_offset_reset,
+        )
 
     def _drain(self) -> None:
         """Finish every batch in the pipeline and commit it, polling (paused) so the member stays in the group."""
@@ -387,6 +447,7 @@ class Service:
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.metrics.record_rebalance("assigned")
         self._assigned |= assigned
+        self._unverified |= assigned
         log.info("assigned %d partitions: %s", len(assigned), ",".join(str(tp.partition) for tp in sorted(assigned)))
 
     def _on_lost(self, lost: set[TopicPartition]) -> None:
