@@ -51,7 +51,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 class Predictor:
     """A DRF model in eval mode on one device, with the reference statistics it scores quality against."""
 
-    def __init__(self, model: DRFModel, device: torch.device, model_version: str) -> None:
+    def __init__(
+        self, model: DRFModel, device: torch.device, model_version: str, mixed_precision: bool = True
+    ) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.labels = list(model.labels)
@@ -60,13 +62,14 @@ class Predictor:
         self._stats = {k: v.to(device) for k, v in model.head.queue_stats().items()}
         # bfloat16 where the GPU supports it: same exponent range as float32, so no loss scaling is needed.
         self._amp_dtype: torch.dtype | None = None
-        if device.type == "cuda":
+        if device.type == "cuda" and mixed_precision:
             self._amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Predictor:
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", mixed_precision: bool = True) -> Predictor:
+        """``mixed_precision`` applies on CUDA only (the CPU path always runs in float32)."""
         checkpoint = load_checkpoint(path)
-        return cls(checkpoint.model, resolve_device(device), checkpoint.model_version)
+        return cls(checkpoint.model, resolve_device(device), checkpoint.model_version, mixed_precision)
 
     @classmethod
     def from_model(

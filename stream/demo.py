@@ -82,13 +82,13 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from core.train import ensure_demo_model
     from stream.produce import dataset_records, send
     from stream.runtime import Service
-    from stream.serve import _reference_queues
+    from stream.serve import open_reference_queues
 
     checkpoint = settings.model.checkpoint
     if checkpoint is None:
         print("model: training the demo model on first run (reused afterwards) ...")
         checkpoint = ensure_demo_model(args.data_dir, args.model_out)
-    predictor = Predictor.from_checkpoint(checkpoint, settings.model.device)
+    predictor = Predictor.from_checkpoint(checkpoint, settings.model.device, settings.model.mixed_precision)
     print(f"model: {predictor.model_name} {predictor.model_version} on {predictor.device} ({checkpoint})")
 
     # Fresh topics and group per run: the demo never replays or disturbs an earlier run's stream.
@@ -112,7 +112,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
             results.append(doc)
             answered.release()
 
-    queues = _reference_queues(settings, predictor, metrics)
+    queues = open_reference_queues(settings, predictor, metrics)
     service = Service(settings, predictor, metrics=metrics, queues=queues, on_output=on_output)
     worker = threading.Thread(target=service.run, name="serve", daemon=True)
     worker.start()

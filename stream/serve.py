@@ -56,7 +56,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from core.inference import Predictor
 
     try:
-        predictor = Predictor.from_checkpoint(settings.model.checkpoint, settings.model.device)
+        predictor = Predictor.from_checkpoint(
+            settings.model.checkpoint, settings.model.device, settings.model.mixed_precision
+        )
     except (CheckpointError, OSError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)
         return EXIT_SETTINGS
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     metrics = Metrics()
     metrics.set_build_info(__version__, predictor.model_name, predictor.model_version, str(predictor.device))
-    queues = None if args.no_reference_queues else _reference_queues(settings, predictor, metrics)
+    queues = None if args.no_reference_queues else open_reference_queues(settings, predictor, metrics)
     service = Service(settings, predictor, metrics=metrics, queues=queues)
 
     def alive() -> bool:  # the loop polls at least every few hundred ms, even while paused
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _reference_queues(settings: Settings, predictor: Predictor, metrics: Metrics) -> ReferenceQueues:
+def open_reference_queues(settings: Settings, predictor: Predictor, metrics: Metrics) -> ReferenceQueues:
     """The shared Redis reference queues, seeded from the checkpoint when absent (online mode only)."""
     from connectors.reference_queues import ReferenceQueues, checkpoint_reference
 
