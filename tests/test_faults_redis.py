@@ -16,7 +16,7 @@ from connectors.services import LocalServices, free_port
 from core.inference import Predictor
 from core.model import create_model
 from stream.runtime import Service
-from stream.serve import _reference_queues
+from stream.serve import open_reference_queues
 
 pytestmark = pytest.mark.services
 
@@ -32,7 +32,7 @@ def test_scoring_continues_while_redis_is_down_and_the_queues_return_with_it(ser
             redis={"refresh_interval_s": 0.5, "op_timeout_s": 0.3, "reconnect_backoff_max_s": 1.0},
         )
         metrics = Metrics()
-        queues = _reference_queues(settings, predictor, metrics)  # seeded from the checkpoint, as serve does
+        queues = open_reference_queues(settings, predictor, metrics)  # seeded from the checkpoint, as serve does
         posts = valid_posts(30, "q")
         collector = Collector()
         try:
