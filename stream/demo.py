@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dr", type=float, default=0.5, help="share of posts with one modality disrupted")
     parser.add_argument("--rate", type=float, default=20.0, help="posts per second (0: all at once)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="demo data set and feature cache")
+    parser.add_argument("--dataset", help="stream the test split of this data set instead (e.g. jsonl:DIR)")
     parser.add_argument("--model-out", type=Path, default=Path("artifacts/demo-model.pt"))
     parser.add_argument("--state-dir", type=Path, default=Path(".run/services"))
     parser.add_argument("--keep-services", action="store_true", help="leave the local broker and Redis running")
@@ -117,7 +118,8 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     worker = threading.Thread(target=service.run, name="serve", daemon=True)
     worker.start()
 
-    records = list(dataset_records(f"vader:{args.data_dir}", "test", 0, "C+D", args.dr, None))[: args.posts]
+    spec = args.dataset or f"vader:{args.data_dir}"
+    records = list(dataset_records(spec, "test", 0, "C+D", args.dr, None))[: args.posts]
     records += ODD_RECORDS
     producer = threading.Thread(target=send, args=(settings, kafka.input_topic, records, args.rate), daemon=True)
     producer.start()
