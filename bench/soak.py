@@ -5,7 +5,8 @@ and keeps its input topic topped up so it never waits for posts: a backlog of ``
 what it has consumed (read from its own /metrics), so the topic does not grow without bound either. Every
 ``--sample-s`` seconds it records the child's resident set (VmRSS) and peak (VmHWM) from /proc, and the
 throughput; at the end it stops the child with SIGTERM (it must exit 0) and reports peak RSS, steady RSS
-(median after warm-up), its slope in MiB per minute, and Redis round trips per batch (from Redis's own
+(median after warm-up), its slope in MiB per minute (also over the second half alone: a leak keeps its
+slope, allocator warm-up flattens out), and Redis round trips per batch (from Redis's own
 command counters against the service's batch count). Also writes a plot of RSS over time.
 
     python -m bench.soak [--config offline|tiny] [--minutes 11] [--warmup-minutes 2] [--smoke]
@@ -206,6 +207,8 @@ def summarise(
     minutes = [s["t_s"] / 60 for s in steady]
     rss_mib = [s["rss_bytes"] / MIB for s in steady]
     slope = _slope(minutes, rss_mib)
+    half = len(steady) // 2  # a leak keeps its slope; allocator warm-up flattens out
+    late_slope = _slope(minutes[half:], rss_mib[half:]) if len(steady) - half >= 2 else slope
     fifth = max(1, len(steady) // 5)
     span = steady[-1]["t_s"] - steady[0]["t_s"]
     return {
@@ -222,6 +225,7 @@ def summarise(
         "peak_rss_mib": max(s["hwm_bytes"] for s in samples) / MIB,
         "steady_rss_mib": spread(rss_mib),
         "rss_slope_mib_per_min": slope,
+        "rss_slope_second_half_mib_per_min": late_slope,
         "rss_growth_mib": spread(rss_mib[-fifth:]).median - spread(rss_mib[:fifth]).median,
         "redis": redis,
         "samples": samples,
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak RSS MiB",
             "steady RSS MiB",
             "slope MiB/min",
+            "2nd-half slope",
             "growth MiB",
             "EVALSHA/batch",
             "Redis cmds/batch",
@@ -297,12 +302,17 @@ def main(argv: list[str] | None = None) -> int:
                 result["peak_rss_mib"],
                 result["steady_rss_mib"].median,
                 f"{result['rss_slope_mib_per_min']:+.2f}",
+                f"{result['rss_slope_second_half_mib_per_min']:+.2f}",
                 f"{result['rss_growth_mib']:+.1f}",
                 redis["evalsha_per_batch"],
                 redis["commands_per_batch"],
                 result["exit_code"],
             ]
         ],
+    )
+    print(
+        "EVALSHA counts the per-batch append and the refresher's compare-and-set of the statistics (every "
+        "refresh interval); Redis commands include those run inside the scripts."
     )
     out_dir = args.out or RESULTS_DIR
     path = write_result("soak", result, smoke=args.smoke, out_dir=out_dir)
