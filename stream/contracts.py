@@ -77,6 +77,15 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def _utf8_encodable(value: str) -> bool:
+    """False for a string with a lone surrogate: valid JSON (``"\\ud800"``) but not encodable as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_post(raw: bytes | None, limits: Limits = Limits()) -> Post | Invalid:
     """Turn a record value into a Post, or say why it is not one. Never raises."""
     if raw is None:
@@ -105,6 +114,10 @@ def parse_post(raw: bytes | None, limits: Limits = Limits()) -> Post | Invalid:
     if error is not None:
         where = "/".join(str(p) for p in error.path) or "(root)"
         return Invalid("schema_invalid", "ValidationError", f"{where}: {error.message}"[:1024])
+    for name in ("id", "text"):  # the two strings the service encodes (record key, tokenizer)
+        value = doc.get(name)
+        if isinstance(value, str) and not _utf8_encodable(value):
+            return Invalid("not_utf8", "UnicodeEncodeError", f"{name} holds an unpaired surrogate escape (\\ud800-\\udfff)")
     text = doc.get("text")
     truncated = text is not None and len(text) > limits.max_text_chars
     if truncated:

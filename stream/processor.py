@@ -116,20 +116,34 @@ def validate(record: Record, limits: Limits) -> Post | Invalid:
     return parse_post(record.value, limits)
 
 
-def dead_letter(record: Record, invalid: Invalid, topic: str) -> OutgoingRecord:
-    """The dead-letter record: original key and value untouched, the reason in headers."""
+#: What a dead letter keeps of a key or value past ``limits.max_record_bytes``.
+OVERSIZED_PREFIX_BYTES = 64 * 1024
+
+
+def dead_letter(record: Record, invalid: Invalid, topic: str, max_record_bytes: int) -> OutgoingRecord:
+    """The dead-letter record: original key and value untouched, the reason in headers.
+
+    Except past ``max_record_bytes``: the producer (sized for accepted records) could never send such a
+    letter, and retrying it would stall the partition for good, so only a prefix is kept; the detail says
+    so and the source coordinates locate the original.
+    """
+    key, value, detail = record.key, record.value, invalid.detail
+    if (len(key or b"") + len(value or b"")) > max_record_bytes:
+        key = None if key is None else key[:OVERSIZED_PREFIX_BYTES]
+        value = None if value is None else value[:OVERSIZED_PREFIX_BYTES]
+        detail = f"{detail}; key and value cut to their first {OVERSIZED_PREFIX_BYTES} bytes"
     letter = DeadLetter(
-        key=record.key,
-        value=record.value,
+        key=key,
+        value=value,
         reason=invalid.reason,
         error_class=invalid.error_class,
-        detail=invalid.detail,
+        detail=detail,
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
         timestamp_ms=record.timestamp_ms,
     )
-    return OutgoingRecord(topic=topic, key=record.key, value=record.value, headers=letter.headers())
+    return OutgoingRecord(topic=topic, key=key, value=value, headers=letter.headers())
 
 
 class BatchProcessor:
@@ -196,7 +210,9 @@ class BatchProcessor:
             OutgoingRecord(self.output_topic, p.post.id.encode(), json.dumps(doc).encode(), [])
             for p, doc in zip(posts, documents, strict=True)
         ]
-        records += [dead_letter(record, why, self.dead_letter_topic) for record, why in invalid]
+        records += [
+            dead_letter(record, why, self.dead_letter_topic, self.limits.max_record_bytes) for record, why in invalid
+        ]
         return BatchResult(
             documents=documents,
             records=records,
