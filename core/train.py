@@ -535,6 +535,9 @@ def fit(
         result = TrainResult(list(state["history"]), int(state["best_epoch"]), float(state["best_dev_accuracy"]))
     else:
         torch.manual_seed(config.seed)
+    # Quality weights of (12) are products of exponentials; their gradients underflow into denormal floats, which
+    # x86 CPUs handle ~10x slower. Flushing them to zero changes nothing measurable and halves a CPU epoch.
+    torch.set_flush_denormal(True)
     after_step = getattr(model, "update_queues", None)
     device = _device_of(model)
     started = time.monotonic()

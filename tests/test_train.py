@@ -25,6 +25,7 @@ from core.model import create_model
 from core.train import (
     CachedSource,
     FeatureCache,
+    SampleSource,
     TrainConfig,
     TrainingError,
     classification_scores,
@@ -233,3 +234,14 @@ def test_ensure_demo_model_reuses_an_existing_checkpoint(tmp_path) -> None:
     # No data set under data_dir and no training: the checkpoint that is there is handed back untouched.
     assert train_module.ensure_demo_model(tmp_path / "no-data", existing) == existing
     assert existing.read_bytes() == b"already trained"
+
+
+def test_fine_tuning_trains_the_encoders_on_raw_samples(dataset) -> None:
+    torch.manual_seed(0)
+    model = create_model("tiny", dataset.label_names, dim=32, queue_size=32, freeze_encoders=False)
+    before = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
+    text_before = model.text_encoder.embedding.weight.clone()
+    config = TrainConfig(epochs=1, batch_size=32, encoder_lr=1e-3, head_lr=1e-3)
+    fit(model, SampleSource(model, dataset["train"][:64]), SampleSource(model, dataset["dev"][:16]), config)
+    assert any(not torch.equal(v, before[k]) for k, v in model.image_encoder.state_dict().items())
+    assert not torch.equal(model.text_encoder.embedding.weight, text_before)
