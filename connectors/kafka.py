@@ -7,8 +7,9 @@ defaults to that already, but 2.x did not, and the service's at-least-once guara
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -26,6 +27,17 @@ PRODUCER_FATAL_ERRORS: tuple[type[Exception], ...] = (
     kafka_errors.ProducerFencedError,
     kafka_errors.IllegalStateError,
 )
+
+class _RedactPasswords(logging.Filter):
+    """kafka-python's admin client logs its whole configuration at DEBUG, SASL and SSL passwords included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, Mapping):
+            record.args = {k: "***" if "password" in str(k) and v is not None else v for k, v in record.args.items()}
+        return True
+
+
+logging.getLogger("kafka.admin.client").addFilter(_RedactPasswords())
 
 #: Headroom over the largest accepted input record, so a dead letter (original bytes + reason headers) fits.
 _DEAD_LETTER_HEADROOM_BYTES = 64 * 1024

@@ -10,6 +10,7 @@ The mapping of every SASL/SSL setting onto the client is in test_kafka_config.py
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -23,6 +24,8 @@ from pathlib import Path
 import pytest
 import redis
 from helpers import Endpoints, proxied_broker, report_counts, self_signed_certificate, wait_until
+from kafka import KafkaAdminClient
+from kafka.errors import KafkaError
 from test_stream_cli import cli
 from test_stream_support import (
     LABELS,
@@ -34,13 +37,13 @@ from test_stream_support import (
     valid_posts,
 )
 
-from connectors.kafka import committed_offsets
+from connectors.kafka import committed_offsets, connection_config
 from connectors.services import free_port, kafka_answers, redis_binary
 from core.checkpoint import save_checkpoint
 from core.inference import Predictor
 from core.model import create_model
 from stream.runtime import Service
-from stream.settings import Settings
+from stream.settings import Settings, load_settings
 
 pytestmark = pytest.mark.services
 
@@ -193,7 +196,7 @@ def test_refused_sasl_login_over_tls_never_logs_the_password(services, names, ch
             "POSTSENSE_KAFKA__SSL_CAFILE": str(cert),
             "POSTSENSE_KAFKA__SASL_MECHANISM": "PLAIN",
             "POSTSENSE_KAFKA__SASL_USERNAME": "postsense",
-            "POSTSENSE_KAFKA__SASL_PASSWORD_FILE": str(secret_file(tmp_path, "kafka-password", KAFKA_PASSWORD)),
+            "POSTSENSE_KAFKA__SASL_PASSWORD": KAFKA_PASSWORD,  # from the environment (the Redis URL from a file)
             "POSTSENSE_REDIS__URL_FILE": str(secret_file(tmp_path, "redis-url", secured_redis)),
         }
         serve = Serve(settings, checkpoint, env)
@@ -214,3 +217,17 @@ def test_refused_sasl_login_over_tls_never_logs_the_password(services, names, ch
     assert '"sasl_username": "postsense"' in config.stdout  # the effective settings are shown...
     for secret in (KAFKA_PASSWORD, REDIS_PASSWORD):
         assert secret not in logs and secret not in exported and secret not in config.stdout + config.stderr
+
+
+def test_kafka_client_debug_logs_never_show_the_sasl_or_ssl_password(caplog):
+    # kafka-python's admin client logs its full configuration at DEBUG: `serve --create-topics`, `produce`
+    # and the demo build one from our settings before anything else.
+    settings = load_settings(None, {"kafka": {
+        "bootstrap_servers": [f"127.0.0.1:{free_port()}"], "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "postsense", "sasl_password": KAFKA_PASSWORD,
+    }})
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(KafkaError):  # nothing listens there; the configuration is logged first
+        KafkaAdminClient(**connection_config(settings.kafka), bootstrap_timeout_ms=300)
+    assert "Starting KafkaAdminClient with configuration" in caplog.text
+    assert "'sasl_plain_username': 'postsense'" in caplog.text and KAFKA_PASSWORD not in caplog.text
