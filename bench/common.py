@@ -102,6 +102,7 @@ def write_result(name: str, results: dict[str, Any], *, smoke: bool, out_dir: Pa
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
         "versions": versions(),
+        "offline_image_runtime": os.environ.get(IMAGE_RUNTIME_ENV, "onnxruntime"),
         "results": results,
     }
     path = out_dir / f"{name}{'.smoke' if smoke else ''}.json"
