@@ -284,7 +284,7 @@ def _peak_growth_mb(data: bytes, max_pixels: int) -> tuple[str, str, float]:
     return state, reason, float(growth)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units are Linux-specific")
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status (Linux)")
 def test_bomb_is_refused_without_allocating_it() -> None:
     data = solid_png_bomb(8000)
     state, reason, growth = _peak_growth_mb(data, LIMITS.max_image_pixels)
