@@ -273,3 +273,23 @@ def proxied_broker(directory: Path, tls: ssl.SSLContext | None = None) -> tuple[
 def as_client(settings: Settings, client_id: str) -> Settings:
     """The same settings under another Kafka client id (a test's feeder, told apart from the service)."""
     return settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"client_id": client_id})})
+
+
+def committed_eventually(settings: Settings, ends: dict[int, int], timeout_s: float) -> dict[int, int]:
+    """The group's committed offsets once they reach ``ends``, tolerating a broker that is still coming back."""
+    from kafka.errors import KafkaError
+
+    from connectors.kafka import committed_offsets
+
+    committed: dict[int, int] = {}
+
+    def reached() -> bool:
+        nonlocal committed
+        try:
+            committed = committed_offsets(settings.kafka, settings.kafka.input_topic)
+        except KafkaError:
+            return False
+        return all(committed.get(p, 0) >= end for p, end in ends.items())
+
+    wait_until(reached, timeout_s, interval_s=0.3)
+    return committed

@@ -15,7 +15,16 @@ import threading
 import time
 
 import pytest
-from helpers import Broker, Endpoints, S3Server, as_client, proxied_broker, report_counts, wait_until
+from helpers import (
+    Broker,
+    Endpoints,
+    S3Server,
+    as_client,
+    committed_eventually,
+    proxied_broker,
+    report_counts,
+    wait_until,
+)
 from test_stream_support import (
     LABELS,
     Collector,
@@ -126,7 +135,7 @@ def test_memory_broker_restart_service_survives_reconnects_and_recreates_its_pro
             ensure_topics(k, [k.input_topic, k.output_topic, k.dead_letter_topic], partitions=4)
             ends = produce_posts(settings, after)
             assert collector.wait_for(len(before) + len(after), timeout_s=90), len(collector.documents)
-            assert wait_committed(settings, ends, timeout_s=30) == ends
+            assert committed_eventually(settings, ends, timeout_s=30) == ends
             assert running.thread.is_alive() and running.error is None
             republished = out_ids(settings, expect=len(after))
     finally:
@@ -160,7 +169,7 @@ def test_persistent_broker_restart_loses_nothing_acknowledged(services, names, p
         with Running(Service(settings, predictor, on_output=collector)) as running:
             assert collector.wait_for(8, timeout_s=60)
             broker.restart(sig=signal.SIGKILL if crash else signal.SIGTERM, down_s=1)  # mid-stream
-            assert wait_committed(settings, ends, timeout_s=120) == ends
+            assert committed_eventually(settings, ends, timeout_s=120) == ends
             assert running.thread.is_alive() and running.error is None
             final = out_ids(settings, expect=len(posts), timeout_s=60)
     finally:
