@@ -46,6 +46,7 @@ from core.train import (
     encode_samples,
     feature_cache_for,
     fit,
+    one_thread,
     predict,
 )
 
@@ -205,16 +206,10 @@ class Evaluation:
 
     def run(self, method: str, seed: int, regime: str, conditions: Conditions) -> None:
         model = self.build(method, seed)
-        # A head's matrices are small: one thread is as fast when idle and ~6x faster on a busy shared CPU, where
-        # two OpenMP threads wait on each other at every operation. Encoding keeps all threads.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():  # encoding keeps every thread; heads train faster on one
             trained = fit(
                 model, CachedSource(conditions.train), CachedSource(conditions.dev), self.config.train_config(seed)
             )
-        finally:
-            torch.set_num_threads(threads)
         for test_name, table in conditions.tests.items():
             predicted = predict(model, CachedSource(table)).argmax(-1)
             scores = classification_scores(table.labels.numpy(), predicted, len(self.labels))

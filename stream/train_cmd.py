@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from core.train import (
     encode_samples,
     feature_cache_for,
     fit,
+    one_thread,
     score,
 )
 from stream.settings import Settings
@@ -95,7 +97,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             CachedSource(encode_samples(model, dataset[s], cache, progress=progress)) for s in ("train", "dev", "test")
         )
     state = args.state or args.out.with_name(args.out.name + ".state")
-    result = fit(model, train, dev, config, state_path=state, resume=args.resume, progress=progress)
+    with nullcontext() if args.fine_tune else one_thread():
+        result = fit(model, train, dev, config, state_path=state, resume=args.resume, progress=progress)
     version = save_checkpoint(model, args.out)
     test_scores = score(model, test, len(dataset.label_names))
     summary = {
