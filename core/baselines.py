@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.drf import _mlp
+from core.drf import mlp
 
 BASELINES = ("concat", "text_only", "image_only")
 
@@ -57,7 +57,7 @@ class BaselineHead(nn.Module):
         self.image_projection = nn.Linear(padding_image.shape[0], dim) if self.uses_image else None
         self.text_projection = nn.Linear(padding_text.shape[0], dim) if self.uses_text else None
         width = dim * (self.uses_image + self.uses_text)
-        self.fusion = _mlp([width, dim, dim, dim], dropout)
+        self.fusion = mlp([width, dim, dim, dim], dropout)
         self.classifier = nn.Linear(dim, len(self.labels))
 
     def config(self) -> dict[str, Any]:

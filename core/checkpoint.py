@@ -71,6 +71,10 @@ def save_checkpoint(model: DRFModel, path: str | Path, model_version: str | None
         with os.fdopen(fd, "wb") as handle:
             handle.write(MAGIC + f" {FORMAT_VERSION} ".encode() + header.encode() + b"\n")
             handle.write(data)
+        # mkstemp creates 0600; a checkpoint is read by the service's own (non-root) user in the container.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -97,7 +97,7 @@ class DRFOutput:
         return ~(self.image_present | self.text_present)
 
 
-def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
+def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(n_in, n_out))
@@ -140,9 +140,9 @@ class DRFHead(nn.Module):
         d = config.dim
         conv_h = config.converter_hidden or d
         fuse_h = config.fusion_hidden or d
-        self.converter_v2t = _mlp([d, conv_h, d], config.dropout)
-        self.converter_t2v = _mlp([d, conv_h, d], config.dropout)
-        self.fusion = _mlp([2 * d, fuse_h, fuse_h, d], config.dropout)
+        self.converter_v2t = mlp([d, conv_h, d], config.dropout)
+        self.converter_t2v = mlp([d, conv_h, d], config.dropout)
+        self.fusion = mlp([2 * d, fuse_h, fuse_h, d], config.dropout)
         self.classifier = nn.Linear(d, config.num_classes)
         self.image_queue = FeatureQueue(d, config.queue_size)
         self.text_queue = FeatureQueue(d, config.queue_size)
