@@ -99,7 +99,7 @@ def write_result(name: str, results: dict[str, Any], *, smoke: bool, out_dir: Pa
         "benchmark": name,
         "smoke": smoke,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": machine(),
         "versions": versions(),
         "offline_image_runtime": os.environ.get(IMAGE_RUNTIME_ENV, "onnxruntime"),
@@ -110,6 +110,15 @@ def write_result(name: str, results: dict[str, Any], *, smoke: bool, out_dir: Pa
     tmp.write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
     tmp.replace(path)
     return path
+
+
+def command_line() -> str:
+    """How this benchmark was started, as a user would type it (``python -m bench.e2e ...``, not a file path)."""
+    argv = list(sys.argv)
+    script = Path(argv[0]).resolve()
+    if script.parent == Path(__file__).resolve().parent:
+        argv[0] = "-m bench" if script.stem == "__main__" else f"-m bench.{script.stem}"
+    return " ".join([Path(sys.executable).name, *argv])
 
 
 def _json_default(value: Any) -> Any:
