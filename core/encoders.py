@@ -121,7 +121,7 @@ IMAGE_RUNTIMES = ("torch", "onnxruntime")
 class OnnxImageSession:
     """A timm backbone exported to ONNX and run by ONNX Runtime on CPU.
 
-    EfficientNet-Lite0 runs ~3x faster under ONNX Runtime than in eager torch on this CPU (bench/levers.py;
+    EfficientNet-Lite0 runs 1.5-3.4x faster under ONNX Runtime than in eager torch on this CPU (bench/levers.py;
     its depthwise convolutions are where eager torch is slow). The export is traced from the module's current
     weights, in memory, so nothing is written to disk and a checkpoint stays a torch checkpoint.
     """
@@ -487,7 +487,7 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
 
     ``pretrained=False`` builds the architecture only (a checkpoint then supplies the weights).  Options:
     offline: max_length, image_runtime ("torch" or "onnxruntime": CPU inference of the image encoder through an
-    ONNX Runtime export, ~3x faster here); paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
+    ONNX Runtime export, 1.5-3.4x faster here); paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
     """
     builders = {"offline": _offline, "paper": _paper, "tiny": _tiny}
     if name not in builders:
