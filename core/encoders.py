@@ -121,9 +121,9 @@ IMAGE_RUNTIMES = ("torch", "onnxruntime")
 class OnnxImageSession:
     """A timm backbone exported to ONNX and run by ONNX Runtime on CPU.
 
-    EfficientNet-Lite0 runs 1.5-3.4x faster under ONNX Runtime than in eager torch on this CPU (bench/levers.py;
-    its depthwise convolutions are where eager torch is slow). The export is traced from the module's current
-    weights, in memory, so nothing is written to disk and a checkpoint stays a torch checkpoint.
+    EfficientNet-Lite0 runs 1.5-3.4x faster under ONNX Runtime than in eager torch on this CPU (bench/levers.py).
+    The export is traced from the module's current weights, in memory, so nothing is written to disk and a
+    checkpoint stays a torch checkpoint.
     """
 
     INPUT, OUTPUT = "pixel_values", "features"
