@@ -16,6 +16,7 @@ from PIL import Image
 
 from core.checkpoint import load_checkpoint
 from core.distribution import QueueStats, passes_enqueue_rule
+from core.encoders import IMAGE_RUNTIMES
 from core.model import DRFModel, PreparedBatch
 
 __all__ = ["BatchPrediction", "PreparedBatch", "Predictor", "resolve_device"]
@@ -76,6 +77,23 @@ class Predictor:
         cls, model: DRFModel, device: str = "cpu", model_version: str = "unversioned"
     ) -> Predictor:
         return cls(model, resolve_device(device), model_version)
+
+    def use_image_runtime(self, runtime: str) -> None:
+        """Run the image encoder's CPU inference in ``torch`` or ``onnxruntime`` (outputs agree within ~1e-5).
+
+        The checkpoint records the runtime it was trained with; serving on CPU can switch without retraining.
+        """
+        encoder = self.model.image_encoder
+        if not hasattr(encoder, "runtime"):
+            raise ValueError(f"the {self.model.encoder_name!r} image encoder has no switchable runtime")
+        if runtime not in IMAGE_RUNTIMES:
+            raise ValueError(f"unknown image runtime {runtime!r}; choose one of {', '.join(IMAGE_RUNTIMES)}")
+        if runtime == "onnxruntime":
+            import importlib.util
+
+            if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+                raise ValueError("image runtime 'onnxruntime' needs onnxruntime and onnx: pip install 'postsense[onnx]'")
+        encoder.runtime = runtime
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """[3, H, W] float tensor, the encoder's own resize/crop/normalisation; thread-safe."""

@@ -79,17 +79,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from connectors.metrics import Metrics
-    from core.inference import Predictor
     from core.train import ensure_demo_model
     from stream.produce import dataset_records, send
     from stream.runtime import Service
-    from stream.serve import open_reference_queues
+    from stream.serve import load_predictor, open_reference_queues
 
     checkpoint = settings.model.checkpoint
     if checkpoint is None:
         print("model: training the demo model on first run (reused afterwards) ...")
         checkpoint = ensure_demo_model(args.data_dir, args.model_out)
-    predictor = Predictor.from_checkpoint(checkpoint, settings.model.device, settings.model.mixed_precision)
+    predictor = load_predictor(settings, checkpoint)
     print(f"model: {predictor.model_name} {predictor.model_version} on {predictor.device} ({checkpoint})")
 
     # Fresh topics and group per run: the demo never replays or disturbs an earlier run's stream.

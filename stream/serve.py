@@ -12,6 +12,7 @@ import argparse
 import logging
 import signal
 import time
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -53,12 +54,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_SETTINGS
     from connectors.metrics import Metrics, MetricsServer
     from core.checkpoint import CheckpointError
-    from core.inference import Predictor
 
     try:
-        predictor = Predictor.from_checkpoint(
-            settings.model.checkpoint, settings.model.device, settings.model.mixed_precision
-        )
+        predictor = load_predictor(settings, settings.model.checkpoint)
     except (CheckpointError, OSError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)
         return EXIT_SETTINGS
@@ -100,6 +98,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if queues is not None:
             queues.close()
     return EXIT_OK
+
+
+def load_predictor(settings: Settings, checkpoint: Path) -> Predictor:
+    """The checkpoint's model on ``model.device``, with the configured precision and image runtime."""
+    from core.inference import Predictor
+
+    m = settings.model
+    predictor = Predictor.from_checkpoint(checkpoint, m.device, m.mixed_precision)
+    if m.image_runtime != "checkpoint":
+        predictor.use_image_runtime(m.image_runtime)
+    return predictor
 
 
 def open_reference_queues(settings: Settings, predictor: Predictor, metrics: Metrics) -> ReferenceQueues:

@@ -127,6 +127,9 @@ class ModelSettings(_Section):
     checkpoint: Path | None = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     mixed_precision: bool = True
+    # CPU inference of the image encoder: as the checkpoint says, eager torch, or ONNX Runtime (1.5-3.4x here,
+    # BENCHMARKS.md; needs the `onnx` extra). GPUs always use torch.
+    image_runtime: Literal["checkpoint", "torch", "onnxruntime"] = "checkpoint"
 
 
 class QueueMode(str, Enum):

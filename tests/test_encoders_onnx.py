@@ -103,3 +103,28 @@ def test_unknown_runtime_is_a_clear_error() -> None:
         small_encoder("tensorrt")
     with pytest.raises(ValueError, match="unknown image runtime"):
         create_encoders("offline", image_runtime="tensorrt")
+
+
+def test_serving_settings_switch_a_torch_checkpoint_to_onnxruntime(tmp_path) -> None:
+    from core.checkpoint import save_checkpoint
+    from stream.serve import load_predictor
+    from stream.settings import load_settings
+
+    torch.manual_seed(2)
+    path = tmp_path / "offline.pt"
+    save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
+    photo = Image.fromarray(sklearn_datasets.load_sample_image("china.jpg"))
+    results = {}
+    for runtime in ("checkpoint", "onnxruntime"):
+        settings = load_settings(flags={"model": {"image_runtime": runtime, "device": "cpu"}}, environ={})
+        predictor = load_predictor(settings, path)
+        results[runtime] = predictor.predict(predictor.prepare([predictor.preprocess_image(photo)], ["nice"]))
+        assert predictor.model.image_encoder.runtime == ("torch" if runtime == "checkpoint" else "onnxruntime")
+    assert predictor.model.image_encoder._session is not None  # the ONNX path really ran
+    assert abs(results["checkpoint"].probabilities - results["onnxruntime"].probabilities).max() < 1e-4
+
+
+def test_tiny_encoders_refuse_a_runtime_switch_clearly() -> None:
+    predictor = Predictor.from_model(create_model("tiny", ["a", "b"]))
+    with pytest.raises(ValueError, match="no switchable runtime"):
+        predictor.use_image_runtime("onnxruntime")
