@@ -263,6 +263,10 @@ class LocalServices:
         self._wait("redis", proc, lambda: redis_answers(url), f"{host}:{port}")
         return Endpoint("redis", host, port, started=True, pid=proc.pid)
 
+    def ensure(self, bootstrap: str, redis_url: str) -> tuple[Endpoint, Endpoint]:
+        """The broker and Redis the settings name, each started here only if it does not answer."""
+        return self.ensure_broker(bootstrap), self.ensure_redis(redis_url)
+
     # -- stop --------------------------------------------------------------------------------
     def stop(self, name: str, timeout_s: float = 10.0, sig: int = signal.SIGTERM) -> bool:
         """Stop the service this module started under ``name``; False if there was none."""

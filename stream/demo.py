@@ -59,8 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     services = LocalServices(args.state_dir)
     try:
-        broker = services.ensure_broker(settings.kafka.bootstrap_servers[0])
-        redis = services.ensure_redis(settings.redis.url.get_secret_value())
+        broker, redis = services.ensure(settings.kafka.bootstrap_servers[0], settings.redis.url.get_secret_value())
     except ServiceError as exc:
         print(f"postsense demo: {exc}")
         return 1

@@ -28,8 +28,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(services.status(), indent=2))
         return 0
     try:
-        broker = services.ensure_broker(settings.kafka.bootstrap_servers[0])
-        redis = services.ensure_redis(settings.redis.url.get_secret_value())
+        broker, redis = services.ensure(settings.kafka.bootstrap_servers[0], settings.redis.url.get_secret_value())
     except ServiceError as exc:
         print(f"postsense services: {exc}")
         return 1
