@@ -7,7 +7,8 @@ store (``set_reference_stats``) so all replicas score quality against the same d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,13 @@ from core.distribution import QueueStats, passes_enqueue_rule
 from core.encoders import IMAGE_RUNTIMES
 from core.model import DRFModel, PreparedBatch
 
-__all__ = ["BatchPrediction", "PreparedBatch", "Predictor", "resolve_device"]
+__all__ = ["BatchPrediction", "OutOfMemoryAtOnePost", "PreparedBatch", "Predictor", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+
+class OutOfMemoryAtOnePost(RuntimeError):
+    """The device ran out of memory on a batch of one post: splitting cannot help, the model does not fit."""
 
 
 @dataclass
@@ -37,6 +44,25 @@ class BatchPrediction:
     text_features: np.ndarray  # [B, d]
     image_accepted: np.ndarray  # [B] bool: present and passing enqueue rule (13) against the current stats
     text_accepted: np.ndarray  # [B] bool
+
+    @classmethod
+    def concat(cls, parts: list[BatchPrediction]) -> BatchPrediction:
+        """The predictions of consecutive sub-batches as one, rows in order."""
+        joined = {}
+        for field in fields(cls):
+            values = [getattr(part, field.name) for part in parts]
+            joined[field.name] = sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
+        return cls(**joined)
+
+
+def _rows(batch: PreparedBatch, start: int, stop: int) -> PreparedBatch:
+    """Rows ``start:stop`` of a prepared batch (views, no copy)."""
+    return PreparedBatch(
+        pixel_values=batch.pixel_values[start:stop],
+        image_present=batch.image_present[start:stop],
+        text_inputs={k: v[start:stop] for k, v in batch.text_inputs.items()},
+        text_present=batch.text_present[start:stop],
+    )
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -65,6 +91,10 @@ class Predictor:
         self._amp_dtype: torch.dtype | None = None
         if device.type == "cuda" and mixed_precision:
             self._amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Page-locked host batches let the copy to the GPU run asynchronously (PreparedBatch.to is non_blocking).
+        self.pin_memory = device.type == "cuda"
+        # Largest batch that fitted after an out-of-memory error; later batches are cut to it up front.
+        self.max_rows: int | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", mixed_precision: bool = True) -> Predictor:
@@ -116,7 +146,7 @@ class Predictor:
         if not images:
             raise ValueError("cannot prepare an empty batch")
         size = self.model.image_encoder.preprocessing.size
-        pixel_values = torch.zeros(len(images), 3, size, size)
+        pixel_values = torch.zeros(len(images), 3, size, size, pin_memory=self.pin_memory)
         for row, image in enumerate(images):
             if image is None:
                 continue
@@ -127,17 +157,46 @@ class Predictor:
                 )
             pixel_values[row] = image
         normalised = [self.normalise_text(text) for text in texts]
+        # Missing texts tokenise as "" only to keep the batch rectangular; they are never encoded.
+        text_inputs = self.model.text_encoder.tokenize([text or "" for text in normalised])
+        if self.pin_memory:
+            text_inputs = {k: v.pin_memory() for k, v in text_inputs.items()}
         return PreparedBatch(
             pixel_values=pixel_values,
             image_present=torch.tensor([image is not None for image in images]),
-            # Missing texts tokenise as "" only to keep the batch rectangular; they are never encoded.
-            text_inputs=self.model.text_encoder.tokenize([text or "" for text in normalised]),
+            text_inputs=text_inputs,
             text_present=torch.tensor([text is not None for text in normalised]),
         )
 
-    @torch.inference_mode()
     def predict(self, batch: PreparedBatch) -> BatchPrediction:
-        """Deterministic eval-mode prediction; mixed precision on CUDA."""
+        """Deterministic eval-mode prediction; mixed precision on CUDA.
+
+        A batch the device has no memory for is split in halves (recursively) and the halves' results are
+        joined, so no post of it is lost; the size that fitted caps later batches. Out of memory on a single
+        post raises ``OutOfMemoryAtOnePost``.
+        """
+        size = len(batch)
+        cap = self.max_rows or size
+        if size > cap:
+            return BatchPrediction.concat(
+                [self.predict(_rows(batch, i, min(i + cap, size))) for i in range(0, size, cap)]
+            )
+        try:
+            return self._predict(batch)
+        except torch.cuda.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size == 1:
+                raise OutOfMemoryAtOnePost(
+                    f"out of memory on {self.device} for a single post: the model does not fit ({exc})"
+                ) from exc
+            self.max_rows = size // 2
+            log.warning("out of memory on %s at a batch of %d posts: split; batches now at most %d",
+                        self.device, size, self.max_rows)
+            return self.predict(batch)
+
+    @torch.inference_mode()
+    def _predict(self, batch: PreparedBatch) -> BatchPrediction:
         stats = self._stats  # one consistent snapshot even if set_reference_stats runs meanwhile
         with torch.autocast(self.device.type, dtype=self._amp_dtype, enabled=self._amp_dtype is not None):
             out = self.model(batch.to(self.device), stats=stats)
