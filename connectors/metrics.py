@@ -141,6 +141,9 @@ class Metrics:
             namespace=ns, registry=r)
         self.predictions_total = Counter(
             "predictions_total", "Published predictions by label.", ["label"], namespace=ns, registry=r)
+        self.text_truncated_total = Counter(
+            "text_truncated_total", "Posts whose text was cut at limits.max_text_chars (text_truncated in the record).",
+            namespace=ns, registry=r)
         self.abstained_total = Counter(
             "abstained_total", "Posts with neither modality usable (published with label null).",
             namespace=ns, registry=r)

@@ -29,7 +29,11 @@ def schema(name: str) -> dict[str, Any]:
 
 @cache
 def validator(name: str) -> Draft202012Validator:
-    return Draft202012Validator(schema(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
+    checker = Draft202012Validator.FORMAT_CHECKER
+    # jsonschema drops a format whose optional checker is not installed, silently accepting anything for it.
+    if "date-time" not in checker.checkers:
+        raise ImportError("format date-time is not enforced: install rfc3339-validator (a postsense dependency)")
+    return Draft202012Validator(schema(name), format_checker=checker)
 
 
 @dataclass(frozen=True)

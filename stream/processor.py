@@ -204,6 +204,9 @@ class BatchProcessor:
             self.metrics.observe_prediction(prediction)
             self.metrics.observe_modality_states("image", [p.image.state for p in posts])
             self.metrics.observe_modality_states("text", [p.text_state for p in posts])
+            truncated = sum(p.post.text_truncated for p in posts)
+            if truncated:
+                self.metrics.text_truncated_total.inc(truncated)
             processed_at = utc_now_iso()
             documents = [self.document(p, prediction, i, processed_at) for i, p in enumerate(posts)]
         records = [
@@ -248,6 +251,7 @@ class BatchProcessor:
             "event_time": post.post.created_at,
             "processed_at": processed_at,
             "metadata": post.post.metadata,
+            "text_truncated": post.post.text_truncated,
         }
 
 
