@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("stream.config_cmd", "print the effective settings (secrets redacted) or check them"),
     "serve": ("stream.serve", "score posts from the input topic as a consumer-group member"),
     "queues": ("stream.queues_cmd", "seed, inspect, snapshot or reset the shared reference queues in Redis"),
+    "score": ("stream.score_cmd", "score a JSONL file or a directory of posts without Kafka (backfills, shadow tests)"),
     "produce": ("stream.produce", "send posts from a data set or a JSONL file to a topic"),
     "train": ("stream.train_cmd", "train a DRF model and write its checkpoint (model selection on dev)"),
     "evaluate": ("stream.evaluate_cmd", "reproduce the paper's tables and Figure 5 with baselines (Markdown, JSON, PNG)"),

@@ -1,0 +1,253 @@
+"""Score posts from a file or a directory without Kafka (backfills, audits, shadow tests of a new checkpoint).
+
+IN is a JSONL file of posts in the input contract, or a directory of ``<id>.jpg`` (or .jpeg/.png/.gif/.webp/.bmp)
+and ``<id>.txt`` pairs (either file may be absent: that modality is then missing). OUT receives one sentiment
+record per post, the same document ``serve`` publishes (stream/schemas/sentiment.v1.json); its ``source`` is
+the input file (``topic``), 0 (``partition``) and the line number from 1 (``offset``; 0 for a directory's
+files). Records that are not posts go to ``OUT.rejected.jsonl`` with the dead-letter reason and the original
+line. Batching and decoding are the serve path's (``stream.processor.BatchProcessor``); quality is scored
+against the checkpoint's reference queues (Redis is not contacted).
+
+Interrupted? Run the same command again: lines already in OUT or in the rejected file are skipped, a torn
+last line is cut off. ``--compare CHECKPOINT`` scores every post with a second model too (the shadow test):
+each record gets ``shadow`` (that model's label, and whether it agrees) and the summary the agreement rate.
+The summary (also written to ``OUT.summary.json``) counts in = out + rejected + skipped (already done).
+Exit codes: 0 done, 2 unreadable input or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from stream.contracts import DeadLetter, Invalid, Post
+from stream.processor import BatchProcessor, DecodedPost, Record, validate
+from stream.settings import Settings
+
+if TYPE_CHECKING:
+    from core.inference import Predictor
+
+log = logging.getLogger("stream.score")
+
+EXIT_OK, EXIT_INPUT = 0, 2
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, metavar="IN", help="a JSONL file of posts, or a directory of <id>.jpg + <id>.txt")
+    parser.add_argument("--out", type=Path, required=True, help="JSONL file of sentiment records (appended to on resume)")
+    parser.add_argument("--compare", type=Path, metavar="CHECKPOINT", help="a second model to score every post with")
+    parser.add_argument("--batch-size", type=int, help="posts per batch (default: batch.max_posts)")
+
+
+@dataclass
+class Summary:
+    """What a run did. ``posts_in`` counts every input record; each ends in exactly one other count."""
+
+    input: str
+    posts_in: int = 0
+    scored: int = 0
+    rejected: int = 0
+    skipped_done: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+    compared: int = 0
+    agreed: int = 0
+    seconds: float = 0.0
+
+    def document(self) -> dict[str, Any]:
+        doc = dict(self.__dict__)
+        doc["posts_per_s"] = round(self.scored / self.seconds, 2) if self.seconds else None
+        doc["agreement"] = round(self.agreed / self.compared, 4) if self.compared else None
+        return doc
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from core.checkpoint import CheckpointError
+    from stream.serve import load_predictor
+
+    source = args.input
+    if not source.exists():
+        log.error("no such input: %s", source)
+        return EXIT_INPUT
+    if settings.model.checkpoint is None:
+        log.error("no model: set model.checkpoint (--checkpoint PATH or POSTSENSE_MODEL__CHECKPOINT)")
+        return EXIT_INPUT
+    # Relative image paths are read from the input's own directory unless media.local_root says otherwise.
+    root = source if source.is_dir() else settings.media.local_root or source.resolve().parent
+    settings = settings.model_copy(update={"media": settings.media.model_copy(update={"local_root": root})})
+    try:
+        predictor = load_predictor(settings, settings.model.checkpoint)
+        shadow = load_predictor(settings, args.compare) if args.compare else None
+    except (CheckpointError, OSError, ValueError) as exc:
+        log.error("cannot load the model: %s", exc)
+        return EXIT_INPUT
+    summary = score(source, args.out, settings, predictor, shadow, args.batch_size or settings.batch.max_posts)
+    print(json.dumps(summary.document()))
+    return EXIT_OK
+
+
+def score(
+    source: Path,
+    out: Path,
+    settings: Settings,
+    predictor: Predictor,
+    shadow: Predictor | None = None,
+    batch_size: int = 32,
+) -> Summary:
+    """Score every record of ``source`` not already answered in ``out``; returns (and writes) the summary."""
+    from connectors.metrics import Metrics
+    from connectors.progress import progress
+
+    rejected_path = out.with_name(out.name + ".rejected.jsonl")
+    done = _answered(out) | _answered(rejected_path)
+    processor = BatchProcessor(settings, predictor, Metrics())
+    second = BatchProcessor(settings, shadow, Metrics()) if shadow is not None else None
+    # The shadow model reuses the decoded pixels unless its image encoder preprocesses differently.
+    redecode = shadow is not None and (
+        shadow.model.image_encoder.preprocessing != predictor.model.image_encoder.preprocessing
+    )
+    summary = Summary(input=str(source))
+    started = time.monotonic()
+    records = _records(source)
+    total = _count(source)
+    with (
+        open(out, "a", encoding="utf-8") as out_fh,
+        open(rejected_path, "a", encoding="utf-8") as rejected_fh,
+        ThreadPoolExecutor(settings.batch.decode_workers, thread_name_prefix="decode") as pool,
+        progress(total=total, desc="score", unit="post") as bar,
+    ):
+        for batch in _batches(records, batch_size):
+            summary.posts_in += len(batch)
+            todo = [(r, why) for r, why in batch if (r.topic, r.offset) not in done]
+            summary.skipped_done += len(batch) - len(todo)
+            valid: list[tuple[Record, Post]] = []
+            for record, why in todo:
+                parsed = why or validate(record, processor.limits)
+                if isinstance(parsed, Invalid):
+                    _reject(rejected_fh, record, parsed, summary)
+                else:
+                    valid.append((record, parsed))
+            if valid:
+                decoded = list(pool.map(lambda rp: processor.decode(*rp), valid))
+                documents = processor.process(decoded, []).documents
+                if second is not None:
+                    shadow_posts = list(pool.map(lambda rp: second.decode(*rp), valid)) if redecode else decoded
+                    _compare(second, shadow_posts, documents, summary)
+                for doc in documents:
+                    out_fh.write(json.dumps(doc) + "\n")
+                summary.scored += len(documents)
+            out_fh.flush()
+            rejected_fh.flush()
+            os.fsync(out_fh.fileno())  # a resumed run trusts what it finds in OUT
+            bar.update(len(batch))
+    summary.seconds = round(time.monotonic() - started, 3)
+    out.with_name(out.name + ".summary.json").write_text(json.dumps(summary.document(), indent=2) + "\n")
+    return summary
+
+
+def _compare(second: BatchProcessor, posts: list[DecodedPost], documents: list[dict[str, Any]], summary: Summary) -> None:
+    """Add the shadow model's label, and whether it agrees, to each document."""
+    prediction = second.predict(posts)
+    model = {"name": second.predictor.model_name, "version": second.predictor.model_version}
+    for doc, label in zip(documents, prediction.labels, strict=True):
+        agrees = label == doc["label"]
+        doc["shadow"] = {"model": model, "label": label, "agrees": agrees}
+        summary.compared += 1
+        summary.agreed += int(agrees)
+
+
+def _reject(fh: TextIO, record: Record, why: Invalid, summary: Summary) -> None:
+    """One line of OUT.rejected.jsonl: the dead-letter document plus the original line (as text)."""
+    letter = DeadLetter(None, record.value, why.reason, why.error_class, why.detail, record.topic, record.partition,
+                        record.offset)
+    doc = letter.document()
+    doc["value"] = None if record.value is None else record.value.decode("utf-8", errors="replace")
+    fh.write(json.dumps(doc) + "\n")
+    summary.rejected += 1
+    summary.rejected_reasons[why.reason] = summary.rejected_reasons.get(why.reason, 0) + 1
+
+
+def _answered(path: Path) -> set[tuple[str, int]]:
+    """Source coordinates already in an output file; a torn last line (an interrupted write) is cut off."""
+    if not path.exists():
+        return set()
+    done: set[tuple[str, int]] = set()
+    good = 0
+    with open(path, "rb") as fh:
+        for line in fh:
+            try:
+                source = json.loads(line)["source"]
+            except (ValueError, KeyError, TypeError):
+                break
+            done.add((source["topic"], source["offset"]))
+            good += len(line)
+    if good < path.stat().st_size:
+        log.warning("%s: cutting a torn last line at byte %d (interrupted write)", path, good)
+        os.truncate(path, good)
+    return done
+
+
+def _count(source: Path) -> int:
+    if source.is_dir():
+        return len(_directory_ids(source))
+    with open(source, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def _batches(records: Iterator[tuple[Record, Invalid | None]], size: int) -> Iterator[list[tuple[Record, Invalid | None]]]:
+    batch: list[tuple[Record, Invalid | None]] = []
+    for item in records:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _records(source: Path) -> Iterator[tuple[Record, Invalid | None]]:
+    """Input records with their coordinates; a directory entry that cannot become a post comes with why."""
+    if source.is_dir():
+        yield from _directory_records(source)
+        return
+    topic = str(source.resolve())
+    with open(source, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            yield Record(topic, 0, number, None, line.rstrip(b"\r\n")), None
+
+
+def _directory_ids(directory: Path) -> dict[str, list[Path]]:
+    files: dict[str, list[Path]] = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.suffix.lower() in (*IMAGE_SUFFIXES, ".txt"):
+            files.setdefault(path.stem, []).append(path)
+    return files
+
+
+def _directory_records(directory: Path) -> Iterator[tuple[Record, Invalid | None]]:
+    """One post per id: its text file's contents and its image as a ``{"path": ...}`` under the directory."""
+    for post_id, paths in _directory_ids(directory).items():
+        texts = [p for p in paths if p.suffix.lower() == ".txt"]
+        images = [p for p in paths if p.suffix.lower() != ".txt"]
+        topic = str((texts or images)[0].resolve())
+        doc: dict[str, Any] = {"id": post_id}
+        why = None
+        if len(images) > 1:
+            why = Invalid("ambiguous_image", "ValueError", f"several images for {post_id}: {[p.name for p in images]}")
+        elif images:
+            doc["image"] = {"path": images[0].name}
+        if texts:
+            raw = texts[0].read_bytes()
+            try:
+                doc["text"] = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                why = why or Invalid("not_utf8", type(exc).__name__, f"{texts[0].name}: {exc}"[:200])
+        yield Record(topic, 0, 0, post_id.encode(), json.dumps(doc).encode()), why
