@@ -200,8 +200,16 @@ def time_repeats(fn: Callable[[], object], repeats: int, warmup: int = 1) -> lis
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - started)
     return times
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a host clock read after it counts that work (a no-op without CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -340,6 +348,11 @@ def stamp_created_at(record: bytes) -> bytes:
 #: bench/levers.py found to pay (~3x); ``POSTSENSE_BENCH_IMAGE_RUNTIME=torch`` (or ``python -m bench
 #: --image-runtime torch``) measures eager torch instead.
 IMAGE_RUNTIME_ENV = "POSTSENSE_BENCH_IMAGE_RUNTIME"
+#: The device every benchmark's model runs on (default cpu); ``python -m bench.gpu`` sets it to cuda.
+DEVICE_ENV = "POSTSENSE_BENCH_DEVICE"
+#: A bert-base-uncased ``save_pretrained`` directory (config + tokenizer) for the ``paper`` configuration, which
+#: the benchmarks build with random-init weights (its speed does not depend on them).
+PAPER_TEXT_ENV = "POSTSENSE_BENCH_PAPER_TEXT_DIR"
 
 
 def bench_model(config: str) -> DRFModel:
@@ -352,15 +365,18 @@ def bench_model(config: str) -> DRFModel:
     options = {}
     if config == "offline":
         options["image_runtime"] = os.environ.get(IMAGE_RUNTIME_ENV, "onnxruntime")
+    if config == "paper" and os.environ.get(PAPER_TEXT_ENV):
+        options["text_weights"] = os.environ[PAPER_TEXT_ENV]
     return create_model(
-        config, labels=list(SENTIMENT_LABELS), pretrained=config != "tiny", encoder_options=options
+        config, labels=list(SENTIMENT_LABELS), pretrained=config == "offline", encoder_options=options
     )
 
 
-def bench_predictor(config: str, device: str = "cpu") -> Predictor:
-    """``bench_model(config)`` ready for inference on ``device``."""
+def bench_predictor(config: str, device: str | None = None) -> Predictor:
+    """``bench_model(config)`` ready for inference on ``device`` (default: ``$POSTSENSE_BENCH_DEVICE`` or cpu)."""
     from core.inference import Predictor
 
+    device = device or os.environ.get(DEVICE_ENV, "cpu")
     return Predictor.from_model(bench_model(config), device=device, model_version=f"bench-{config}")
 
 

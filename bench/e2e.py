@@ -174,7 +174,7 @@ def latency_run(
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     service_options(parser)
-    parser.add_argument("--config", choices=["offline", "tiny"], default=None, help="encoders (default offline)")
+    parser.add_argument("--config", choices=["offline", "paper", "tiny"], default=None, help="encoders (default offline)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--posts", type=int, default=None, help="backlog size of the throughput run")
     parser.add_argument("--latency-seconds", type=float, default=None)

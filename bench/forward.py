@@ -46,6 +46,7 @@ def bench_config(config: str, batch_sizes: list[int], repeats: int) -> list[dict
     rows = []
     for size in batch_sizes:
         batch = predictor.prepare([images[i % len(images)] for i in range(size)], list(texts[:size]))
+        batch = batch.to(predictor.device)
         with torch.inference_mode():
             v, t = model.encode_batch(batch)
             ms = interleaved_ms(
