@@ -65,8 +65,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     for ep in (broker, redis):
         print(f"{ep.name}: {ep.host}:{ep.port} ({'started here' if ep.started else 'already running'})")
-    if not args.plain:  # INFO lines would tear the live table; warnings and errors still show
+    if not args.plain:  # INFO lines would tear the live table; warnings, errors and progress still show
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+        logging.getLogger("postsense.progress").setLevel(logging.INFO)
     try:
         return _demo(args, settings)
     finally:

@@ -104,7 +104,7 @@ def score(
 ) -> Summary:
     """Score every record of ``source`` not already answered in ``out``; returns (and writes) the summary."""
     from connectors.metrics import Metrics
-    from connectors.progress import progress
+    from core.progress import progress
 
     rejected_path = out.with_name(out.name + ".rejected.jsonl")
     done = _answered(out) | _answered(rejected_path)

@@ -23,6 +23,7 @@ import colorsys
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -47,6 +48,8 @@ from core.data.records import (
     decode_tweet_bytes,
     stratified_split,
 )
+
+log = logging.getLogger(__name__)
 
 VADER_VERSION = "3.3.2"
 SDIST_NAME = f"vaderSentiment-{VADER_VERSION}.tar.gz"
@@ -257,6 +260,7 @@ def build_demo_set(
     if (final / "metadata.json").is_file():
         return final
     data_dir.mkdir(parents=True, exist_ok=True)
+    log.info("building the demo set in %s (once): the VADER tweets, then one generated image per tweet", final)
     sdist = fetch_sdist(data_dir / "cache")
     tweets = read_rated_tweets(sdist)
     rng = np.random.default_rng(seed)
@@ -284,9 +288,11 @@ def build_demo_set(
 
 def _write_images(tweets: list[RatedTweet], mismatched: set[int], seed: int, work: Path) -> list[Sample]:
     """Render one image per tweet; each image depends only on (seed, tweet id, its image label)."""
+    from core.progress import progress
+
     (work / "images").mkdir()
     samples = []
-    for index, tweet in enumerate(tweets):
+    for index, tweet in enumerate(progress(tweets, desc="build demo set: render images", unit="img")):
         label = valence_label(tweet.valence)
         rng = np.random.default_rng([seed, int(tweet.id)])
         image_label = label
