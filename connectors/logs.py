@@ -7,6 +7,13 @@ import logging
 import sys
 from datetime import datetime, timezone
 
+#: Fields a call site can attach with ``extra={...}``; JSON logs carry them as keys next to the message, so a
+#: log shipper can filter on a partition, an offset or a reason instead of parsing prose.
+STRUCTURED_FIELDS = (
+    "topic", "partition", "offset", "partitions", "group_id", "batch_id", "records", "post_id", "reason",
+    "error_class",
+)
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -16,9 +23,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for name in STRUCTURED_FIELDS:
+            if name in record.__dict__:
+                doc[name] = record.__dict__[name]
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
+        return json.dumps(doc, default=str)
 
 
 def setup_logging(level: str = "INFO", json_logs: bool = False) -> None:

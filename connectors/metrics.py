@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,11 @@ class Metrics:
         self.build_info = Gauge(
             "build_info", "Always 1; the labels say what runs.", ["version", "model_name", "model_version", "device"],
             namespace=ns, registry=r)
+
+        # RSS, CPU, open files, start time (restarts) and garbage collections of this process: the standard
+        # process_* and python_gc_* families, so memory and restarts show without a node exporter.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
 
         self._lag_keys: set[tuple[str, str]] = set()
         self._lag_lock = threading.Lock()

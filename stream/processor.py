@@ -11,6 +11,7 @@ the paper's eq. (12)), never an error; only a record that is not a post becomes 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     import torch
 
     from core.inference import BatchPrediction, Predictor
+
+
+log = logging.getLogger(__name__)
 
 
 class ReferenceQueuesLike(Protocol):
@@ -132,6 +136,10 @@ def dead_letter(record: Record, invalid: Invalid, topic: str, max_record_bytes: 
         key = None if key is None else key[:OVERSIZED_PREFIX_BYTES]
         value = None if value is None else value[:OVERSIZED_PREFIX_BYTES]
         detail = f"{detail}; key and value cut to their first {OVERSIZED_PREFIX_BYTES} bytes"
+    log.info("dead letter %s from %s-%d@%d: %s", invalid.reason, record.topic, record.partition, record.offset,
+             detail, extra={"topic": record.topic, "partition": record.partition, "offset": record.offset,
+                            "reason": invalid.reason, "error_class": invalid.error_class,
+                            "post_id": _key_text(record.key)})
     letter = DeadLetter(
         key=key,
         value=value,
@@ -144,6 +152,14 @@ def dead_letter(record: Record, invalid: Invalid, topic: str, max_record_bytes: 
         timestamp_ms=record.timestamp_ms,
     )
     return OutgoingRecord(topic=topic, key=key, value=value, headers=letter.headers())
+
+
+def _key_text(key: bytes | None) -> str | None:
+    """The record key as the post id it should be (for logs); None when absent or not UTF-8."""
+    try:
+        return None if key is None else key[:256].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class BatchProcessor:

@@ -203,7 +203,8 @@ class Service:
         model_thread = threading.Thread(target=self._model_loop, name="model", daemon=True)
         model_thread.start()
         self._consumer.subscribe([kafka.input_topic], listener=_Listener(self))
-        log.info("consuming %s as group %s", kafka.input_topic, kafka.group_id)
+        log.info("consuming %s as group %s", kafka.input_topic, kafka.group_id,
+                 extra={"topic": kafka.input_topic, "group_id": kafka.group_id})
         try:
             self._loop()
         finally:
@@ -376,7 +377,7 @@ class Service:
                 self._consumer.seek(tp, committed)
                 moved.add(tp)
                 log.info("partition %s-%d: position %d moved to the committed offset %d", tp.topic, tp.partition,
-                         position, committed)
+                         position, committed, extra={"topic": tp.topic, "partition": tp.partition, "offset": committed})
         return moved
 
     def _rewind(self, tp: TopicPartition, position: int, highwater: int) -> None:
@@ -448,11 +449,14 @@ class Service:
         self.metrics.record_rebalance("assigned")
         self._assigned |= assigned
         self._unverified |= assigned
-        log.info("assigned %d partitions: %s", len(assigned), ",".join(str(tp.partition) for tp in sorted(assigned)))
+        partitions = sorted(tp.partition for tp in assigned)
+        log.info("assigned %d partitions: %s", len(assigned), ",".join(map(str, partitions)),
+                 extra={"topic": self.settings.kafka.input_topic, "partitions": partitions})
 
     def _on_lost(self, lost: set[TopicPartition]) -> None:
         self.metrics.record_rebalance("lost")
-        log.warning("lost %d partitions (evicted); nothing is committed for them", len(lost))
+        log.warning("lost %d partitions (evicted); nothing is committed for them", len(lost),
+                    extra={"topic": self.settings.kafka.input_topic, "partitions": sorted(tp.partition for tp in lost)})
         self.pipeline.exclude(lost)
         self._open = [r for r in self._open if TopicPartition(r.topic, r.partition) not in lost]
         self._assigned -= lost
@@ -468,7 +472,8 @@ class Service:
                 try:
                     self._process(batch)
                 except BaseException as exc:  # noqa: BLE001 (reported to the consumer loop, which stops)
-                    log.exception("batch %d failed; stopping", batch.seq)
+                    log.exception("batch %d failed; stopping", batch.seq,
+                                  extra={"batch_id": batch.seq, "records": len(batch.records)})
                     self._failure = exc
             # After a failure later batches are not processed: nothing past the failed one may be committed.
             batch.error = self._failure
@@ -497,4 +502,4 @@ class Service:
             try:
                 self.on_output(result.documents)
             except Exception:  # noqa: BLE001 (a display hook must not stop the service)
-                log.exception("output hook failed")
+                log.exception("output hook failed", extra={"batch_id": batch.seq})

@@ -116,7 +116,7 @@ def test_exported_label_names_equal_the_checked_in_list() -> None:
 
 def test_every_name_follows_prometheus_conventions() -> None:
     for name, (kind, labels) in checked_in_metrics().items():
-        assert name.startswith("postsense_")
+        assert name.startswith(("postsense_", "process_", "python_gc_")), name  # the last two: standard collectors
         assert (kind == "counter") == name.endswith("_total"), name
         assert not {"id", "post_id", "key", "offset"} & labels, f"{name} has an unbounded label"
     assert checked_in_metrics()["postsense_inference_seconds"][0] == "histogram"
