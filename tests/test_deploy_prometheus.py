@@ -38,9 +38,13 @@ def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=60)
 
 
+#: Series Prometheus itself records for every scrape target (the alerts for a pod that exports nothing read it).
+SCRAPE_SERIES = {"up"}
+
+
 def exported_series() -> set[str]:
-    """Series names a PromQL query may use: deploy/metrics.txt, histograms expanded to their three series."""
-    names = set()
+    """Series names a PromQL query may use: deploy/metrics.txt, histograms expanded to their three series, and `up`."""
+    names = set(SCRAPE_SERIES)
     for line in (DEPLOY / "metrics.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, kind, _ = line.split()
@@ -128,13 +132,24 @@ def test_alert_rules_use_only_exported_metrics_and_carry_runbooks() -> None:
     assert {r["alert"] for r in rules} >= {
         "PostsenseConsumerLagGrowing", "PostsenseNoOutput", "PostsenseDeadLetterRateHigh",
         "PostsenseMissingModalityRateJump", "PostsenseReferenceDrift", "PostsenseRedisUnavailable",
+        "PostsenseTargetDown", "PostsenseAbsent", "PostsenseRestarting", "PostsenseLatencyHigh",
     }
-    operations = (DEPLOY.parent / "docs" / "operations.md").read_text()
+    anchors = markdown_anchors(DEPLOY.parent / "docs" / "operations.md")
     for rule in rules:
         assert metric_names(rule["expr"]) <= exported, rule["alert"]
         assert rule["labels"]["severity"] in ("warning", "critical")
-        assert {"summary", "description", "runbook"} <= set(rule["annotations"]), rule["alert"]
-        assert rule["alert"] in operations, f"{rule['alert']} is not explained in docs/operations.md"
+        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"]), rule["alert"]
+        page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert page.endswith("/docs/operations.md"), rule["alert"]
+        assert anchor in anchors and anchor.startswith(rule["alert"].lower()), f"{rule['alert']}: no section #{anchor}"
+
+
+def markdown_anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings (lower case, punctuation dropped, spaces to dashes)."""
+    return {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in path.read_text().splitlines() if line.startswith("#")
+    }
 
 
 def test_dashboard_queries_parse_and_use_only_exported_metrics(tmp_path: Path) -> None:
@@ -162,6 +177,7 @@ def test_dashboard_covers_what_operators_read() -> None:
         "postsense_posts_consumed_total", "postsense_posts_published_total", "postsense_end_to_end_seconds_bucket",
         "postsense_batch_size_posts_bucket", "postsense_consumer_lag_messages", "postsense_posts_dead_lettered_total",
         "postsense_modality_state_total", "postsense_modality_quality_bucket", "postsense_reference_drift_sigmas",
+        "up", "process_resident_memory_bytes", "process_start_time_seconds",  # replicas, memory, restarts
     ):
         assert needed in used, f"no panel shows {needed}"
     for panel in dashboard_panels():
@@ -231,12 +247,32 @@ ALERT_CASES = [
     ("PostsenseRedisUnavailable", [series("postsense_redis_up", "1 1 0 0 1x20")], "15m", None),  # a short blip
     ("PostsensePublishFailing", [series("postsense_publish_failures_total", "0 0+1x20")], "15m", POD_LABELS),
     ("PostsensePublishFailing", [series("postsense_publish_failures_total", "0x20")], "15m", None),
+    # A pod whose /metrics stopped answering (crash loop, stuck loading the model): fires after 5 min; a blip does not.
+    ("PostsenseTargetDown", [series("up", "1 1 0x20", job="postsense")], "15m", POD_LABELS),
+    ("PostsenseTargetDown", [series("up", "1 1 0 0 1x20", job="postsense")], "15m", None),
+    # No postsense target up at all (all down, or none left): fires; one of two pods up: silent.
+    ("PostsenseAbsent", [series("up", "1 1 0x30", job="postsense")], "20m", {}),
+    ("PostsenseAbsent", [series("up", "0x30", job="other")], "20m", {}),
+    ("PostsenseAbsent", [series("up", "0x30", job="postsense"),
+                         {"series": 'up{job="postsense", pod="postsense-1"}', "values": "1x30"}], "20m", None),
+    # Three restarts in 30 minutes fire; one does not.
+    ("PostsenseRestarting", [series("process_start_time_seconds", "100x5 400x5 700x5 1000x20", job="postsense")],
+     "20m", POD_LABELS),
+    ("PostsenseRestarting", [series("process_start_time_seconds", "100x5 400x30", job="postsense")], "20m", None),
+    # p95 end-to-end between 60 s and 300 s for 15 minutes fires; everything under a second does not.
+    ("PostsenseLatencyHigh", [series("postsense_end_to_end_seconds_bucket", "0x40", le="1"),
+                              series("postsense_end_to_end_seconds_bucket", "0+1x40", le="60"),
+                              series("postsense_end_to_end_seconds_bucket", "0+10x40", le="300"),
+                              series("postsense_end_to_end_seconds_bucket", "0+10x40", le="+Inf")],
+     "30m", FIRING_LABELS),
+    ("PostsenseLatencyHigh", [series("postsense_end_to_end_seconds_bucket", "0+10x40", le=le)
+                              for le in ("1", "60", "300", "+Inf")], "30m", None),
 ]
 
 
 @pytest.mark.parametrize(
     ("alert", "input_series", "eval_time", "labels"), ALERT_CASES,
-    ids=[f"{c[0]}-{'fires' if c[3] else 'silent'}-{i}" for i, c in enumerate(ALERT_CASES)],
+    ids=[f"{c[0]}-{'fires' if c[3] is not None else 'silent'}-{i}" for i, c in enumerate(ALERT_CASES)],
 )
 def test_alert_fires_when_and_only_when_expected(
     tmp_path: Path, alert: str, input_series: list[dict[str, str]], eval_time: str, labels: dict[str, str] | None
