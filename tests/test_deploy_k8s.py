@@ -31,8 +31,44 @@ def manifests() -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
+def name(doc: dict[str, Any]) -> str | None:
+    return doc.get("metadata", {}).get("name")
+
+
+def _path(field_path: str) -> list[str | int]:
+    """A kustomize fieldPath (``a.b.0.[x.y/z]``) as keys and list indices."""
+    parts = re.findall(r"\[([^\]]+)\]|([^.\[\]]+)", field_path)
+    return [bracketed or (int(plain) if plain.isdigit() else plain) for bracketed, plain in parts]
+
+
+def rendered() -> list[dict[str, Any]]:
+    """The manifests as ``kubectl apply -k`` sends them: the kustomization's replacements applied."""
+    docs = [doc for _, doc in manifests()]
+    kustomization = next(doc for doc in docs if doc["kind"] == "Kustomization")
+    for replacement in kustomization.get("replacements", []):
+        source = replacement["source"]
+        [origin] = [d for d in docs if d["kind"] == source["kind"] and name(d) == source["name"]]
+        value: Any = origin
+        for key in _path(source["fieldPath"]):
+            value = value[key]
+        for target in replacement["targets"]:
+            select = target["select"]
+            matched = [d for d in docs if d["kind"] == select["kind"] and name(d) == select["name"]]
+            assert matched, f"replacement target {select} selects nothing"
+            for doc in matched:
+                for field_path in target["fieldPaths"]:
+                    *parents, last = _path(field_path)
+                    node = doc
+                    for key in parents:
+                        node = node[key]
+                    assert last in node if isinstance(node, dict) else last < len(node), field_path
+                    node[last] = value
+    return docs
+
+
 def one(kind: str) -> dict[str, Any]:
-    [doc] = [doc for _, doc in manifests() if doc["kind"] == kind]
+    """The one manifest of ``kind`` (the ConfigMap: the service's, not kafka.yaml's)."""
+    [doc] = [doc for doc in rendered() if doc["kind"] == kind and (kind, name(doc)) != ("ConfigMap", "postsense-kafka")]
     return doc
 
 
@@ -40,14 +76,31 @@ def secret_keys() -> set[str]:
     return set(one("Secret")["stringData"])
 
 
+def kafka_configmap() -> dict[str, str]:
+    [doc] = [d for d in rendered() if d["kind"] == "ConfigMap" and name(d) == "postsense-kafka"]
+    return doc["data"]
+
+
+def container_args() -> list[str]:
+    """The container's args with ``$(VAR)`` resolved from its env, as the kubelet does."""
+    env = {}
+    for var in container()["env"]:
+        ref = var.get("valueFrom", {}).get("configMapKeyRef")
+        env[var["name"]] = kafka_configmap()[ref["key"]] if ref else var["value"]
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg) for arg in container()["args"]]
+
+
 def settings_from_configmap(tmp_path: Path) -> Settings:
-    """The ConfigMap's settings loaded by the real loader; secret files stand in for the mounted Secret."""
+    """The pod's settings loaded by the real loader and CLI flags; stand-in files for the mounted Secrets."""
+    from stream.cli import build_parser, flags_from_args
+
     config = tmp_path / "config.toml"
     config.write_text(one("ConfigMap")["data"]["config.toml"])
-    flags: dict[str, dict[str, str]] = {}
+    args, _ = build_parser().parse_known_args(container_args())
+    flags: dict[str, dict[str, str]] = flags_from_args(args)
     for section, fields in tomllib.loads(config.read_text()).items():
         for field, value in fields.items():
-            if field.endswith("_file"):
+            if field.endswith("_file") or field == "ssl_cafile":
                 stand_in = tmp_path / Path(value).name
                 stand_in.write_text("redis://user:pw@redis:6379/0" if section == "redis" else "secret")
                 flags.setdefault(section, {})[field] = str(stand_in)
@@ -188,7 +241,53 @@ def test_keda_scales_the_deployment_on_this_groups_lag_within_the_partition_coun
     auth = one("TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
-    assert set(refs) == {"username", "password"}
-    for ref in refs.values():
+    assert set(refs) == {"username", "password", "ca"}
+    for ref in (refs["username"], refs["password"]):
         assert ref["name"] == one("Secret")["metadata"]["name"] and ref["key"] in secret_keys()
     assert one("Secret")["stringData"][refs["username"]["key"]] == s.kafka.sasl_username
+
+
+def test_kafka_names_are_defined_once_and_reach_the_service_keda_and_the_metrics_label(tmp_path: Path) -> None:
+    kafka = kafka_configmap()
+    s = settings_from_configmap(tmp_path)
+    assert s.kafka.group_id == kafka["group-id"] and ",".join(s.kafka.bootstrap_servers) == kafka["bootstrap-servers"]
+    meta = one("ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert (meta["consumerGroup"], meta["bootstrapServers"]) == (kafka["group-id"], kafka["bootstrap-servers"])
+    assert pod_labels()["postsense.io/consumer-group"] == kafka["group-id"]
+    # Nowhere else: the service's config file leaves them out, and the bootstrap address appears in no other file.
+    assert not {"group_id", "bootstrap_servers"} & set(tomllib.loads(one("ConfigMap")["data"]["config.toml"])["kafka"])
+    others = "".join(p.read_text() for p in K8S.glob("*.yaml") if p.name != "kafka.yaml")
+    assert kafka["bootstrap-servers"] not in others
+    # Strimzi's names: <cluster>-kafka-bootstrap is the bootstrap Service, <cluster>-cluster-ca-cert the CA Secret.
+    cluster = kafka["bootstrap-servers"].split("-kafka-bootstrap")[0]
+    topics = [doc for _, doc in manifests() if doc["kind"] == "KafkaTopic"]
+    assert {t["metadata"]["labels"]["strimzi.io/cluster"] for t in topics} == {cluster}
+
+
+def test_a_tls_listener_with_a_private_ca_is_trusted_by_the_service_and_keda(tmp_path: Path) -> None:
+    s = settings_from_configmap(tmp_path)
+    assert s.kafka.security_protocol.value.endswith("SSL") and s.kafka.ssl_cafile is not None
+    cafile = tomllib.loads(one("ConfigMap")["data"]["config.toml"])["kafka"]["ssl_cafile"]
+    mounts = {m["name"]: m["mountPath"] for m in container()["volumeMounts"]}
+    volumes = {v["name"]: v for v in one("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    [ca_volume] = [name for name, path in mounts.items() if Path(cafile).parent == Path(path)]
+    secret = volumes[ca_volume]["secret"]
+    assert Path(cafile).name in {item["path"] for item in secret["items"]}
+    [key] = [item["key"] for item in secret["items"] if item["path"] == Path(cafile).name]
+    refs = {r["parameter"]: r for r in one("TriggerAuthentication")["spec"]["secretTargetRef"]}
+    assert (refs["ca"]["name"], refs["ca"]["key"]) == (secret["secretName"], key)
+    cluster = kafka_configmap()["bootstrap-servers"].split("-kafka-bootstrap")[0]
+    assert secret["secretName"] == f"{cluster}-cluster-ca-cert" and key == "ca.crt"
+
+
+def test_topic_limits_fit_the_largest_accepted_record_and_outputs_are_not_compacted(tmp_path: Path) -> None:
+    from connectors.kafka import _DEAD_LETTER_HEADROOM_BYTES
+
+    s = settings_from_configmap(tmp_path)
+    topics = {doc["metadata"]["name"]: doc["spec"]["config"] for _, doc in manifests() if doc["kind"] == "KafkaTopic"}
+    largest_letter = s.limits.max_record_bytes + _DEAD_LETTER_HEADROOM_BYTES  # the producer's max_request_size
+    for name in (s.kafka.input_topic, s.kafka.dead_letter_topic):
+        assert int(topics[name]["max.message.bytes"]) >= largest_letter, name
+    # De-duplicate on source (topic, partition, offset): a compacted output would drop posts sharing an id.
+    for name in (s.kafka.output_topic, s.kafka.dead_letter_topic):
+        assert topics[name].get("cleanup.policy", "delete") == "delete", name
