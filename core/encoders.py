@@ -15,13 +15,17 @@ mean of the last hidden states for every configuration (the pooling all-MiniLM-L
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import os
 import re
+import tempfile
 import threading
 import warnings
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,11 @@ class EncoderUnavailableError(RuntimeError):
     """The weights or files an encoder configuration needs are not on this machine."""
 
 
+#: Pillow reduces by an integer factor (box filter) until the source is at most this many times the target, then
+#: resamples once: on camera-sized photos most of the resize cost goes, within bicubic's own error.
+REDUCING_GAP = 3.0
+
+
 @dataclass(frozen=True)
 class ImagePreprocessing:
     """How a PIL image becomes the encoder's input: shorter side to size/crop_pct, centre crop, normalise."""
@@ -54,7 +63,12 @@ class ImagePreprocessing:
     interpolation: str = "bicubic"
 
     def __call__(self, image: Image.Image) -> Tensor:
-        """[3, size, size] float32; thread-safe (no shared state)."""
+        """[3, size, size] float32; thread-safe (no shared state).
+
+        One resampling of just the crop box (``resize(box=...)``, with Pillow's ``reduce`` first when the source is
+        over twice the target) instead of resizing the whole image and cropping, and one vectorised normalisation:
+        the stage table (bench/stages.py) measured both.
+        """
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image, got {type(image).__name__}")
         image = image.convert("RGB")
@@ -66,14 +80,15 @@ class ImagePreprocessing:
         resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[
             self.interpolation
         ]
-        image = image.resize((width, height), resample)
+        # The centre crop of the resized image, mapped back to source pixels.
         left, top = (width - self.size) // 2, (height - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return (tensor - mean) / std
+        sx, sy = image.width / width, image.height / height
+        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        image = image.resize((self.size, self.size), resample, box=box, reducing_gap=REDUCING_GAP)
+        mean = np.asarray(self.mean, dtype=np.float32) * 255.0
+        scale_255 = 1.0 / (np.asarray(self.std, dtype=np.float32) * 255.0)
+        array = (np.asarray(image, dtype=np.float32) - mean) * scale_255
+        return torch.from_numpy(array).permute(2, 0, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -115,63 +130,219 @@ def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
-IMAGE_RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime")
+IMAGE_RUNTIMES = RUNTIMES  # the name core/inference.py imports
+PRECISIONS = ("fp32", "int8")
+#: Where exported (and quantised) ONNX models are kept, keyed by weights, precision and library versions.
+ONNX_CACHE_ENV = "POSTSENSE_ONNX_CACHE"
+#: Bumped when what goes into an exported file changes (export arguments, quantisation settings).
+_ONNX_FORMAT = 1
 
 
-class OnnxImageSession:
-    """A timm backbone exported to ONNX and run by ONNX Runtime on CPU.
+def cpu_threads() -> int:
+    """The cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a pod's CPU limit).
 
-    EfficientNet-Lite0 runs 1.5-3.4x faster under ONNX Runtime than in eager torch on this CPU (bench/levers.py).
-    The export is traced from the module's current weights, in memory, so nothing is written to disk and a
-    checkpoint stays a torch checkpoint.
+    ONNX Runtime's default is every core of the host, which on a pod limited to fewer cores oversubscribes it.
     """
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
 
-    INPUT, OUTPUT = "pixel_values", "features"
 
-    def __init__(self, model: nn.Module, size: int, threads: int | None = None) -> None:
-        import io
+def onnx_cache_dir() -> Path:
+    return Path(os.environ.get(ONNX_CACHE_ENV) or Path.home() / ".cache" / "postsense" / "onnx")
 
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise EncoderUnavailableError(
-                "image_runtime='onnxruntime' needs the packages onnxruntime and onnx (pip install 'postsense[onnx]')"
-            ) from exc
-        buffer = io.BytesIO()
-        dummy = torch.zeros(2, 3, size, size)
-        # Traced on a normal (non-inference) tensor: the first call usually comes from inside inference_mode.
-        # The exporter's deprecation and tracer warnings concern dynamic control flow, which a CNN has none of.
+
+def _require_onnxruntime(what: str) -> Any:
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+        import onnxruntime
+    except ImportError as exc:
+        raise EncoderUnavailableError(
+            f"{what} needs the packages onnxruntime and onnx (pip install 'postsense[onnx]')"
+        ) from exc
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """How to export one encoder: the module, an example input (with padding, for texts), names, dynamic axes."""
+
+    kind: str
+    module: nn.Module
+    example: dict[str, Tensor]
+    output: str
+    dynamic_axes: dict[str, dict[int, str]]
+    # int8: yields calibration feeds (static quantisation); None means dynamic quantisation.
+    calibration: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
+    calibration_id: str = ""
+
+
+def onnx_model_file(spec: OnnxExport, precision: str) -> Path:
+    """The cached ONNX file of ``spec`` at ``precision``, exported (and quantised) on a cache miss.
+
+    Keyed by the weights' bytes, so a checkpoint's encoders get their own file; written atomically, so concurrent
+    processes at worst export twice. A warm cache keeps the exporter (and its memory) out of the serving process.
+    """
+    onnxruntime = _require_onnxruntime(f"the {spec.kind} encoder's ONNX Runtime path")
+    digest = hashlib.sha256(
+        json.dumps(
+            [_ONNX_FORMAT, spec.kind, precision, spec.calibration_id, torch.__version__, onnxruntime.__version__]
+        ).encode()
+    )
+    for name, tensor in spec.module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    path = onnx_cache_dir() / f"{spec.kind}-{precision}-{digest.hexdigest()[:20]}.onnx"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        exported = Path(tmp) / "fp32.onnx"
+        # Traced on normal (non-inference) tensors: the first call usually comes from inside inference_mode. The
+        # tracer's warnings concern data-dependent control flow; the test against torch is what guards it.
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            example = {k: v.clone() for k, v in spec.example.items()}
             torch.onnx.export(
-                model,
-                (dummy,),
-                buffer,
-                input_names=[self.INPUT],
-                output_names=[self.OUTPUT],
-                dynamic_axes={self.INPUT: {0: "batch"}, self.OUTPUT: {0: "batch"}},
+                spec.module.eval(),
+                tuple(example.values()),
+                str(exported),
+                input_names=list(example),
+                output_names=[spec.output],
+                dynamic_axes={**spec.dynamic_axes, spec.output: {0: "batch"}},
                 opset_version=17,
                 dynamo=False,
             )
+        if precision == "int8":
+            exported = _quantise(exported, spec)
+        os.replace(exported, path)
+    return path
+
+
+def _quantise(fp32: Path, spec: OnnxExport) -> Path:
+    """int8 weights (per output channel for convolutions); activations: calibrated static ranges for the CNN,
+    computed per batch (dynamic) for the transformer, whose activation ranges vary from text to text."""
+    from onnxruntime import quantization as q
+
+    out = fp32.with_name("int8.onnx")
+    if spec.calibration is None:
+        q.quantize_dynamic(fp32, out, per_channel=True, weight_type=q.QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        return out
+    prepared = fp32.with_name("prepared.onnx")
+    q.quant_pre_process(fp32, prepared, skip_symbolic_shape=True)
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = spec.calibration()
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    q.quantize_static(
+        prepared,
+        out,
+        Reader(),
+        quant_format=q.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=q.QuantType.QUInt8,
+        weight_type=q.QuantType.QInt8,
+        calibrate_method=q.CalibrationMethod.MinMax,
+    )
+    return out
+
+
+class OnnxSession:
+    """One exported encoder in ONNX Runtime on CPU, with intra-op threads for this machine (``cpu_threads``)."""
+
+    def __init__(self, path: Path, precision: str, threads: int | None = None) -> None:
+        onnxruntime = _require_onnxruntime("ONNX Runtime inference")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only
-        self.session = onnxruntime.InferenceSession(
-            buffer.getvalue(), options, providers=["CPUExecutionProvider"]
+        self.precision = precision
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, feeds: Mapping[str, Tensor]) -> Tensor:
+        arrays = {name: feeds[name].detach().contiguous().numpy() for name in self.inputs}
+        return torch.from_numpy(self.session.run(None, arrays)[0])
+
+
+class OnnxSwitch:
+    """CPU inference through ONNX Runtime, as a switch on an encoder module.
+
+    ``runtime="onnxruntime"`` runs fp32 inference (eval mode, no autograd, CPU inputs) through an export of the
+    current weights; ``precision="int8"`` runs it through the int8 model whatever the runtime says (int8 exists
+    only in ONNX Runtime). Training, autograd and GPU inputs always take the torch path (the CUDA path keeps its
+    autocast), so the switch never changes what is trained. New weights (a checkpoint) mean a new export.
+    """
+
+    runtime: str
+    precision: str
+    _session: OnnxSession | None
+
+    def _init_switch(self, runtime: str, precision: str) -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.runtime, self.precision = runtime, precision
+        self._session = None
+        self._session_lock = threading.Lock()
+
+    def _takes_onnx(self, tensor: Tensor) -> bool:
+        return (
+            (self.runtime == "onnxruntime" or self.precision == "int8")
+            and not self.training  # type: ignore[attr-defined]
+            and not torch.is_grad_enabled()
+            and tensor.device.type == "cpu"
         )
 
-    def __call__(self, pixel_values: Tensor) -> Tensor:
-        array = pixel_values.detach().float().contiguous().numpy()
-        return torch.from_numpy(self.session.run([self.OUTPUT], {self.INPUT: array})[0])
+    @abstractmethod
+    def onnx_export(self) -> OnnxExport: ...
+
+    def onnx_session(self) -> OnnxSession:
+        """The ONNX Runtime session of the current weights and precision (from the cache, else exported now)."""
+        with self._session_lock:
+            if self._session is None or self._session.precision != self.precision:
+                self._session = OnnxSession(onnx_model_file(self.onnx_export(), self.precision), self.precision)
+            return self._session
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._session = None  # new weights: another export
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles carry the weights, not the session or its lock (rebuilt on demand)."""
+        state = super().__getstate__()  # type: ignore[misc]
+        return {**state, "_session": None, "_session_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self._session_lock = threading.Lock()
 
 
-class TimmImageEncoder(ImageEncoder):
+def configure_cpu_inference(
+    encoder: nn.Module, runtime: str | None = None, precision: str | None = None
+) -> None:
+    """Switch an encoder's CPU inference runtime and/or precision (serving a checkpoint without retraining)."""
+    if not isinstance(encoder, OnnxSwitch):
+        raise ValueError(f"the {type(encoder).__name__} encoder has no switchable runtime")
+    encoder._init_switch(runtime or encoder.runtime, precision or encoder.precision)
+
+
+class TimmImageEncoder(OnnxSwitch, ImageEncoder):
     """A timm backbone with its classifier removed; features are its pooled pre-logits.
 
-    ``runtime="onnxruntime"`` runs CPU inference (eval mode, no autograd) through an ONNX Runtime export of the
-    backbone, made at the first such call and again after new weights are loaded; training, autograd and GPU
-    inputs always take the torch path, so the switch never changes what is trained.
+    EfficientNet-Lite0 runs 1.5-3.4x faster under ONNX Runtime than in eager torch on this CPU (bench/levers.py);
+    its int8 model is statically quantised on ``calibration`` images (default: ``calibration_images()``).
     """
 
     def __init__(
@@ -180,59 +351,106 @@ class TimmImageEncoder(ImageEncoder):
         preprocessing: ImagePreprocessing,
         channels_last: bool = False,
         runtime: str = "torch",
+        precision: str = "fp32",
+        calibration: str | None = None,
     ) -> None:
         super().__init__()
-        if runtime not in IMAGE_RUNTIMES:
-            raise ValueError(f"unknown image runtime {runtime!r}; choose one of {', '.join(IMAGE_RUNTIMES)}")
+        self._init_switch(runtime, precision)
         self.model = model
         self.dim = int(model.num_features)  # type: ignore[arg-type]
         self.preprocessing = preprocessing
+        self.calibration = calibration
         # channels_last speeds convolutions up ~1.5x on CPU (shared/notes/encoders.md).
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.runtime = runtime
-        self._session: OnnxImageSession | None = None
-        self._session_lock = threading.Lock()
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        if (
-            self.runtime == "onnxruntime"
-            and not self.training
-            and not torch.is_grad_enabled()
-            and pixel_values.device.type == "cpu"
-        ):
-            return self.onnx_session()(pixel_values)
+        if self._takes_onnx(pixel_values):
+            return self.onnx_session()({"pixel_values": pixel_values.float()})
         if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return self.model(pixel_values)
 
-    def onnx_session(self) -> OnnxImageSession:
-        """The ONNX Runtime export of the current weights (made on first use; ~10 s on a 2-core CPU)."""
-        with self._session_lock:
-            if self._session is None:
-                self._session = OnnxImageSession(self.model.eval(), self.preprocessing.size)
-            return self._session
+    def onnx_export(self) -> OnnxExport:
+        size = self.preprocessing.size
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._session = None  # new weights: export again on the next inference call
-        super()._load_from_state_dict(*args, **kwargs)
+        def feeds(batch: int = 16) -> Iterator[dict[str, np.ndarray]]:
+            images = calibration_images(self.calibration)
+            for start in range(0, len(images), batch):
+                pixels = torch.stack([self.preprocess(im) for im in images[start : start + batch]])
+                yield {"pixel_values": pixels.numpy()}
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles carry the weights, not the session or its lock (rebuilt on demand)."""
-        state = super().__getstate__()
-        return {**state, "_session": None, "_session_lock": None}
+        return OnnxExport(
+            kind="image",
+            module=self.model,
+            example={"pixel_values": torch.zeros(2, 3, size, size)},
+            output="features",
+            dynamic_axes={"pixel_values": {0: "batch"}},
+            calibration=feeds,
+            calibration_id=f"{self.calibration or 'sample-photos'}:{CALIBRATION_IMAGES}:{self.preprocessing}",
+        )
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._session_lock = threading.Lock()
+
+#: Images the int8 image model is calibrated on ("a few hundred").
+CALIBRATION_IMAGES = 320
 
 
-class HFTextEncoder(TextEncoder):
-    """A Hugging Face encoder-only transformer with its tokenizer; features are masked-mean token states."""
+def calibration_images(directory: str | None = None, count: int = CALIBRATION_IMAGES) -> list[Image.Image]:
+    """Images to calibrate the int8 image encoder's activation ranges on.
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int, source: str) -> None:
+    ``directory``: the first ``count`` images in it (sorted by name), e.g. a sample of the posts a deployment
+    sees. Default: seeded random crops, scales and flips of scikit-learn's two sample photos, which ship with a
+    dependency (no data set needed at build time); bench/parity.py measures what this costs in accuracy.
+    """
+    if directory is not None:
+        files = sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        if not files:
+            raise EncoderUnavailableError(f"no .jpg/.png calibration images in {directory}")
+        return [Image.open(p).convert("RGB") for p in files[:count]]
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        w, h = (int(photo.width * rng.uniform(0.15, 1.0)), int(photo.height * rng.uniform(0.15, 1.0)))
+        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+        image = photo.crop((left, top, left + w, top + h))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        images.append(image)
+    return images
+
+
+class _PooledText(nn.Module):
+    """The transformer plus masked-mean pooling as one graph, so the attention mask reaches both."""
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
+        return masked_mean(hidden, attention_mask)
+
+
+class HFTextEncoder(OnnxSwitch, TextEncoder):
+    """A Hugging Face encoder-only transformer with its tokenizer; features are masked-mean token states.
+
+    Its ONNX export takes the attention mask as an input with dynamic batch and sequence axes and pools inside
+    the graph: it matches torch to ~1e-6 on padded batches (tests/test_encoders_onnx.py).
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, max_length: int, source: str, runtime: str = "torch",
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        self._init_switch(runtime, precision)
         self.model = model
         self.tokenizer = tokenizer
         self.dim = int(model.config.hidden_size)  # type: ignore[union-attr]
@@ -251,8 +469,16 @@ class HFTextEncoder(TextEncoder):
         }
 
     def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
+        if self._takes_onnx(text_inputs["input_ids"]):
+            return self.onnx_session()(text_inputs)
         hidden = self.model(**text_inputs).last_hidden_state
         return masked_mean(hidden, text_inputs["attention_mask"])
+
+    def onnx_export(self) -> OnnxExport:
+        # Two texts of different lengths: the example is padded, so nothing is traced for the all-ones mask.
+        example = self.tokenize(["a short one", "a longer example text, so that the first one is padded"])
+        axes = {name: {0: "batch", 1: "sequence"} for name in example}
+        return OnnxExport("text", _PooledText(self.model), example, "features", axes)
 
     def preprocessing(self) -> dict[str, Any]:
         return {"max_length": self.max_length, "tokenizer": self.source, "vocab_size": len(self.tokenizer)}
@@ -350,7 +576,9 @@ def efficientnet_lite0_state_for_timm(
     return mapped
 
 
-def _offline_image(pretrained: bool, runtime: str = "torch") -> ImageEncoder:
+def _offline_image(
+    pretrained: bool, runtime: str = "torch", precision: str = "fp32", calibration: str | None = None
+) -> ImageEncoder:
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -367,7 +595,9 @@ def _offline_image(pretrained: bool, runtime: str = "torch") -> ImageEncoder:
     model.reset_classifier(0)
     # The package's models take (x - 127) / 128 on 0..255 RGB, i.e. mean 127/255 and std 128/255 on 0..1.
     preprocessing = ImagePreprocessing(size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)  # type: ignore[arg-type]
-    return TimmImageEncoder(model, preprocessing, channels_last=True, runtime=runtime)
+    return TimmImageEncoder(
+        model, preprocessing, channels_last=True, runtime=runtime, precision=precision, calibration=calibration
+    )
 
 
 def _minilm_dir() -> Path:
@@ -399,10 +629,24 @@ def _hf_text(directory: Path, pretrained: bool, max_length: int, source: str) ->
     return HFTextEncoder(model, tokenizer, max_length=max_length, source=source)
 
 
-def _offline(pretrained: bool, max_length: int = 128, image_runtime: str = "torch") -> Encoders:
+def _offline(
+    pretrained: bool,
+    max_length: int = 128,
+    image_runtime: str = "torch",
+    text_runtime: str = "torch",
+    precision: str = "fp32",
+    int8_calibration: str | None = None,
+) -> Encoders:
     text = _hf_text(_minilm_dir(), pretrained, max_length, "all-MiniLM-L6-v2")
-    options = {"max_length": max_length, "image_runtime": image_runtime}
-    return Encoders("offline", _offline_image(pretrained, image_runtime), text, options)
+    configure_cpu_inference(text, text_runtime, precision)
+    image = _offline_image(pretrained, image_runtime, precision, int8_calibration)
+    # Options beyond these two are recorded only when they differ from the default, so the fingerprints of
+    # existing checkpoints and feature caches (core/train.py) stay what they were.
+    options: dict[str, Any] = {"max_length": max_length, "image_runtime": image_runtime}
+    extra = {"text_runtime": text_runtime, "precision": precision, "int8_calibration": int8_calibration}
+    defaults = {"text_runtime": "torch", "precision": "fp32", "int8_calibration": None}
+    options.update({k: v for k, v in extra.items() if v != defaults[k]})
+    return Encoders("offline", image, text, options)
 
 
 # ------------------------------------------------------------------------------------------------------ paper
@@ -492,8 +736,9 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
     """Build a named encoder configuration.
 
     ``pretrained=False`` builds the architecture only (a checkpoint then supplies the weights).  Options:
-    offline: max_length, image_runtime ("torch" or "onnxruntime": CPU inference of the image encoder through an
-    ONNX Runtime export, 1.5-3.4x faster here); paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
+    offline: max_length, image_runtime and text_runtime ("torch" or "onnxruntime": CPU inference through an ONNX
+    Runtime export, same features within ~1e-5), precision ("fp32" or "int8": CPU inference through ONNX Runtime
+    int8 models of both encoders), int8_calibration (a directory of images for the int8 image model); paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
     """
     builders = {"offline": _offline, "paper": _paper, "tiny": _tiny}
     if name not in builders:

@@ -46,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PARTITIONS",
         help="create the input, output and dead-letter topics with this many partitions if they do not exist",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        help="CPU encoder precision, overriding model.precision (int8: ONNX Runtime int8 encoders; GPUs ignore it)",
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -55,6 +60,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from connectors.metrics import Metrics, MetricsServer
     from core.checkpoint import CheckpointError
 
+    if args.precision:
+        settings = settings.model_copy(update={"model": settings.model.model_copy(update={"precision": args.precision})})
     try:
         predictor = load_predictor(settings, settings.model.checkpoint)
     except (CheckpointError, OSError, ValueError) as exc:
@@ -101,13 +108,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def load_predictor(settings: Settings, checkpoint: Path) -> Predictor:
-    """The checkpoint's model on ``model.device``, with the configured precision and image runtime."""
+    """The checkpoint's model on ``model.device``, with the configured precision and encoder runtimes."""
     from core.inference import Predictor
 
     m = settings.model
     predictor = Predictor.from_checkpoint(checkpoint, m.device, m.mixed_precision)
     if m.image_runtime != "checkpoint":
         predictor.use_image_runtime(m.image_runtime)
+    if predictor.device.type == "cpu" and (m.text_runtime, m.precision) != ("checkpoint", "checkpoint"):
+        from core.encoders import configure_cpu_inference
+
+        model = predictor.model
+        precision = None if m.precision == "checkpoint" else m.precision
+        configure_cpu_inference(model.text_encoder, None if m.text_runtime == "checkpoint" else m.text_runtime, precision)
+        configure_cpu_inference(model.image_encoder, None, precision)
     return predictor
 
 

@@ -130,6 +130,11 @@ class ModelSettings(_Section):
     # CPU inference of the image encoder: as the checkpoint says, eager torch, or ONNX Runtime (1.5-3.4x here,
     # BENCHMARKS.md; needs the `onnx` extra). GPUs always use torch.
     image_runtime: Literal["checkpoint", "torch", "onnxruntime"] = "checkpoint"
+    # The same for the text encoder (ONNX Runtime: features within ~1e-6 of torch).
+    text_runtime: Literal["checkpoint", "torch", "onnxruntime"] = "checkpoint"
+    # CPU encoders' precision: "int8" runs both encoders through ONNX Runtime int8 models (parity on real posts
+    # in BENCHMARKS.md). GPUs ignore it: the CUDA path keeps its mixed precision.
+    precision: Literal["checkpoint", "fp32", "int8"] = "checkpoint"
 
 
 class QueueMode(str, Enum):

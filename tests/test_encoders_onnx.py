@@ -1,4 +1,4 @@
-"""The ONNX Runtime path of the image encoder (image_runtime="onnxruntime"): same features as eager torch.
+"""The ONNX Runtime path of the encoders (image_runtime / text_runtime="onnxruntime"): same features as eager torch.
 
 It is a speed switch (bench/levers.py), so what a user relies on is that it changes nothing else: the features
 match eager within float tolerance, the daisy is still a daisy, training and autograd never go through it, and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,11 +21,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest.importorskip("onnxruntime")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-from core.encoders import ImagePreprocessing, TimmImageEncoder, create_encoders  # noqa: E402
+from core.encoders import (  # noqa: E402
+    ONNX_CACHE_ENV,
+    ImagePreprocessing,
+    TimmImageEncoder,
+    configure_cpu_inference,
+    create_encoders,
+    onnx_cache_dir,
+)
 from core.inference import Predictor  # noqa: E402
 from core.model import create_model  # noqa: E402
 
 TOLERANCE = 1e-4  # float32 kernels differ in summation order; features are O(1)
+TEXT_TOLERANCE = 1e-5  # MiniLM's export, attention mask and pooling in the graph, matches to ~1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Exports go to a scratch cache, shared by this module's tests (the offline ones reuse it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ONNX_CACHE_ENV, str(tmp_path_factory.mktemp("onnx")))
+        yield
 
 
 def small_encoder(runtime: str, seed: int = 0) -> TimmImageEncoder:
@@ -99,10 +116,12 @@ def test_copies_do_not_share_the_session() -> None:
 
 
 def test_unknown_runtime_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="unknown image runtime 'tensorrt'"):
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         small_encoder("tensorrt")
-    with pytest.raises(ValueError, match="unknown image runtime"):
+    with pytest.raises(ValueError, match="unknown runtime"):
         create_encoders("offline", image_runtime="tensorrt")
+    with pytest.raises(ValueError, match="unknown runtime"):
+        create_encoders("offline", text_runtime="tensorrt")
 
 
 def test_serving_settings_switch_a_torch_checkpoint_to_onnxruntime(tmp_path) -> None:
@@ -128,3 +147,55 @@ def test_tiny_encoders_refuse_a_runtime_switch_clearly() -> None:
     predictor = Predictor.from_model(create_model("tiny", ["a", "b"]))
     with pytest.raises(ValueError, match="no switchable runtime"):
         predictor.use_image_runtime("onnxruntime")
+
+
+TEXTS = [
+    "what a lovely day at the beach with friends #summer",
+    "meh",
+    "",  # only [CLS] [SEP]: the most padding in the batch
+    "RT @someone: terrible service, never again!!! http://t.co/abc " * 12,  # truncated at max_length
+    "ok",
+]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])  # the export was traced at batch 2 on a padded pair
+def test_offline_text_onnx_matches_torch_on_padded_batches(rows: int) -> None:
+    """The earlier export differed by up to 0.45; this one takes the attention mask as an input with dynamic batch
+    and sequence axes and pools inside the graph, so padded rows match too."""
+    onnx = create_encoders("offline", text_runtime="onnxruntime").text.eval()
+    eager = create_encoders("offline").text.eval()
+    inputs = eager.tokenize(TEXTS[:rows])
+    with torch.inference_mode():
+        got, want = onnx(inputs), eager(inputs)
+    assert got.shape == want.shape == (rows, 384)
+    assert float((got - want).abs().max()) < TEXT_TOLERANCE
+    assert onnx._session is not None and onnx._session.precision == "fp32"
+
+
+def test_exports_are_cached_on_disk_and_reused() -> None:
+    """A second encoder with the same weights loads the cached file instead of exporting again."""
+    first = create_encoders("offline", text_runtime="onnxruntime").text.eval()
+    inputs = first.tokenize(TEXTS[:2])
+    with torch.inference_mode():
+        first(inputs)
+    files = sorted(onnx_cache_dir().glob("text-fp32-*.onnx"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    second = create_encoders("offline").text.eval()
+    configure_cpu_inference(second, runtime="onnxruntime")
+    with torch.inference_mode():
+        second(inputs)
+    assert sorted(onnx_cache_dir().glob("text-fp32-*.onnx")) == files and files[0].stat().st_mtime_ns == stamp
+
+
+def test_serving_settings_switch_the_text_encoder_to_onnxruntime(tmp_path) -> None:
+    from core.checkpoint import save_checkpoint
+    from stream.serve import load_predictor
+    from stream.settings import load_settings
+
+    path = tmp_path / "offline.pt"
+    save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
+    settings = load_settings(flags={"model": {"text_runtime": "onnxruntime", "device": "cpu"}}, environ={})
+    predictor = load_predictor(settings, path)
+    assert predictor.model.text_encoder.runtime == "onnxruntime"
+    assert predictor.model.image_encoder.runtime == "torch"
