@@ -42,7 +42,7 @@ from bench.common import (
 #: Full-run sizes, chosen so the whole GPU check (install, tests, these) stays within 8 minutes.
 FULL = {
     "forward": ["--batch-sizes", "1", "8", "32", "64", "128", "--repeats", "10"],
-    "e2e": ["--batch-sizes", "8", "32", "128", "--posts", "1536", "--latency-seconds", "8",
+    "e2e": ["--batch-sizes", "8", "32", "128", "--posts", "1536", "--latency-seconds", "5",
             "--decode-workers", "8"],
     "naive": ["--posts", "200"],
     "stages": ["--batch", "64", "--batches", "5"],
