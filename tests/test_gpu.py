@@ -20,9 +20,9 @@ posts without image or text) against the float32 CPU result of the same model:
 
 from __future__ import annotations
 
-import copy
 import os
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -50,19 +50,29 @@ pytestmark = [
 ]
 
 
-def sample_posts(n: int) -> tuple[list, list[str | None]]:
-    """``n`` fixed posts: a crop of a real photo (every 7th missing) and a real tweet (every 11th missing)."""
-    from bench.common import sample_photos, tweet_texts
+@cache
+def rated_tweets() -> list:
+    from core.data.vader import default_data_dir, fetch_sdist, read_rated_tweets
 
-    photos, tweets = sample_photos(), tweet_texts()
-    images, texts = [], []
-    for i in range(n):
-        photo = photos[i % len(photos)]
+    return read_rated_tweets(fetch_sdist(default_data_dir() / "cache"))
+
+
+def sample_posts(n: int, start: int = 0) -> tuple[list, list[str | None], list[int]]:
+    """Posts ``start..start+n`` of a fixed sequence: a crop of a real photo (every 7th missing), a real tweet
+    (every 11th missing) and the tweet's VADER label."""
+    from bench.common import sample_photos
+    from core.data.vader import valence_label
+
+    photos, tweets = sample_photos(), rated_tweets()
+    images, texts, labels = [], [], []
+    for i in range(start, start + n):
+        photo, tweet = photos[i % len(photos)], tweets[(97 * i) % len(tweets)]
         w, h = photo.width // 2 + (37 * i) % (photo.width // 2), photo.height // 2 + (53 * i) % (photo.height // 2)
         left, top = (29 * i) % (photo.width - w + 1), (31 * i) % (photo.height - h + 1)
         images.append(None if i % 7 == 3 else photo.crop((left, top, left + w, top + h)))
-        texts.append(None if i % 11 == 5 else tweets[(97 * i) % len(tweets)])
-    return images, texts
+        texts.append(None if i % 11 == 5 else tweet.text)
+        labels.append(valence_label(tweet.valence))
+    return images, texts, labels
 
 
 def predict_all(predictor: Predictor, images: list, texts: list[str | None], batch: int = 64):
@@ -76,21 +86,31 @@ def predict_all(predictor: Predictor, images: list, texts: list[str | None], bat
 
 
 @pytest.fixture(scope="module")
-def model() -> DRFModel:
-    """The configuration's model with its reference queues filled from the sample's own features, so quality
-    is spread over (0, 1] instead of sitting at one end."""
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint of the configuration's model, its head trained briefly on CPU on other posts of the same
+    sequence, so labels have real margins and the reference queues real contents (an untrained head's
+    near-uniform probabilities would make any rounding flip labels). Every predictor below loads it."""
+    from core.train import CachedSource, FeatureTable, TrainConfig, fit
+
     torch.manual_seed(0)
     options = {"image_runtime": "torch"} if CONFIG == "offline" else {}
     model = create_model(CONFIG, LABELS, pretrained=CONFIG == "offline", encoder_options=options)
-    seen = predict_all(Predictor.from_model(model), *sample_posts(64))
-    model.head.image_queue.push(torch.from_numpy(seen.image_features[~np.isnan(seen.quality_image)]))
-    model.head.text_queue.push(torch.from_numpy(seen.text_features[~np.isnan(seen.quality_text)]))
-    return model
+    predictor = Predictor.from_model(model)
+    images, texts, labels = sample_posts(2 * SAMPLE, start=SAMPLE)
+    batch = predictor.prepare([None if im is None else predictor.preprocess_image(im) for im in images], texts)
+    with torch.inference_mode():
+        image, text = model.encode_batch(batch)
+    table = FeatureTable(image.clone(), text.clone(), batch.image_present, batch.text_present, torch.tensor(labels))
+    fit(model, CachedSource(table), CachedSource(table), TrainConfig(epochs=30, batch_size=64, head_lr=1e-3))
+    path = tmp_path_factory.mktemp("gpu") / "model.pt"
+    save_checkpoint(model.eval(), path)
+    return path
 
 
 @pytest.fixture(scope="module")
-def reference(model: DRFModel):
-    return predict_all(Predictor(copy.deepcopy(model), torch.device("cpu"), "ref"), *sample_posts(SAMPLE))
+def reference(checkpoint: Path):
+    images, texts, _ = sample_posts(SAMPLE)
+    return predict_all(Predictor.from_checkpoint(checkpoint, device="cpu"), images, texts)
 
 
 def relative_distance_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -102,17 +122,18 @@ def relative_distance_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("mixed_precision", [False, True], ids=["float32", "mixed"])
-def test_gpu_agrees_with_float32_cpu(model: DRFModel, reference, mixed_precision: bool) -> None:
-    predictor = Predictor(copy.deepcopy(model), torch.device(DEVICE), "gpu", mixed_precision=mixed_precision)
+def test_gpu_agrees_with_float32_cpu(checkpoint: Path, reference, mixed_precision: bool) -> None:
+    predictor = Predictor.from_checkpoint(checkpoint, device=DEVICE, mixed_precision=mixed_precision)
     if DEVICE == "cuda" and mixed_precision:
         assert predictor._amp_dtype in (torch.bfloat16, torch.float16)
-    got = predict_all(predictor, *sample_posts(SAMPLE))
+    images, texts, _ = sample_posts(SAMPLE)
+    got = predict_all(predictor, images, texts)
 
     agreement = np.mean([a == b for a, b in zip(got.labels, reference.labels, strict=True)])
     tolerance = QUALITY_TOLERANCE[mixed_precision]
     errors = {m: relative_distance_error(getattr(got, f"quality_{m}"), getattr(reference, f"quality_{m}"))
               for m in ("image", "text")}
-    print(f"{DEVICE} mixed={mixed_precision}: labels agree on {agreement:.2%} of {SAMPLE}; "
+    print(f"{DEVICE} mixed={mixed_precision}: labels {dict(Counter(reference.labels))}, agree on {agreement:.2%}; "
           f"quality error {errors} (bound {tolerance})")
     assert agreement >= AGREEMENT
     assert max(errors.values()) <= tolerance
@@ -145,7 +166,7 @@ def trained_tiny(device: str, steps: int = 5) -> DRFModel:
 def test_checkpoint_moves_between_cpu_and_gpu(tmp_path: Path, trained_on: str, served_on: str) -> None:
     path = tmp_path / "model.pt"
     save_checkpoint(trained_tiny(trained_on), path)
-    images, texts = sample_posts(16)
+    images, texts, _ = sample_posts(16)
     there = predict_all(Predictor.from_checkpoint(path, device=served_on, mixed_precision=False), images, texts)
     here = predict_all(Predictor.from_checkpoint(path, device=trained_on, mixed_precision=False), images, texts)
     assert there.labels == here.labels
@@ -154,13 +175,13 @@ def test_checkpoint_moves_between_cpu_and_gpu(tmp_path: Path, trained_on: str, s
 
 
 @pytest.mark.services
-def test_serve_on_gpu_through_the_real_broker(services, names, model: DRFModel) -> None:
+def test_serve_on_gpu_through_the_real_broker(services, names, checkpoint: Path) -> None:
     from stream.runtime import Service
 
     settings = stream_settings(services, names)
     posts = valid_posts(40)
     produce_posts(settings, posts)
-    predictor = Predictor(copy.deepcopy(model), torch.device(DEVICE), "serve")
+    predictor = Predictor.from_checkpoint(checkpoint, device=DEVICE)
     with Running(Service(settings, predictor)):
         out = read_topic(settings, settings.kafka.output_topic, expect=len(posts))
     assert Counter(r.key.decode() for r in out) == Counter(p["id"] for p in posts)
@@ -168,11 +189,11 @@ def test_serve_on_gpu_through_the_real_broker(services, names, model: DRFModel) 
 
 
 @pytest.mark.skipif(DRY_RUN, reason="a real out-of-memory needs CUDA's allocator")
-def test_out_of_memory_splits_the_batch_and_loses_no_post(model: DRFModel, reference) -> None:
+def test_out_of_memory_splits_the_batch_and_loses_no_post(checkpoint: Path) -> None:
     """Cap this process's share of GPU memory just above what a small batch needs: a large batch then runs out
     of memory for real, is split, and every post still gets the result it gets unsplit."""
-    predictor = Predictor(copy.deepcopy(model), torch.device("cuda"), "oom", mixed_precision=False)
-    images, texts = sample_posts(SAMPLE)
+    predictor = Predictor.from_checkpoint(checkpoint, device="cuda", mixed_precision=False)
+    images, texts, _ = sample_posts(SAMPLE)
     unsplit = predict_all(predictor, images, texts, batch=SAMPLE)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
