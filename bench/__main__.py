@@ -5,6 +5,7 @@ not compete for the CPU, against one private broker and Redis started here. Then
 issue's targets against the results and draws the plots. Exit status 1 if any benchmark failed.
 
     python -m bench [--smoke] [--only NAME ...] [--skip NAME ...] [--image-runtime onnxruntime|torch]
+                    [--text-runtime onnxruntime|torch] [--precision fp32|int8]
                     [--soak-minutes 11] [--out DIR]
 """
 
@@ -17,7 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import IMAGE_RUNTIME_ENV, RESULTS_DIR, local_services, print_table, service_options
+from bench.common import (
+    IMAGE_RUNTIME_ENV,
+    PRECISION_ENV,
+    RESULTS_DIR,
+    TEXT_RUNTIME_ENV,
+    local_services,
+    print_table,
+    service_options,
+)
 
 #: name -> (uses the broker, uses Redis, extra arguments of a full run). In run order: models first, services last.
 BENCHMARKS: dict[str, tuple[bool, bool, list[str]]] = {
@@ -42,6 +51,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--image-runtime",
         choices=["onnxruntime", "torch"],
         help=f"offline image encoder runtime for every benchmark (default onnxruntime; sets {IMAGE_RUNTIME_ENV})",
+    )
+    parser.add_argument(
+        "--text-runtime",
+        choices=["onnxruntime", "torch"],
+        help=f"offline text encoder runtime for every benchmark (default onnxruntime; sets {TEXT_RUNTIME_ENV})",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "int8"],
+        help=f"offline encoders' precision (the naive loop stays fp32; sets {PRECISION_ENV})",
     )
     parser.add_argument(
         "--soak-minutes", type=float, help="length of the soak (default 11, warm-up included)"
@@ -70,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [n for n in (args.only or BENCHMARKS) if n not in args.skip]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if args.image_runtime:
-        env[IMAGE_RUNTIME_ENV] = args.image_runtime
+    for value, name in ((args.image_runtime, IMAGE_RUNTIME_ENV), (args.text_runtime, TEXT_RUNTIME_ENV),
+                        (args.precision, PRECISION_ENV)):
+        if value:
+            env[name] = value
     outcomes = []
     with local_services(args) as endpoints:
         for name in names:

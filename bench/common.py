@@ -103,6 +103,7 @@ def write_result(name: str, results: dict[str, Any], *, smoke: bool, out_dir: Pa
         "machine": machine(),
         "versions": versions(),
         "offline_image_runtime": os.environ.get(IMAGE_RUNTIME_ENV, "onnxruntime"),
+        "offline_encoders": offline_options(),
         "results": results,
     }
     path = out_dir / f"{name}{'.smoke' if smoke else ''}.json"
@@ -344,27 +345,38 @@ def stamp_created_at(record: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------- model, services
 
 
-#: The image encoder runtime the benchmarks use for the offline configuration on CPU: ONNX Runtime, the lever
-#: bench/levers.py found to pay (~3x); ``POSTSENSE_BENCH_IMAGE_RUNTIME=torch`` (or ``python -m bench
-#: --image-runtime torch``) measures eager torch instead.
+#: The offline encoders' CPU inference the benchmarks measure, overridable per run (``python -m bench
+#: --image-runtime torch --text-runtime torch --precision fp32``): ONNX Runtime for both encoders (bench/levers.py;
+#: same features within ~1e-5) at ``DEFAULT_PRECISION``.
 IMAGE_RUNTIME_ENV = "POSTSENSE_BENCH_IMAGE_RUNTIME"
+TEXT_RUNTIME_ENV = "POSTSENSE_BENCH_TEXT_RUNTIME"
+PRECISION_ENV = "POSTSENSE_BENCH_PRECISION"
 #: The device every benchmark's model runs on (default cpu); ``python -m bench.gpu`` sets it to cuda.
 DEVICE_ENV = "POSTSENSE_BENCH_DEVICE"
 #: A bert-base-uncased ``save_pretrained`` directory (config + tokenizer) for the ``paper`` configuration, which
 #: the benchmarks build with random-init weights (its speed does not depend on them).
 PAPER_TEXT_ENV = "POSTSENSE_BENCH_PAPER_TEXT_DIR"
+#: int8 where bench/parity.py found parity on real posts (BENCHMARKS.md), else fp32.
+DEFAULT_PRECISION = "fp32"
 
 
-def bench_model(config: str) -> DRFModel:
+def offline_options(precision: str | None = None) -> dict[str, str]:
+    """Encoder options of the offline configuration for this run; ``precision`` overrides the run's."""
+    return {
+        "image_runtime": os.environ.get(IMAGE_RUNTIME_ENV, "onnxruntime"),
+        "text_runtime": os.environ.get(TEXT_RUNTIME_ENV, "onnxruntime"),
+        "precision": precision or os.environ.get(PRECISION_ENV, DEFAULT_PRECISION),
+    }
+
+
+def bench_model(config: str, precision: str | None = None) -> DRFModel:
     """A DRF model for encoder configuration ``config`` with an untrained head (speed does not depend on it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from core.data import SENTIMENT_LABELS
     from core.model import create_model
 
-    options = {}
-    if config == "offline":
-        options["image_runtime"] = os.environ.get(IMAGE_RUNTIME_ENV, "onnxruntime")
+    options = offline_options(precision) if config == "offline" else {}
     if config == "paper" and os.environ.get(PAPER_TEXT_ENV):
         options["text_weights"] = os.environ[PAPER_TEXT_ENV]
     return create_model(
@@ -372,12 +384,13 @@ def bench_model(config: str) -> DRFModel:
     )
 
 
-def bench_predictor(config: str, device: str | None = None) -> Predictor:
-    """``bench_model(config)`` ready for inference on ``device`` (default: ``$POSTSENSE_BENCH_DEVICE`` or cpu)."""
+def bench_predictor(config: str, device: str | None = None, precision: str | None = None) -> Predictor:
+    """``bench_model(config, precision)`` ready for inference on ``device`` (default: ``$POSTSENSE_BENCH_DEVICE``
+    or cpu)."""
     from core.inference import Predictor
 
     device = device or os.environ.get(DEVICE_ENV, "cpu")
-    return Predictor.from_model(bench_model(config), device=device, model_version=f"bench-{config}")
+    return Predictor.from_model(bench_model(config, precision), device=device, model_version=f"bench-{config}")
 
 
 @dataclass(frozen=True)

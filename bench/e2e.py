@@ -34,6 +34,7 @@ from bench.common import (  # noqa: E402
     make_posts,
     percentile,
     print_table,
+    rss_bytes,
     service_options,
     stamp_created_at,
     write_result,
@@ -191,6 +192,7 @@ def main() -> None:
     with local_services(args) as endpoints:
         for batch in batch_sizes:
             tp = throughput_run(endpoints, predictor, batch, posts, args.decode_workers)
+            tp["rss_mib"], tp["peak_rss_mib"] = (b / 2**20 for b in rss_bytes())  # real photos served
             rate = max(1.0, tp["posts_per_s"] * args.rate_fraction)
             lat = latency_run(endpoints, predictor, batch, rate, seconds, args.decode_workers)
             rows.append({"throughput": tp, "latency": lat})

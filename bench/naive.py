@@ -52,7 +52,8 @@ def run_naive(endpoints: Endpoints, config: str, posts: int, seed: int = 0) -> d
     if report.failed:
         raise RuntimeError(f"could not fill the input topic: {report.line()}")
 
-    processor = BatchProcessor(settings, bench_predictor(config), Metrics())
+    # The fp32 model, as a user would write the loop: int8 is part of what serve adds.
+    processor = BatchProcessor(settings, bench_predictor(config, precision="fp32"), Metrics())
     consumer = KafkaConsumer(**consumer_config(k, max_posts=1))
     consumer.subscribe([k.input_topic])
     producer = KafkaProducer(
