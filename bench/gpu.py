@@ -26,7 +26,9 @@ from typing import Any
 from bench.common import (
     DEVICE_ENV,
     IMAGE_RUNTIME_ENV,
+    PRECISION_ENV,
     RESULTS_DIR,
+    TEXT_RUNTIME_ENV,
     base_parser,
     bench_predictor,
     local_services,
@@ -57,8 +59,7 @@ def child_env(device: str) -> dict[str, str]:
     (ONNX Runtime and int8 are CPU levers; ``Predictor`` applies CUDA mixed precision itself)."""
     env = dict(os.environ, **{DEVICE_ENV: device, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     if device != "cpu":
-        env.update({IMAGE_RUNTIME_ENV: "torch", "POSTSENSE_BENCH_TEXT_RUNTIME": "torch",
-                    "POSTSENSE_BENCH_PRECISION": "fp32"})
+        env.update({IMAGE_RUNTIME_ENV: "torch", TEXT_RUNTIME_ENV: "torch", PRECISION_ENV: "fp32"})
     return env
 
 
