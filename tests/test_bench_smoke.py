@@ -154,7 +154,7 @@ def test_targets_are_judged_against_the_issue_bounds() -> None:
             {"throughput": {"batch": 8, "posts_per_s": 24.0}},  # 0.8: not met
         ],
     }
-    naive = {"runs": [{"config": "offline", "posts_per_s": 4.0}]}  # best e2e 36/s = 9x: not met
+    naive = {"runs": [{"config": "offline", "posts_per_s": 5.0}]}  # best e2e 36/s = 7.2x: not met
     stages = {
         "runs": [
             {
@@ -182,6 +182,7 @@ def test_targets_are_judged_against_the_issue_bounds() -> None:
     assert verdicts["DRF head / encoders (serve path), offline batch 32"] is True
     assert verdicts["Redis round trips per batch (max), offline"] is False
     assert next(v for t, v in verdicts.items() if t.startswith("RSS growth")) is True  # 0.5 % of steady RSS
+    assert verdicts["steady RSS of serve, MiB (soak median)"] is False  # 1000 MiB
 
 
 def test_targets_say_what_was_not_run() -> None:
