@@ -32,6 +32,7 @@ from bench.common import (
 BENCHMARKS: dict[str, tuple[bool, bool, list[str]]] = {
     "forward": (False, False, []),
     "levers": (False, False, []),
+    "memory": (False, False, []),
     "queues": (False, True, []),
     "stages": (True, True, []),
     "naive": (True, True, []),
