@@ -136,7 +136,7 @@ PRECISIONS = ("fp32", "int8")
 #: Where exported (and quantised) ONNX models are kept, keyed by weights, precision and library versions.
 ONNX_CACHE_ENV = "POSTSENSE_ONNX_CACHE"
 #: Bumped when what goes into an exported file changes (export arguments, quantisation settings).
-_ONNX_FORMAT = 3
+ONNX_RECIPE = 3
 
 
 def cpu_threads() -> int:
@@ -192,7 +192,7 @@ def onnx_model_file(spec: OnnxExport, precision: str) -> Path:
     onnxruntime = _require_onnxruntime(f"the {spec.kind} encoder's ONNX Runtime path")
     digest = hashlib.sha256(
         json.dumps(
-            [_ONNX_FORMAT, spec.kind, precision, spec.calibration_id, torch.__version__, onnxruntime.__version__]
+            [ONNX_RECIPE, spec.kind, precision, spec.calibration_id, torch.__version__, onnxruntime.__version__]
         ).encode()
     )
     for name, tensor in spec.module.state_dict().items():
