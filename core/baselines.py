@@ -3,6 +3,11 @@
 * ``concat``: concatenation fusion, [W_v f^v; W_t f^t] through the same 3-layer MLP shape as DRF's F, then a linear
   classifier: DRF without queues, recovery, expansion or quality weights.
 * ``text_only`` / ``image_only``: the same on one modality.
+* ``concat_dropout``: ``concat`` trained with modality dropout: each training sample, with probability 0.5, has one
+  modality (either, equally likely) replaced by its padding, so the head learns to score posts missing one.
+* ``router`` (``Router``): what a practitioner would deploy without DRF: each post goes to the model of the
+  modalities it has (``concat`` when both are present, else ``text_only`` or ``image_only``).  It is composed of
+  the three trained heads, so it costs no training of its own.
 
 These methods cannot take a missing modality, so, as the paper does for such methods, a missing image is replaced
 by the features of a blank (black) image and a missing text by those of an all-[MASK] text
@@ -21,7 +26,10 @@ from torch import Tensor, nn
 
 from core.drf import mlp
 
-BASELINES = ("concat", "text_only", "image_only")
+HEADS = ("concat", "concat_dropout", "text_only", "image_only")
+BASELINES = (*HEADS, "router")
+#: Probability that a training sample of ``concat_dropout`` loses one modality.
+MODALITY_DROPOUT = 0.5
 
 
 @dataclass
@@ -43,8 +51,8 @@ class BaselineHead(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if kind not in BASELINES:
-            raise ValueError(f"unknown baseline {kind!r}; choose one of {', '.join(BASELINES)}")
+        if kind not in HEADS:
+            raise ValueError(f"unknown baseline head {kind!r}; choose one of {', '.join(HEADS)}")
         if padding_image.dim() != 1 or padding_text.dim() != 1:
             raise ValueError("padding features must be vectors [D_v] and [D_t]")
         self.kind = kind
@@ -52,8 +60,9 @@ class BaselineHead(nn.Module):
         self.dim = dim
         self.register_buffer("padding_image", padding_image.detach().float().clone())
         self.register_buffer("padding_text", padding_text.detach().float().clone())
-        self.uses_image = kind in ("concat", "image_only")
-        self.uses_text = kind in ("concat", "text_only")
+        self.uses_image = kind != "text_only"
+        self.uses_text = kind != "image_only"
+        self.modality_dropout = MODALITY_DROPOUT if kind == "concat_dropout" else 0.0
         self.image_projection = nn.Linear(padding_image.shape[0], dim) if self.uses_image else None
         self.text_projection = nn.Linear(padding_text.shape[0], dim) if self.uses_text else None
         width = dim * (self.uses_image + self.uses_text)
@@ -77,6 +86,8 @@ class BaselineHead(nn.Module):
         labels: Tensor | None = None,
     ) -> BaselineOutput:
         parts = []
+        if self.training and self.modality_dropout:
+            image_present, text_present = _drop_one_modality(image_present, text_present, self.modality_dropout)
         if self.image_projection is not None:
             present = image_present.to(torch.bool)[:, None]
             parts.append(self.image_projection(torch.where(present, image_features, self.padding_image)))
@@ -86,3 +97,41 @@ class BaselineHead(nn.Module):
         logits = self.classifier(self.fusion(torch.cat(parts, dim=-1)))
         loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
         return BaselineOutput(logits, loss)
+
+
+def _drop_one_modality(image_present: Tensor, text_present: Tensor, rate: float) -> tuple[Tensor, Tensor]:
+    """Presence flags with one modality removed from a ``rate`` share of the rows that have both."""
+    image_present, text_present = image_present.to(torch.bool), text_present.to(torch.bool)
+    drop = (torch.rand(image_present.shape, device=image_present.device) < rate) & image_present & text_present
+    drop_image = drop & (torch.rand(image_present.shape, device=image_present.device) < 0.5)
+    return image_present & ~drop_image, text_present & ~(drop & ~drop_image)
+
+
+class Router(nn.Module):
+    """Routes each post to the trained head of the modalities it has: concat (both), text_only or image_only."""
+
+    def __init__(self, concat: BaselineHead, text_only: BaselineHead, image_only: BaselineHead) -> None:
+        super().__init__()
+        if (concat.kind, text_only.kind, image_only.kind) != ("concat", "text_only", "image_only"):
+            raise ValueError("a router needs the concat, text_only and image_only heads, in that order")
+        self.concat, self.text_only, self.image_only = concat, text_only, image_only
+        self.labels = concat.labels
+
+    def forward_features(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        image_present: Tensor,
+        text_present: Tensor,
+        labels: Tensor | None = None,
+    ) -> BaselineOutput:
+        if labels is not None:
+            raise ValueError("a router is composed of trained heads; train those instead")
+        args = (image_features, text_features, image_present, text_present)
+        image_present, text_present = image_present.to(torch.bool), text_present.to(torch.bool)
+        logits = self.concat.forward_features(*args).logits
+        only_text = (text_present & ~image_present)[:, None]
+        only_image = (image_present & ~text_present)[:, None]
+        logits = torch.where(only_text, self.text_only.forward_features(*args).logits, logits)
+        logits = torch.where(only_image, self.image_only.forward_features(*args).logits, logits)
+        return BaselineOutput(logits)

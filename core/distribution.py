@@ -16,6 +16,17 @@ Decisions where the paper is silent (documented here, tested in tests/test_core_
 * Queue contents and their statistics are buffers: they never carry gradient (features are detached on enqueue).
 * Warm-up: while a queue holds fewer than its capacity L, every present feature is enqueued unconditionally, and
   while it holds fewer than 2 features (no spread to measure) every feature has quality 1.
+
+Admission (which features enter the queue) has two rules, chosen by the head's configuration (core/drf.py):
+
+* ``"rule13"``, the paper's (13): q_i > mean_j q(f_j).  It admits only features closer to the mean than the queue's
+  own average, so each generation of the queue is tighter than the last: sigma shrinks and acceptance falls towards
+  zero (measured: docs/evaluation.md).  Kept for the paper-literal variant.
+* ``"floor"`` (default): log q_i >= a fixed floor (``DEFAULT_ADMISSION_FLOOR``: ||f - mu|| <= 3 sigma), i.e. reject
+  only outliers.  Features from the queue's own distribution are almost all admitted, so the queue is a FIFO of
+  recent features with a stable sigma, and a far-off feature (garbage, poisoning) stays out.  The floor is loose on
+  purpose: at 2 sigma a distribution with separated modes collapsed onto one mode (the queue's mean drifts towards
+  the mode it holds most of, the others fall outside, sigma shrinks; measured on the test suite's synthetic data).
 """
 
 from __future__ import annotations
@@ -32,6 +43,11 @@ SIGMA_EPS = 1e-6
 LOG_QUALITY_FLOOR = -40.0
 #: Default queue size L (paper section 4.2).
 DEFAULT_QUEUE_SIZE = 512
+#: Admission rules for the queues (see the module docstring).
+ADMISSION_RULES = ("floor", "rule13")
+#: log q floor of the "floor" rule: admit features with ||f - mu||^2 <= 9 sigma^2 (sigma^2 is the mean of the
+#: squared distance, so a feature of the queue's own distribution lies near log q = -0.5).
+DEFAULT_ADMISSION_FLOOR = -4.5
 
 
 @dataclass(frozen=True)
@@ -94,15 +110,19 @@ def distribution_moments(features: Tensor, eps: float = SIGMA_EPS) -> tuple[Tens
     return mean, variance.clamp_min(eps * eps).sqrt()
 
 
-def log_quality(features: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
-    """log q(f) = log p(f; mu, sigma) - log p(mu; mu, sigma) = -||f - mu||^2 / (2 sigma^2), floored.
+def log_quality(
+    features: Tensor, mean: Tensor, sigma: Tensor, floor: float | None = LOG_QUALITY_FLOOR
+) -> Tensor:
+    """log q(f) = log p(f; mu, sigma) - log p(mu; mu, sigma) = -||f - mu||^2 / (2 sigma^2), floored at ``floor``.
 
     ``features`` is [..., d]; the result is [...].  Gradient flows into ``features`` (and mean/sigma if they carry it).
+    ``floor=None`` leaves it unfloored (log-space fusion weights need no floor and keep their gradient).
     """
     _check_features(features, int(mean.shape[-1]))
     squared = (features.float() - mean.float()).pow(2).sum(dim=-1)
     sigma = sigma.float().clamp_min(SIGMA_EPS)
-    return (-squared / (2.0 * sigma * sigma)).clamp_min(LOG_QUALITY_FLOOR)
+    value = -squared / (2.0 * sigma * sigma)
+    return value if floor is None else value.clamp_min(floor)
 
 
 def log_density(features: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
@@ -111,12 +131,12 @@ def log_density(features: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
     return log_quality(features, mean, sigma) - torch.log(sigma) - 0.5 * math.log(2.0 * math.pi)
 
 
-def stats_log_quality(features: Tensor, stats: QueueStats) -> Tensor:
+def stats_log_quality(features: Tensor, stats: QueueStats, floor: float | None = LOG_QUALITY_FLOOR) -> Tensor:
     """log q of features [..., d] under a queue's statistics; 0 (quality 1) while the queue has no spread."""
     if not stats.has_spread:
         _check_features(features, stats.dim)
         return torch.zeros(features.shape[:-1], dtype=torch.float32, device=features.device)
-    return log_quality(features, stats.mean.to(features.device), stats.sigma.to(features.device))
+    return log_quality(features, stats.mean.to(features.device), stats.sigma.to(features.device), floor)
 
 
 def queue_statistics(features: Tensor, capacity: int | None = None, eps: float = SIGMA_EPS) -> QueueStats:
@@ -142,18 +162,26 @@ def queue_statistics(features: Tensor, capacity: int | None = None, eps: float =
     return QueueStats(mean, sigma, threshold, count, capacity)
 
 
-def passes_enqueue_rule(features: Tensor, stats: QueueStats) -> Tensor:
-    """Enqueue rule (13) for features [n, d]: q_i > mean_j q(f_j), or everything while the queue warms up.
+def passes_enqueue_rule(
+    features: Tensor, stats: QueueStats, rule: str = "rule13", floor: float = DEFAULT_ADMISSION_FLOOR
+) -> Tensor:
+    """Admission of features [n, d] into a queue: ``rule`` is "rule13" (the paper's (13): q_i > mean_j q(f_j),
+    everything while the queue warms up) or "floor" (log q_i >= ``floor``; everything until sigma is measured).
 
     Returns a bool mask [n].  Callers combine it with the presence flag lambda (absent features never enqueue).
     """
     _check_features(features, stats.dim)
     if features.dim() != 2:
         raise ValueError(f"features must be [n, d], got shape {tuple(features.shape)}")
-    if stats.warming_up:
+    if rule not in ADMISSION_RULES:
+        raise ValueError(f"unknown admission rule {rule!r}; choose one of {', '.join(ADMISSION_RULES)}")
+    warming_up = stats.warming_up if rule == "rule13" else not stats.has_spread
+    if warming_up:
         return torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
-    quality = stats_log_quality(features.detach(), stats).exp()
-    return quality > stats.threshold.to(features.device).float()
+    log_q = stats_log_quality(features.detach(), stats, floor=None)
+    if rule == "floor":
+        return log_q >= floor
+    return log_q.clamp_min(LOG_QUALITY_FLOOR).exp() > stats.threshold.to(features.device).float()
 
 
 class FeatureQueue(nn.Module):
@@ -169,12 +197,22 @@ class FeatureQueue(nn.Module):
     sigma: Tensor
     threshold: Tensor
 
-    def __init__(self, dim: int, capacity: int = DEFAULT_QUEUE_SIZE) -> None:
+    def __init__(
+        self,
+        dim: int,
+        capacity: int = DEFAULT_QUEUE_SIZE,
+        rule: str = "rule13",
+        floor: float = DEFAULT_ADMISSION_FLOOR,
+    ) -> None:
         super().__init__()
         if dim < 1 or capacity < 1:
             raise ValueError(f"queue needs dim >= 1 and capacity >= 1, got dim={dim}, capacity={capacity}")
+        if rule not in ADMISSION_RULES:
+            raise ValueError(f"unknown admission rule {rule!r}; choose one of {', '.join(ADMISSION_RULES)}")
         self.dim = dim
         self.capacity = capacity
+        self.rule = rule
+        self.floor = floor
         self.register_buffer("features", torch.zeros(capacity, dim))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.register_buffer("position", torch.zeros((), dtype=torch.long))  # next slot to overwrite
@@ -209,11 +247,15 @@ class FeatureQueue(nn.Module):
         self.count.fill_(min(self.capacity, len(self) + n))
         self._refresh()
 
+    def admits(self, features: Tensor, stats: QueueStats | None = None) -> Tensor:
+        """This queue's admission rule for features [n, d] against ``stats`` (default: its own)."""
+        return passes_enqueue_rule(features, stats or self.stats(), self.rule, self.floor)
+
     @torch.no_grad()
     def enqueue(self, features: Tensor, present: Tensor | None = None) -> Tensor:
-        """Apply rule (13) against the current statistics, push the accepted features, return the accepted mask."""
+        """Apply the admission rule against the current statistics, push the accepted features, return the mask."""
         _check_features(features, self.dim)
-        accepted = passes_enqueue_rule(features, self.stats())
+        accepted = self.admits(features)
         if present is not None:
             accepted = accepted & present.to(device=accepted.device, dtype=torch.bool)
         if bool(accepted.any()):
@@ -239,4 +281,4 @@ class FeatureQueue(nn.Module):
         self.threshold.copy_(stats.threshold)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, capacity={self.capacity}, count={len(self)}"
+        return f"dim={self.dim}, capacity={self.capacity}, count={len(self)}, rule={self.rule}"

@@ -15,6 +15,19 @@ Decisions where the paper is silent:
 * The exponent of (3) is capped at ``DIS_EXPONENT_CAP`` so an untrained model far from both means cannot overflow.
 * Distribution-based recovery (5)-(7) runs the converter over the detached queue contents; it is skipped (0) until
   both queues hold two features (no sigma before that).
+
+Two variants (``VARIANTS``; docs/evaluation.md has the measurements behind every departure):
+
+* ``paper``: the equations as written: rule (13) admission, unnormalised weights lambda q q of (12), recovery targets
+  of (4) that carry gradient, one classification loss on M.
+* ``robust`` (the default): the paper's intent (a low-quality modality counts less, a missing one is recovered) with
+  four mechanisms that hold up on real posts: queues admit everything but outliers (``floor`` rule, so their
+  statistics follow the training projections); the three terms of (12) are weighted by a softmax over the present
+  terms of their summed log qualities divided by a temperature (weights sum to 1, so M's scale no longer shrinks
+  with how typical a post is, and no hard floor zeroes the gradient); the targets of (4) are detached (recovery
+  trains the converters, not the projections towards each other); and every expanded sample is also classified on
+  its own (each of the three terms must predict the sentiment, so a post missing a modality is scored by a term
+  that was trained to do it).
 """
 
 from __future__ import annotations
@@ -26,7 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.distribution import (
+    ADMISSION_RULES,
+    DEFAULT_ADMISSION_FLOOR,
     DEFAULT_QUEUE_SIZE,
+    LOG_QUALITY_FLOOR,
     FeatureQueue,
     QueueStats,
     distribution_moments,
@@ -37,6 +53,11 @@ from core.distribution import (
 DIS_EXPONENT_CAP = 30.0
 #: Index of each expanded sample in ``fusion_weights`` (column order of (12)).
 EXPANSIONS = ("intact", "image+recovered_text", "recovered_image+text")
+FUSION_RULES = ("softmax", "product")
+#: Mean log q of a queue's own features: -||f - mu||^2 / (2 sigma^2) averages to -1/2 because sigma^2 is the mean of
+#: ||f - mu||^2 (2).
+TYPICAL_LOG_QUALITY = -0.5
+QUALITY_SPACES = ("encoder", "projected")
 
 
 @dataclass(frozen=True)
@@ -54,15 +75,61 @@ class DRFConfig:
     gaussian_weights: bool = True  # False: fusion weights are lambda only
     expansion: bool = True  # False: only the intact term, or the one term the available modality allows
     distribution_constraint: bool = True  # loss (3)
+    # Mechanisms where the robust variant departs from the paper (VARIANTS); the defaults are the robust ones.
+    admission: str = "floor"  # queue admission: "floor" or the paper's "rule13" (core/distribution.py)
+    admission_floor: float = DEFAULT_ADMISSION_FLOOR  # log q floor of the "floor" rule
+    fusion: str = "softmax"  # weights of (12): "softmax" over present terms, or the paper's "product" lambda q q
+    temperature: float = 1.0  # of the softmax: larger = qualities count less
+    detach_targets: bool = True  # (4) pulls the converter towards a detached target
+    detach_quality: bool = True  # the weights of (12) pass no gradient into the features they judge
+    cap_recovered: bool = True  # a recovered feature's quality counts at most as a typical real one's
+    term_loss: float = 1.0  # weight of the classification loss of each expanded sample (0 = the paper's (16))
+    # Where queues, converters and qualities live: "encoder" = the encoders' own (frozen, so stationary) feature
+    # spaces, projected to width d only as the fusion's input; "projected" = the paper's, after the learned
+    # projections (width d, moving while they train).
+    quality_space: str = "encoder"
+    image_dim: int = 0  # width of the image feature space of the queues and converters (0 = dim)
+    text_dim: int = 0
+    normalise_image: bool = True  # L2-normalise image features before everything (docs/evaluation.md: quality AUROC)
+    normalise_text: bool = False
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.dim < 1 or self.queue_size < 1:
             raise ValueError(f"invalid DRF configuration: {self}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.admission not in ADMISSION_RULES:
+            raise ValueError(f"admission must be one of {ADMISSION_RULES}, got {self.admission!r}")
+        if self.fusion not in FUSION_RULES:
+            raise ValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
+        if self.quality_space not in QUALITY_SPACES:
+            raise ValueError(f"quality_space must be one of {QUALITY_SPACES}, got {self.quality_space!r}")
+        if not self.temperature > 0 or self.term_loss < 0:
+            raise ValueError(f"temperature must be > 0 and term_loss >= 0, got {self.temperature}, {self.term_loss}")
 
-    def to_dict(self) -> dict[str, int | float | bool]:
+    def to_dict(self) -> dict[str, int | float | bool | str]:
         return asdict(self)
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """Widths of the image and text feature spaces the head's queues and converters work in."""
+        return self.image_dim or self.dim, self.text_dim or self.dim
+
+
+#: Named settings of the mechanisms above.  A checkpoint written before they existed was trained as ``paper``.
+VARIANTS: dict[str, dict[str, str | float | bool]] = {
+    "robust": {
+        "admission": "floor", "fusion": "softmax", "detach_targets": True, "detach_quality": True, "cap_recovered": True,
+        "term_loss": 1.0,
+        "quality_space": "encoder", "normalise_image": True, "normalise_text": False,
+    },
+    "paper": {
+        "admission": "rule13", "fusion": "product", "detach_targets": False, "detach_quality": False, "cap_recovered": False,
+        "term_loss": 0.0,
+        "quality_space": "projected", "normalise_image": False, "normalise_text": False,
+    },
+}
+DEFAULT_VARIANT = "robust"
 
 
 @dataclass
@@ -71,13 +138,15 @@ class DRFOutput:
 
     logits: Tensor  # [B, S], W M + b of (14)
     fused: Tensor  # [B, d], M of (12)
-    image_features: Tensor  # [B, d], f^v (zeros where absent)
-    text_features: Tensor  # [B, d], f^t
-    recovered_image: Tensor  # [B, d], f^{t->v} = C_{t->v}(f^t)
-    recovered_text: Tensor  # [B, d], f^{v->t} = C_{v->t}(f^v)
+    image_features: Tensor  # [B, d_v], f^v in the queues' space (zeros where absent)
+    text_features: Tensor  # [B, d_t], f^t
+    recovered_image: Tensor  # [B, d_v], f^{t->v} = C_{t->v}(f^t)
+    recovered_text: Tensor  # [B, d_t], f^{v->t} = C_{v->t}(f^v)
     log_quality_image: Tensor  # [B], log q^v (meaningless where absent)
     log_quality_text: Tensor  # [B], log q^t
-    fusion_weights: Tensor  # [B, 3], the lambda * q * q weights of (12) in EXPANSIONS order
+    log_quality_recovered_image: Tensor  # [B], log q^{t->v} (meaningless where the text is absent)
+    log_quality_recovered_text: Tensor  # [B], log q^{v->t}
+    fusion_weights: Tensor  # [B, 3], the weights of (12) in EXPANSIONS order (sum 1 per post under "softmax")
     image_present: Tensor  # [B] bool, lambda^v
     text_present: Tensor  # [B] bool, lambda^t
     loss: Tensor | None = None  # (16)
@@ -85,6 +154,7 @@ class DRFOutput:
     loss_rec: Tensor | None = None  # (8)
     loss_cls: Tensor | None = None  # (15)
     loss_terms: dict[str, Tensor] = field(default_factory=dict)  # the four recovery terms of (8)
+    term_logits: Tensor | None = None  # [3, B, S], each expanded sample classified on its own
 
     @property
     def probabilities(self) -> Tensor:
@@ -97,6 +167,35 @@ class DRFOutput:
         return ~(self.image_present | self.text_present)
 
 
+def output_diagnostics(out: DRFOutput) -> dict[str, float]:
+    """What the fusion did on a set of posts: quantiles (10/50/90 %) of log q for present and recovered features,
+    the mean share of each term of (12) (weights over their sum per post) and the mean norm of M.
+
+    The numbers behind docs/evaluation.md's diagnosis (stale queues, vanishing M, typicality-driven weights).
+    """
+    summary: dict[str, float] = {}
+    both = out.image_present & out.text_present
+    series = {
+        "log_q_image": (out.log_quality_image, out.image_present),
+        "log_q_text": (out.log_quality_text, out.text_present),
+        "log_q_recovered_image": (out.log_quality_recovered_image, out.text_present),
+        "log_q_recovered_text": (out.log_quality_recovered_text, out.image_present),
+    }
+    levels = torch.tensor([0.1, 0.5, 0.9])
+    for name, (values, mask) in series.items():
+        chosen = values[mask].detach().float().cpu()
+        if chosen.numel():
+            for level, value in zip((10, 50, 90), torch.quantile(chosen, levels).tolist(), strict=True):
+                summary[f"{name}_p{level}"] = value
+    weights = out.fusion_weights[both].detach().float().cpu()
+    if weights.numel():
+        shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        for name, share in zip(EXPANSIONS, shares.mean(dim=0).tolist(), strict=True):
+            summary[f"share_{name}"] = share
+    summary["fused_norm"] = float(out.fused.detach().float().norm(dim=-1).mean())
+    return summary
+
+
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -107,10 +206,13 @@ def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
 
 
 def distribution_constraint(
-    f_v: Tensor, f_t: Tensor, lam_v: Tensor, lam_t: Tensor, stats_v: QueueStats, stats_t: QueueStats
+    f_v: Tensor, f_t: Tensor, lam_v: Tensor, lam_t: Tensor, mu_v: Tensor, mu_t: Tensor
 ) -> Tensor:
-    """L_dis of (3), averaged over the batch: pull each feature to its own mean, push it from the other's."""
-    mu_v, mu_t = stats_v.mean.to(f_v), stats_t.mean.to(f_v)
+    """L_dis of (3), averaged over the batch: pull each feature to its own mean, push it from the other's.
+
+    Features and means share one space (width d: the projected one).
+    """
+    mu_v, mu_t = mu_v.to(f_v), mu_t.to(f_v)
     image_term = torch.linalg.vector_norm(f_v - mu_v, dim=-1) - torch.linalg.vector_norm(f_v - mu_t, dim=-1)
     text_term = torch.linalg.vector_norm(f_t - mu_t, dim=-1) - torch.linalg.vector_norm(f_t - mu_v, dim=-1)
     loss = (
@@ -132,20 +234,25 @@ def distribution_recovery_loss(converter: nn.Module, source_queue: Tensor, targe
 
 
 class DRFHead(nn.Module):
-    """Converters C_{v->t}, C_{t->v} (2-layer MLPs), fusion F (3-layer MLP), classifier (14), queues Q_v, Q_t."""
+    """Converters C_{v->t}, C_{t->v} (2-layer MLPs), fusion F (3-layer MLP), classifier (14), queues Q_v, Q_t.
+
+    It takes features in the space its queues live in (``config.widths``); ``projections`` (the model's W_v, W_t)
+    map them to the fusion width d when that is a different space (``quality_space="encoder"``).
+    """
 
     def __init__(self, config: DRFConfig) -> None:
         super().__init__()
         self.config = config
         d = config.dim
+        d_v, d_t = config.widths
         conv_h = config.converter_hidden or d
         fuse_h = config.fusion_hidden or d
-        self.converter_v2t = mlp([d, conv_h, d], config.dropout)
-        self.converter_t2v = mlp([d, conv_h, d], config.dropout)
+        self.converter_v2t = mlp([d_v, conv_h, d_t], config.dropout)
+        self.converter_t2v = mlp([d_t, conv_h, d_v], config.dropout)
         self.fusion = mlp([2 * d, fuse_h, fuse_h, d], config.dropout)
         self.classifier = nn.Linear(d, config.num_classes)
-        self.image_queue = FeatureQueue(d, config.queue_size)
-        self.text_queue = FeatureQueue(d, config.queue_size)
+        self.image_queue = FeatureQueue(d_v, config.queue_size, config.admission, config.admission_floor)
+        self.text_queue = FeatureQueue(d_t, config.queue_size, config.admission, config.admission_floor)
 
     def queue_stats(self) -> dict[str, QueueStats]:
         return {"image": self.image_queue.stats(), "text": self.text_queue.stats()}
@@ -158,19 +265,26 @@ class DRFHead(nn.Module):
         text_present: Tensor,
         labels: Tensor | None = None,
         stats: dict[str, QueueStats] | None = None,
+        projections: tuple[nn.Module, nn.Module] | None = None,
     ) -> DRFOutput:
         """One pass of (10)-(14), and (3)-(8), (15), (16) when ``labels`` are given (-100 = unlabelled row).
 
         ``stats`` overrides the queues' own statistics (the service's shared reference queues).
         """
         cfg = self.config
-        if image_features.shape != text_features.shape or image_features.dim() != 2:
+        d_v, d_t = cfg.widths
+        if (
+            image_features.dim() != 2
+            or text_features.dim() != 2
+            or image_features.shape[0] != text_features.shape[0]
+            or image_features.shape[-1] != d_v
+            or text_features.shape[-1] != d_t
+        ):
             raise ValueError(
-                f"image and text features must both be [B, {cfg.dim}], got "
+                f"image and text features must be [B, {d_v}] and [B, {d_t}], got "
                 f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
             )
-        if image_features.shape[-1] != cfg.dim:
-            raise ValueError(f"features have width {image_features.shape[-1]}, the head expects {cfg.dim}")
+        project_v, project_t = projections if projections is not None else (nn.Identity(), nn.Identity())
         batch = image_features.shape[0]
         present_v = image_present.to(device=image_features.device, dtype=torch.bool).reshape(batch)
         present_t = text_present.to(device=image_features.device, dtype=torch.bool).reshape(batch)
@@ -184,25 +298,39 @@ class DRFHead(nn.Module):
         f_v2t = self.converter_v2t(f_v)
         f_t2v = self.converter_t2v(f_t)
 
-        # Qualities (10), (11) in log space.
-        lq_v = stats_log_quality(f_v, stats_v)
-        lq_t = stats_log_quality(f_t, stats_t)
-        lq_t2v = stats_log_quality(f_t2v, stats_v)
-        lq_v2t = stats_log_quality(f_v2t, stats_t)
+        # Qualities (10), (11) in log space (unfloored for the softmax weights, which need no floor).
+        floor = None if cfg.fusion == "softmax" else LOG_QUALITY_FLOOR
+        lq_v = stats_log_quality(f_v, stats_v, floor)
+        lq_t = stats_log_quality(f_t, stats_t, floor)
+        lq_t2v = stats_log_quality(f_t2v, stats_v, floor)
+        lq_v2t = stats_log_quality(f_v2t, stats_t, floor)
 
         # Weights of (12): lambda^v lambda^t q^v q^t, lambda^v q^v q^{v->t}, lambda^t q^{t->v} q^t.
         if cfg.expansion:
             lams = torch.stack([lam_v * lam_t, lam_v, lam_t], dim=-1)
         else:
             lams = torch.stack([lam_v * lam_t, lam_v * (1 - lam_t), (1 - lam_v) * lam_t], dim=-1)
-        if cfg.gaussian_weights:
-            log_q = torch.stack([lq_v + lq_t, lq_v + lq_v2t, lq_t2v + lq_t], dim=-1)
-            weights = lams * log_q.exp()
+        if cfg.cap_recovered:
+            # A converter regresses towards the mean, so a recovered feature looks more typical than any real one;
+            # it counts at most as a typical real feature (log q = -1/2: the mean over the queue, by (2)).
+            lq_t2v_w, lq_v2t_w = lq_t2v.clamp_max(TYPICAL_LOG_QUALITY), lq_v2t.clamp_max(TYPICAL_LOG_QUALITY)
         else:
-            weights = lams
+            lq_t2v_w, lq_v2t_w = lq_t2v, lq_v2t
+        log_q = torch.stack([lq_v + lq_t, lq_v + lq_v2t_w, lq_t2v_w + lq_t], dim=-1)
+        if cfg.detach_quality:
+            log_q = log_q.detach()
+        if not cfg.gaussian_weights:
+            log_q = torch.zeros_like(log_q)
+        if cfg.fusion == "softmax":
+            scores = torch.where(lams > 0, log_q / cfg.temperature, float("-inf"))
+            any_term = (lams > 0).any(dim=-1, keepdim=True)
+            weights = torch.where(any_term, scores.softmax(dim=-1), 0.0)
+        else:
+            weights = lams * log_q.exp()
 
+        p_v, p_t, p_v2t, p_t2v = project_v(f_v), project_t(f_t), project_t(f_v2t), project_v(f_t2v)
         pairs = torch.cat(
-            [torch.cat([f_v, f_t], -1), torch.cat([f_v, f_v2t], -1), torch.cat([f_t2v, f_t], -1)], dim=0
+            [torch.cat([p_v, p_t], -1), torch.cat([p_v, p_v2t], -1), torch.cat([p_t2v, p_t], -1)], dim=0
         )
         fused_pairs = self.fusion(pairs).reshape(3, batch, cfg.dim)
         # Where a weight is exactly zero the term is removed, not multiplied (0 * inf would be NaN).
@@ -213,6 +341,7 @@ class DRFHead(nn.Module):
         fused = terms.sum(dim=0)
         with torch.autocast(fused.device.type, enabled=False):
             logits = self.classifier(fused)
+            term_logits = self.classifier(fused_pairs.float()) if labels is not None and cfg.term_loss else None
 
         out = DRFOutput(
             logits=logits,
@@ -221,39 +350,49 @@ class DRFHead(nn.Module):
             text_features=f_t,
             recovered_image=f_t2v,
             recovered_text=f_v2t,
-            log_quality_image=lq_v,
-            log_quality_text=lq_t,
+            log_quality_image=lq_v.clamp_min(LOG_QUALITY_FLOOR),
+            log_quality_text=lq_t.clamp_min(LOG_QUALITY_FLOOR),
+            log_quality_recovered_image=lq_t2v.clamp_min(LOG_QUALITY_FLOOR),
+            log_quality_recovered_text=lq_v2t.clamp_min(LOG_QUALITY_FLOOR),
             fusion_weights=weights,
             image_present=present_v,
             text_present=present_t,
+            term_logits=term_logits,
         )
         if labels is not None:
-            self._add_losses(out, labels.to(logits.device), lam_v, lam_t, stats_v, stats_t)
+            # (3) needs one space for both modalities: the projected one, means mapped through the projections
+            # (the mean of projected features; detached: statistics are targets, not parameters).
+            with torch.no_grad():
+                means = (project_v(stats_v.mean.to(p_v)[None])[0], project_t(stats_t.mean.to(p_t)[None])[0])
+            self._add_losses(out, labels.to(logits.device), lams, (p_v, p_t), means, stats_v, stats_t)
         return out
 
     def _add_losses(
         self,
         out: DRFOutput,
         labels: Tensor,
-        lam_v: Tensor,
-        lam_t: Tensor,
+        lams: Tensor,
+        projected: tuple[Tensor, Tensor],
+        projected_means: tuple[Tensor, Tensor],
         stats_v: QueueStats,
         stats_t: QueueStats,
     ) -> None:
         """Fill in (3), (8), (15) and (16); disabled components contribute an exact zero."""
         cfg = self.config
         zero = out.logits.new_zeros((), dtype=torch.float32)
+        lam_v, lam_t = out.image_present.float(), out.text_present.float()
         f_v, f_t = out.image_features.float(), out.text_features.float()
         loss_dis = (
-            distribution_constraint(f_v, f_t, lam_v, lam_t, stats_v, stats_t)
+            distribution_constraint(projected[0].float(), projected[1].float(), lam_v, lam_t, *projected_means)
             if cfg.distribution_constraint
             else zero
         )
         terms = {"sample_v2t": zero, "sample_t2v": zero, "distribution_v2t": zero, "distribution_t2v": zero}
         if cfg.sample_recovery:
             both = lam_v * lam_t
-            terms["sample_v2t"] = sample_recovery_loss(out.recovered_text.float(), f_t, both)
-            terms["sample_t2v"] = sample_recovery_loss(out.recovered_image.float(), f_v, both)
+            target_t, target_v = (f_t.detach(), f_v.detach()) if cfg.detach_targets else (f_t, f_v)
+            terms["sample_v2t"] = sample_recovery_loss(out.recovered_text.float(), target_t, both)
+            terms["sample_t2v"] = sample_recovery_loss(out.recovered_image.float(), target_v, both)
         if cfg.distribution_recovery and len(self.image_queue) >= 2 and len(self.text_queue) >= 2:
             queue_v = self.image_queue.contents().detach()
             queue_t = self.text_queue.contents().detach()
@@ -264,12 +403,21 @@ class DRFHead(nn.Module):
                 self.converter_t2v, queue_t, stats_v
             ).float()
         loss_rec = sum(terms.values(), zero)
-        if bool((labels != -100).any()):
+        labelled = labels != -100
+        if bool(labelled.any()):
             loss_cls = F.cross_entropy(out.logits.float(), labels.long(), ignore_index=-100)
         else:
             loss_cls = zero
+        loss_terms = zero
+        if out.term_logits is not None and bool(labelled.any()):
+            # Each expanded sample that exists (lambda > 0) is a training sample of its own.
+            exists = (lams.T > 0) & labelled[None, :]
+            per_term = F.cross_entropy(
+                out.term_logits.flatten(0, 1), labels.long().repeat(3).clamp_min(0), reduction="none"
+            ).reshape(3, -1)
+            loss_terms = cfg.term_loss * (per_term * exists).sum() / exists.sum().clamp_min(1)
         out.loss_dis, out.loss_rec, out.loss_cls, out.loss_terms = loss_dis, loss_rec, loss_cls, terms
-        out.loss = loss_dis + loss_rec + loss_cls
+        out.loss = loss_dis + loss_rec + loss_cls + loss_terms
 
     @torch.no_grad()
     def update_queues(self, out: DRFOutput) -> tuple[Tensor, Tensor]:

@@ -24,14 +24,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from tqdm import tqdm
 
-from core.baselines import BASELINES, BaselineHead
+from core.baselines import BASELINES, HEADS, BaselineHead, Router
 from core.data import Dataset, load_dataset
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
+from core.drf import DEFAULT_VARIANT, VARIANTS
 from core.encoders import Encoders
 from core.model import ABLATIONS, DRFModel, create_model
+from core.progress import progress as progress_bar
 from core.train import (
     CPU_DIM,
     CPU_QUEUE_SIZE,
@@ -65,7 +67,15 @@ ABLATION_NAMES = {
     "expansion": "w/o image-text expansion",
     "distribution_constraint": "w/o distribution constraint",
 }
-METHOD_NAMES = {"drf": "DRF", "concat": "Concat (padded)", "text_only": "Text only", "image_only": "Image only"}
+METHOD_NAMES = {
+    "drf": "DRF",
+    "drf-paper": "DRF, paper-literal",
+    "concat": "Concat (padded)",
+    "concat_dropout": "Concat + modality dropout",
+    "router": "Router (specialist per post)",
+    "text_only": "Text only",
+    "image_only": "Image only",
+}
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,9 @@ class EvalConfig:
     ratios: tuple[float, ...] = DISRUPTION_RATIOS
     ablations: tuple[str, ...] = ABLATIONS
     baselines: tuple[str, ...] = BASELINES
-    random_methods: tuple[str, ...] = ("drf", "concat")
+    random_methods: tuple[str, ...] = ("drf", "concat", "concat_dropout")
+    variant: str = DEFAULT_VARIANT  # the DRF variant of "drf" and its ablations (core.drf.VARIANTS)
+    compare_paper: bool = True  # also run the paper-literal variant ("drf-paper") on the clean regime
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,11 +117,17 @@ class EvalConfig:
             ("random_settings", self.random_settings, SETTINGS),
             ("ablations", self.ablations, ABLATIONS),
             ("baselines", self.baselines, BASELINES),
-            ("random_methods", self.random_methods, ("drf", *BASELINES)),
+            ("random_methods", self.random_methods, ("drf", "drf-paper", *BASELINES)),
         ):
             unknown = [v for v in values if v not in known]
             if unknown:
                 problems.append(f"{name}: unknown {unknown}; known: {list(known)}")
+        if self.variant not in VARIANTS:
+            problems.append(f"variant: unknown {self.variant!r}; known: {list(VARIANTS)}")
+        if "router" in (*self.baselines, *self.random_methods) and not {"concat", "text_only", "image_only"} <= set(
+            self.baselines
+        ):
+            problems.append("the router baseline is composed of the concat, text_only and image_only baselines")
         if any(not 0 < r <= 1 for r in self.ratios):
             problems.append(f"ratios must lie in (0, 1], got {self.ratios}")
         if problems:
@@ -157,7 +175,9 @@ class Evaluation:
         self.encode_seconds = 0.0
         self.padding = encode_padding(self.base, self.cache)
         self.results: list[dict[str, Any]] = []
+        self.quality_auroc: list[dict[str, Any]] = []
         self.disruption_stats: dict[str, Any] = {}
+        self._models: dict[tuple[str, int, str], tuple[Trainable, dict[str, Any]]] = {}
 
     # -- features
 
@@ -191,45 +211,57 @@ class Evaluation:
     # -- models
 
     def build(self, method: str, seed: int) -> Trainable:
-        """A fresh head, initialised from ``seed``: "drf", "drf-no-<ablation>" or a baseline name."""
+        """A fresh head, initialised from ``seed``: "drf", "drf-paper", "drf-no-<ablation>" or a baseline head."""
         torch.manual_seed(seed)
-        if method in BASELINES:
+        if method in HEADS:
             return BaselineHead(method, self.labels, *self.padding, dim=self.config.dim)
-        switches = {}
+        options = dict(VARIANTS["paper" if method == "drf-paper" else self.config.variant])
         if method.startswith("drf-no-"):
-            switches[method.removeprefix("drf-no-")] = False
-        elif method != "drf":
+            options[method.removeprefix("drf-no-")] = False
+        elif method not in ("drf", "drf-paper"):
             raise ValueError(f"unknown method {method!r}")
-        return DRFModel(
-            self.encoders, self.labels, dim=self.config.dim, queue_size=self.config.queue_size, **switches
-        )
+        return DRFModel(self.encoders, self.labels, dim=self.config.dim, queue_size=self.config.queue_size, **options)
 
-    def run(self, method: str, seed: int, regime: str, conditions: Conditions) -> None:
+    def trained(self, method: str, seed: int, regime: str, conditions: Conditions) -> tuple[Trainable, dict[str, Any]]:
+        """The model of ``method`` trained on ``conditions`` (baseline heads are kept: the router reuses them)."""
+        key = (method, seed, regime)
+        if key in self._models:
+            return self._models[key]
+        if method == "router":
+            parts = [self.trained(m, seed, regime, conditions)[0] for m in ("concat", "text_only", "image_only")]
+            return Router(*parts), {"best_epoch": 0, "best_dev_accuracy": float("nan"), "train_seconds": 0.0}
         model = self.build(method, seed)
         with one_thread():  # encoding keeps every thread; heads train faster on one
-            trained = fit(
+            result = fit(
                 model, CachedSource(conditions.train), CachedSource(conditions.dev), self.config.train_config(seed)
             )
+        info = {
+            "best_epoch": result.best_epoch, "best_dev_accuracy": result.best_dev_accuracy,
+            "train_seconds": result.seconds, "history": result.history,
+        }
+        if method in HEADS:
+            self._models[key] = (model, info)
+        return model, info
+
+    def run(self, method: str, seed: int, regime: str, conditions: Conditions) -> None:
+        model, info = self.trained(method, seed, regime, conditions)
         for test_name, table in conditions.tests.items():
             predicted = predict(model, CachedSource(table)).argmax(-1)
             scores = classification_scores(table.labels.numpy(), predicted, len(self.labels))
-            self.results.append(
-                {
-                    "method": method, "seed": seed, "regime": regime, "test": test_name, **scores,
-                    "best_epoch": trained.best_epoch, "best_dev_accuracy": trained.best_dev_accuracy,
-                    "train_seconds": trained.seconds,
-                }
-            )
+            self.results.append({"method": method, "seed": seed, "regime": regime, "test": test_name, **scores, **info})
+        if isinstance(model, DRFModel) and {"clean", "image/C", "text/C"} <= set(conditions.tests):
+            self.quality_auroc.append({"method": method, "seed": seed, **quality_auroc(model, conditions.tests)})
 
     def methods_clean(self) -> list[str]:
-        return ["drf", *(f"drf-no-{a}" for a in self.config.ablations), *self.config.baselines]
+        paper = ["drf-paper"] if self.config.compare_paper and self.config.variant != "paper" else []
+        return ["drf", *paper, *(f"drf-no-{a}" for a in self.config.ablations), *self.config.baselines]
 
     def execute(self) -> None:
         cfg = self.config
         started = time.monotonic()
         clean = self.clean_conditions()
         total = len(cfg.seeds) * (len(self.methods_clean()) + len(cfg.random_settings) * len(cfg.ratios) * len(cfg.random_methods))
-        bar = tqdm(total=total, desc="evaluation runs", unit="run", disable=not self.progress)
+        bar = progress_bar(total=total, desc="evaluation runs", unit="run", disable=not self.progress)
         for method in self.methods_clean():
             for seed in cfg.seeds:
                 bar.set_postfix(method=method, seed=seed)
@@ -264,6 +296,45 @@ class Evaluation:
                         "threads": torch.get_num_threads()},
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+
+
+# ----------------------------------------------------------------------------------------- quality scores
+
+
+def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """Probability that a random ``positive`` scores above a random ``negative`` (ties count half)."""
+    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("AUROC needs at least one score on each side")
+    ranks = _ranks(np.concatenate([pos, neg]))
+    return float((ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    order = values.argsort(kind="mergesort")
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[order] = np.arange(1, values.size + 1)
+    unique, inverse = np.unique(values, return_inverse=True)
+    if unique.size != values.size:
+        sums = np.bincount(inverse, weights=ranks)
+        ranks = (sums / np.bincount(inverse))[inverse]
+    return ranks
+
+
+@torch.no_grad()
+def quality_auroc(model: DRFModel, tests: dict[str, FeatureTable]) -> dict[str, float]:
+    """How well the published quality separates intact from corrupted inputs: AUROC of q on the clean test
+    split (intact) against the same posts with that modality corrupted (tests "image/C" and "text/C")."""
+    model.train(False)
+
+    def log_q(table: FeatureTable, modality: str) -> np.ndarray:
+        out = model.forward_features(table.image, table.text, table.image_present, table.text_present)
+        values = out.log_quality_image if modality == "image" else out.log_quality_text
+        present = table.image_present if modality == "image" else table.text_present
+        return values[present].float().numpy()
+
+    return {m: auroc(log_q(tests["clean"], m), log_q(tests[f"{m}/C"], m)) for m in MODALITIES}
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -346,6 +417,107 @@ def random_curve(
     return points
 
 
+def _mean_sd(values: Sequence[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def auroc_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Quality AUROC (intact vs corrupted) per DRF method, mean ± sd over seeds."""
+    lines = ["| Method | image q AUROC | text q AUROC |", "|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        chosen = [r for r in rows if r["method"] == method]
+        cells = [_mean_sd([r[m] for r in chosen]) for m in MODALITIES]
+        lines.append(f"| {_method_name(method)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+#: Columns of the diagnostics table: (history key, heading).
+DIAGNOSTICS = (
+    ("acceptance_image", "accepted (image)"),
+    ("acceptance_text", "accepted (text)"),
+    ("queue_fill_image", "queue fill (image)"),
+    ("sigma_image", "σ image"),
+    ("sigma_text", "σ text"),
+    ("log_q_image_p50", "median log q image"),
+    ("log_q_recovered_image_p50", "median log q recovered image"),
+    ("log_q_text_p50", "median log q text"),
+    ("log_q_recovered_text_p50", "median log q recovered text"),
+    ("share_intact", "share intact"),
+    ("share_image+recovered_text", "share image+rec. text"),
+    ("share_recovered_image+text", "share rec. image+text"),
+    ("fused_norm", "‖M‖"),
+)
+
+
+def diagnostics_table(results: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    """The training diagnostics (core.drf.output_diagnostics on dev) at the first and the last epoch of each
+    DRF variant trained clean, mean over seeds: how the queues and the fusion weights evolve."""
+    lines = ["| Method | epoch | " + " | ".join(h for _, h in DIAGNOSTICS) + " |", "|---|---|" + "---|" * len(DIAGNOSTICS)]
+    for method in methods:
+        runs = {r["seed"]: r["history"] for r in results
+                if r["method"] == method and r["regime"] == "clean" and r.get("history")}
+        if not runs:
+            continue
+        for label, pick in (("first", 0), ("last", -1)):
+            records = [h[pick] for h in runs.values()]
+            cells = []
+            for key, _ in DIAGNOSTICS:
+                values = [r[key] for r in records if key in r]
+                cells.append(f"{statistics.fmean(values):.3g}" if values else "–")
+            lines.append(f"| {_method_name(method)} | {label} ({records[0]['epoch']}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets(results: Sequence[dict[str, Any]], auroc_rows: Sequence[dict[str, Any]], ratios: Sequence[float]) -> list[dict[str, Any]]:
+    """The acceptance targets of the model (issue 12), each with the numbers it was judged on (accuracy means)."""
+
+    def acc(method: str, test: str, regime: str = "clean") -> float | None:
+        agg = aggregate(results, method, regime, test)
+        return None if agg is None else agg["accuracy"]
+
+    checks: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, bound: float | None, margin: float = 0.0, at_most: bool = False) -> None:
+        """``value >= bound + margin`` (``at_most``: ``value <= bound``); skipped when a number is missing."""
+        if value is None or bound is None:
+            return
+        limit = bound + margin
+        checks.append({"target": name, "drf": round(value, 2), "bound": round(limit, 2),
+                       "met": value <= limit if at_most else value >= limit})
+
+    baselines = [m for m in ("concat", "concat_dropout", "router") if acc(m, "clean") is not None]
+    best = max((acc(m, "clean") for m in baselines), default=None)
+    check("clean ≥ best baseline − 0.5", acc("drf", "clean"), best, -0.5)
+    check("clean ≥ 70 %", acc("drf", "clean"), 70.0)
+    for modality, specialist in (("image", "text_only"), ("text", "image_only")):
+        test = f"{modality}/D"
+        check(f"{modality} D ≥ router − 0.5", acc("drf", test), acc("router", test), -0.5)
+        check(f"{modality} D ≥ concat + 5", acc("drf", test), acc("concat", test), 5.0)
+        for setting in ("C", "C+D"):
+            test = f"{modality}/{setting}"
+            for baseline in ("concat", "concat_dropout", "router"):
+                check(f"{modality} {setting} ≥ {baseline}", acc("drf", test), acc(baseline, test))
+            check(f"{modality} {setting} ≥ {specialist} − 1", acc("drf", test), acc(specialist, test), -1.0)
+    curve = {r: acc("drf", "test", f"random C+D dr={r:g}") for r in ratios}
+    if curve.get(0.2) is not None and curve.get(1.0) is not None:
+        check("Figure 5 C+D: drop 0.2→1.0 ≤ 5", curve[0.2] - curve[1.0], 5.0, at_most=True)
+    for r in ratios:
+        check(f"Figure 5 C+D dr={r:g}: ≥ concat", curve.get(r), acc("concat", "test", f"random C+D dr={r:g}"))
+    for modality in MODALITIES:
+        values = [row[modality] for row in auroc_rows if row["method"] == "drf"]
+        if values:
+            checks.append({"target": f"quality AUROC {modality} ≥ 0.9", "drf": round(statistics.fmean(values), 3),
+                           "bound": 0.9, "met": statistics.fmean(values) >= 0.9})
+    return checks
+
+
+def targets_table(checks: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["| Target | DRF | bound | met |", "|---|---|---|---|"]
+    lines += [f"| {c['target']} | {c['drf']} | {c['bound']} | {'yes' if c['met'] else '**no**'} |" for c in checks]
+    return lines
+
+
 def plot_random(results: Sequence[dict[str, Any]], config: EvalConfig, describe: dict[str, Any], path: Path) -> None:
     """Figure 5: accuracy against dr, one panel per setting, error bars = sample std over seeds."""
     import matplotlib
@@ -382,8 +554,14 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
     describe = evaluation.describe()
     results = evaluation.results
     paths = {"json": out / "results.json", "markdown": out / "report.md"}
-    paths["json"].write_text(json.dumps({**describe, "results": results}, indent=1) + "\n", encoding="utf-8")
-    drf_and_baselines = ["drf", *cfg.baselines]
+    checks = targets(results, evaluation.quality_auroc, cfg.ratios)
+    paths["json"].write_text(
+        json.dumps({**describe, "targets": checks, "quality_auroc": evaluation.quality_auroc, "results": results},
+                   indent=1) + "\n",
+        encoding="utf-8",
+    )
+    drf_methods = [m for m in evaluation.methods_clean() if m.startswith("drf")]
+    drf_and_baselines = [m for m in ("drf", "drf-paper") if m in drf_methods] + list(cfg.baselines)
     lines = [
         f"# DRF evaluation on {describe['data']['name']}",
         "",
@@ -409,6 +587,21 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
         "",
         *fixed_table(results, ["drf", *(f"drf-no-{a}" for a in cfg.ablations)], cfg.fixed_settings),
         "",
+        "## Quality scores: intact against corrupted inputs",
+        "",
+        "AUROC of the published quality q on the clean test posts (intact) against the same posts with that "
+        "modality corrupted (C), models trained clean; mean ± sample std over seeds.",
+        "",
+        *auroc_table(evaluation.quality_auroc),
+        "",
+        "## Training diagnostics",
+        "",
+        "On the dev split after the first and the last epoch (clean training), mean over seeds: share of offered "
+        "features each queue admitted during the epoch, queue fill and σ, median log q of present and recovered "
+        "features, mean share of each term of (12) for posts with both modalities, mean ‖M‖.",
+        "",
+        *diagnostics_table(results, [m for m in drf_methods if not m.startswith("drf-no-")]),
+        "",
     ]
     if cfg.random_settings and cfg.ratios:
         paths["figure"] = out / "figure5.png"
@@ -423,6 +616,7 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
         ]
         for setting in cfg.random_settings:
             lines += [*random_table(results, cfg.random_methods, setting, cfg.ratios), ""]
+    lines += ["## Targets", "", "Accuracy means over seeds (AUROC for quality).", "", *targets_table(checks), ""]
     paths["markdown"].write_text("\n".join(lines), encoding="utf-8")
     return paths
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from core.checkpoint import load_checkpoint
-from core.distribution import QueueStats, passes_enqueue_rule
+from core.distribution import QueueStats
 from core.encoders import IMAGE_RUNTIMES
 from core.model import DRFModel, PreparedBatch
 
@@ -40,9 +40,9 @@ class BatchPrediction:
     recovered: list[str | None]  # "image" | "text" | None: the missing modality a converter stood in for
     fusion_weights: np.ndarray  # [B, 3] weights of (12): intact, image+recovered text, recovered image+text
     abstained: np.ndarray  # [B] bool: no usable modality
-    image_features: np.ndarray  # [B, d] float32, zeros where absent (proposals for the reference queues)
-    text_features: np.ndarray  # [B, d]
-    image_accepted: np.ndarray  # [B] bool: present and passing enqueue rule (13) against the current stats
+    image_features: np.ndarray  # [B, d_v] float32, zeros where absent (proposals for the reference queues)
+    text_features: np.ndarray  # [B, d_t]
+    image_accepted: np.ndarray  # [B] bool: present and admitted by the head's queue rule against the current stats
     text_accepted: np.ndarray  # [B] bool
 
     @classmethod
@@ -206,8 +206,10 @@ class Predictor:
         probabilities = out.probabilities.float().cpu().numpy()
         image_features = out.image_features.float()
         text_features = out.text_features.float()
-        image_accepted = passes_enqueue_rule(image_features, stats["image"]) & out.image_present
-        text_accepted = passes_enqueue_rule(text_features, stats["text"]) & out.text_present
+        # The shared queues admit by the same rule as training did (the head's admission rule).
+        head = self.model.head
+        image_accepted = head.image_queue.admits(image_features, stats["image"]) & out.image_present
+        text_accepted = head.text_queue.admits(text_features, stats["text"]) & out.text_present
         recovered: list[str | None] = [
             "text" if v and not t else "image" if t and not v else None
             for v, t in zip(image_present, text_present, strict=True)
@@ -237,8 +239,9 @@ class Predictor:
         """Swap in statistics from the shared reference queues; validated before anything changes."""
         if set(stats) != {"image", "text"}:
             raise ValueError(f"reference stats need exactly the keys 'image' and 'text', got {sorted(stats)}")
-        dim = self.model.head.config.dim
+        widths = dict(zip(("image", "text"), self.model.head.config.widths, strict=True))
         for key, value in stats.items():
+            dim = widths[key]
             if not isinstance(value, QueueStats) or value.dim != dim or value.mean.dim() != 1:
                 raise ValueError(f"{key} reference stats must be QueueStats with a [{dim}] mean")
             numbers = torch.cat(

@@ -12,10 +12,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.distribution import DEFAULT_QUEUE_SIZE, QueueStats
-from core.drf import DRFConfig, DRFHead, DRFOutput
+from core.drf import DEFAULT_VARIANT, VARIANTS, DRFConfig, DRFHead, DRFOutput, output_diagnostics
 from core.encoders import Encoders, create_encoders
 
 DEFAULT_DIM = 768
@@ -79,7 +80,7 @@ class DRFModel(nn.Module):
             or not all(isinstance(x, str) and x for x in labels)
         ):
             raise ValueError(f"labels must be at least two distinct non-empty strings, got {labels}")
-        known = {f.name for f in fields(DRFConfig)} - {"num_classes", "dim", "queue_size"}
+        known = {f.name for f in fields(DRFConfig)} - {"num_classes", "dim", "queue_size", "image_dim", "text_dim"}
         unknown = set(head_options) - known
         if unknown:
             raise ValueError(f"unknown DRF options {sorted(unknown)}; known: {sorted(known)}")
@@ -91,8 +92,11 @@ class DRFModel(nn.Module):
         self.text_encoder = encoders.text
         self.image_projection = nn.Linear(encoders.image.dim, dim)
         self.text_projection = nn.Linear(encoders.text.dim, dim)
+        widths = {}
+        if head_options.get("quality_space", DRFConfig.quality_space) == "encoder":
+            widths = {"image_dim": encoders.image.dim, "text_dim": encoders.text.dim}
         self.head = DRFHead(
-            DRFConfig(num_classes=len(labels), dim=dim, queue_size=queue_size, **head_options)
+            DRFConfig(num_classes=len(labels), dim=dim, queue_size=queue_size, **widths, **head_options)
         )
         self.freeze_encoders = freeze_encoders
         for encoder in (self.image_encoder, self.text_encoder):
@@ -109,7 +113,7 @@ class DRFModel(nn.Module):
             "dim": head.pop("dim"),
             "queue_size": head.pop("queue_size"),
             "freeze_encoders": self.freeze_encoders,
-            "head": {k: v for k, v in head.items() if k != "num_classes"},
+            "head": {k: v for k, v in head.items() if k not in ("num_classes", "image_dim", "text_dim")},
             "preprocessing": self.preprocessing,
         }
 
@@ -117,13 +121,15 @@ class DRFModel(nn.Module):
     def from_config(cls, config: Mapping[str, Any], pretrained: bool = False) -> DRFModel:
         """Rebuild from ``config()``; with ``pretrained=False`` no encoder weights are loaded (a checkpoint will)."""
         encoders = create_encoders(config["encoders"], pretrained=pretrained, **config["encoder_options"])
+        # A checkpoint from before the variants existed lacks their switches: it was trained as the paper's.
+        head = {**VARIANTS["paper"], **config["head"]}
         return cls(
             encoders,
             config["labels"],
             dim=config["dim"],
             queue_size=config["queue_size"],
             freeze_encoders=config["freeze_encoders"],
-            **config["head"],
+            **head,
         )
 
     def train(self, mode: bool = True) -> DRFModel:
@@ -165,9 +171,25 @@ class DRFModel(nn.Module):
         labels: Tensor | None = None,
         stats: dict[str, QueueStats] | None = None,
     ) -> DRFOutput:
-        """Projections + head on pre-projection features (e.g. cached from ``encode_images``/``encode_texts``)."""
-        f_v = self.image_projection(image_features.to(self.image_projection.weight.dtype))
-        f_t = self.text_projection(text_features.to(self.text_projection.weight.dtype))
+        """Projections + head on pre-projection features (e.g. cached from ``encode_images``/``encode_texts``).
+
+        In the "encoder" quality space the head gets the (optionally L2-normalised) encoder features and applies
+        the projections itself, to the fusion's inputs only; in the "projected" space it gets W_v f^v, W_t f^t.
+        """
+        cfg = self.head.config
+        dtype = self.image_projection.weight.dtype
+        image_features, text_features = image_features.to(dtype), text_features.to(dtype)
+        if cfg.normalise_image:
+            image_features = F.normalize(image_features, dim=-1)
+        if cfg.normalise_text:
+            text_features = F.normalize(text_features, dim=-1)
+        if cfg.quality_space == "encoder":
+            return self.head(
+                image_features, text_features, image_present, text_present, labels=labels, stats=stats,
+                projections=(self.image_projection, self.text_projection),
+            )
+        f_v = self.image_projection(image_features)
+        f_t = self.text_projection(text_features)
         return self.head(f_v, f_t, image_present, text_present, labels=labels, stats=stats)
 
     def encode_batch(self, batch: PreparedBatch) -> tuple[Tensor, Tensor]:
@@ -193,6 +215,21 @@ class DRFModel(nn.Module):
             image_features, text_features, batch.image_present, batch.text_present, labels=labels, stats=stats
         )
 
+    @torch.no_grad()
+    def diagnostics(
+        self, image_features: Tensor, text_features: Tensor, image_present: Tensor, text_present: Tensor
+    ) -> dict[str, float]:
+        """``core.drf.output_diagnostics`` of an eval-mode pass, plus each queue's fill and sigma."""
+        was_training = self.training
+        self.train(False)
+        out = self.forward_features(image_features, text_features, image_present, text_present)
+        self.train(was_training)
+        summary = output_diagnostics(out)
+        for name, queue in (("image", self.head.image_queue), ("text", self.head.text_queue)):
+            summary[f"queue_fill_{name}"] = len(queue) / queue.capacity
+            summary[f"sigma_{name}"] = float(queue.sigma)
+        return summary
+
     def update_queues(self, output: DRFOutput) -> tuple[Tensor, Tensor]:
         """After a training step: enqueue the batch's features that pass rule (13); returns accepted masks."""
         return self.head.update_queues(output)
@@ -207,17 +244,22 @@ def create_model(
     queue_size: int = DEFAULT_QUEUE_SIZE,
     freeze_encoders: bool = True,
     encoder_options: Mapping[str, Any] | None = None,
+    variant: str = DEFAULT_VARIANT,
     **head_options: Any,
 ) -> DRFModel:
     """Build a DRF model with the named encoder configuration ("offline", "paper" or "tiny").
 
     ``dim`` defaults to 768 (the paper's width), or the tiny encoders' own width for ``tiny``.
-    ``head_options`` are DRFConfig fields: dropout, converter_hidden, fusion_hidden and the ablation switches
-    (see ABLATIONS).
+    ``variant`` names the head's mechanisms (core.drf.VARIANTS: "robust", the default, or "paper");
+    ``head_options`` are further DRFConfig fields, which win over the variant's: dropout, converter_hidden,
+    fusion_hidden, temperature, the ablation switches (see ABLATIONS).
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown DRF variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     encoders = create_encoders(name, pretrained=pretrained, **dict(encoder_options or {}))
     if dim is None:
         dim = encoders.image.dim if name == "tiny" else DEFAULT_DIM
     return DRFModel(
-        encoders, labels, dim=dim, queue_size=queue_size, freeze_encoders=freeze_encoders, **head_options
+        encoders, labels, dim=dim, queue_size=queue_size, freeze_encoders=freeze_encoders,
+        **{**VARIANTS[variant], **head_options},
     )

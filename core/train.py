@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm import tqdm
 
 from core.data.records import Sample, load_image, stratified_split
 from core.model import DRFModel, PreparedBatch, create_model
+from core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ class TrainConfig:
         return asdict(self)
 
 
-#: The CPU configuration of the demo model and the evaluation (frozen encoders, cached features): a small head
-#: (d = 128, L = 128; paper 768, 512) and a higher head learning rate for few steps (paper: 2e-4 over 30 epochs
-#: at batch 16; at 2e-4 a few hundred steps leave DRF predicting the majority class).
+#: The CPU configuration of the demo model and the evaluation (frozen encoders, cached features): a small fusion
+#: width (d = 128; paper 768), the paper's queue length L = 512, and a higher head learning rate for few steps
+#: (paper: 2e-4 over 30 epochs at batch 16; at 2e-4 a few hundred steps leave DRF predicting the majority class).
 CPU_DIM = 128
-CPU_QUEUE_SIZE = 128
+CPU_QUEUE_SIZE = 512
 CPU_TRAIN = TrainConfig(epochs=8, batch_size=64, head_lr=1e-3)
 
 
@@ -270,7 +270,7 @@ def _encode_missing_images(
         return
     run = (_ort_image_runner(model) if len(todo) >= ORT_MIN_IMAGES and model.freeze_encoders else None)
     run = run or _torch_image_runner(model)
-    bar = tqdm(total=len(todo), desc="encode images", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=len(todo), desc="encode images", unit="img", disable=not progress, leave=False)
     # Decoding and masking overlap with encoding: PIL releases the GIL.
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = [pool.submit(_load_pixels, model, keyed[k]) for k in todo[:batch_size]]
@@ -292,7 +292,7 @@ def _encode_missing_texts(
         return
     # Similar lengths per batch keep dynamic padding short.
     todo.sort(key=lambda k: len(keyed[k]))
-    bar = tqdm(total=len(todo), desc="encode texts", unit="text", disable=not progress, leave=False)
+    bar = progress_bar(total=len(todo), desc="encode texts", unit="text", disable=not progress, leave=False)
     for keys in _chunks(todo, batch_size):
         with torch.inference_mode():
             features = model.encode_texts(model.text_encoder.tokenize([keyed[k] for k in keys]))
@@ -537,16 +537,18 @@ def _fit(
     else:
         torch.manual_seed(config.seed)
     after_step = getattr(model, "update_queues", None)
+    diagnose = getattr(model, "diagnostics", None)
     device = _device_of(model)
     started = time.monotonic()
-    bar = tqdm(
-        total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=description,
-        unit="step", disable=not progress, leave=False,
+    bar = progress_bar(
+        total=config.epochs * steps_per_epoch, desc=description, unit="step", disable=not progress, leave=False
     )
+    bar.update(start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, config.epochs):
         model.train(True)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
         losses = []
+        admitted = {"image": [0, 0], "text": [0, 0]}  # accepted, offered (present) features this epoch
         for index in order.split(config.batch_size):
             image, text, image_present, text_present = (x.to(device) for x in train.features(index))
             out = model.forward_features(image, text, image_present, text_present, labels=train.labels[index].to(device))
@@ -555,12 +557,18 @@ def _fit(
             optimizer.step()
             scheduler.step()
             if after_step is not None:
-                after_step(out)
+                accepted = after_step(out)
+                for name, mask, present in zip(admitted, accepted, (out.image_present, out.text_present), strict=True):
+                    admitted[name][0] += int(mask.sum())
+                    admitted[name][1] += int(present.sum())
             losses.append(float(out.loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", dev_acc=f"{result.best_dev_accuracy:.1f}")
         dev_scores = score(model, dev, num_classes)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_scores["accuracy"]}
+        if diagnose is not None:
+            record.update({f"acceptance_{k}": a / max(1, n) for k, (a, n) in admitted.items()})
+            record.update(diagnose(*(x.to(device) for x in dev.features(torch.arange(len(dev))))))
         result.history.append(record)
         if dev_scores["accuracy"] > result.best_dev_accuracy:
             result.best_dev_accuracy, result.best_epoch = dev_scores["accuracy"], epoch + 1

@@ -1,7 +1,7 @@
 """The main job on the embedded default, end to end, in one command.
 
 1. Start a local Kafka-protocol broker and Redis unless the configured ones answer.
-2. Obtain a model: reuse ``artifacts/demo-model.pt`` or train a small one on the VADER demo set
+2. Obtain a model: reuse ``artifacts/demo-model-2.pt`` or train a small one on the VADER demo set
    (real human-rated tweets paired with generated images; offline encoders, frozen; a few minutes once).
 3. Produce a stream of test posts with images and texts corrupted or discarded as in the paper
    (modality-random, C+D), plus a few records that are not valid posts.
@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="posts per second (0: all at once)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="demo data set and feature cache")
     parser.add_argument("--dataset", help="stream the test split of this data set instead (e.g. jsonl:DIR)")
-    parser.add_argument("--model-out", type=Path, default=Path("artifacts/demo-model.pt"))
+    # The number in the name changes with the default model (2: the robust DRF variant), so a demo model trained
+    # with an older default is not reused.
+    parser.add_argument("--model-out", type=Path, default=Path("artifacts/demo-model-2.pt"))
     parser.add_argument("--state-dir", type=Path, default=Path(".run/services"))
     parser.add_argument("--keep-services", action="store_true", help="leave the local broker and Redis running")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from core.data import SPEC_HELP, DataFormatError
 from core.data.disruption import SETTINGS
+from core.drf import VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
 from core.evaluate import EvalConfig, run_evaluation
 from core.model import ABLATIONS
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md, results.json, figure5.png")
     parser.add_argument("--full", action="store_true", help="3 seeds, ablations and Figure 5 (the full report)")
     parser.add_argument("--encoders", choices=ENCODER_CONFIGS)
+    parser.add_argument("--variant", choices=list(VARIANTS), help="the DRF mechanisms of 'drf' (default: robust)")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--dim", type=int, help="DRF width d of every head (default 128)")
     parser.add_argument("--queue-size", type=int)
@@ -37,8 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-settings", nargs="*", choices=SETTINGS, help="Figure 5 panels (none: skip it)")
     parser.add_argument("--ratios", type=float, nargs="+", help="Figure 5 disruption ratios dr")
     parser.add_argument("--ablations", nargs="*", choices=ABLATIONS, help="Table 4 rows (none: skip it)")
-    parser.add_argument("--baselines", nargs="*", help="concat, text_only, image_only (none: skip)")
-    parser.add_argument("--random-methods", nargs="+", help="methods in Figure 5 (default: drf concat)")
+    parser.add_argument("--baselines", nargs="*",
+                        help="concat, concat_dropout, text_only, image_only, router (none: skip)")
+    parser.add_argument("--random-methods", nargs="+",
+                        help="methods in Figure 5 (default: drf concat concat_dropout)")
     parser.add_argument("--cache-dir", type=Path, default=Path("data/features"), help="feature cache root")
     parser.add_argument("--no-progress", action="store_true")
 

@@ -19,6 +19,8 @@ import torch
 from core.checkpoint import save_checkpoint
 from core.data import SPEC_HELP, DataFormatError, load_dataset
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
+from core.distribution import DEFAULT_QUEUE_SIZE
+from core.drf import DEFAULT_VARIANT, VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
 from core.inference import resolve_device
 from core.model import ABLATIONS, create_model
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     parser.add_argument("--encoders", default="offline", choices=ENCODER_CONFIGS)
     parser.add_argument("--dim", type=int, help="DRF width d (default 768; the tiny encoders' width for tiny)")
-    parser.add_argument("--queue-size", type=int, default=512, help="queue length L (default 512)")
+    parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help="queue length L (default 512)")
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--encoder-lr", type=float, default=DEFAULTS.encoder_lr)
@@ -57,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"modality-random training: disrupt a ratio DR of the samples, e.g. {DISRUPTION_RATIOS}")
     parser.add_argument("--setting", default="C+D", choices=SETTINGS, help="disruption setting (default C+D)")
     parser.add_argument("--disruption-seed", type=int, default=0)
+    parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS),
+                        help="DRF mechanisms: robust (default) or the paper-literal ones (docs/evaluation.md)")
     parser.add_argument("--ablate", action="append", default=[], choices=ABLATIONS,
                         help="switch a DRF component off (repeatable; paper Table 4)")
     parser.add_argument("--state", type=Path, help="training state file (default: OUT.state)")
@@ -87,7 +91,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     torch.manual_seed(args.seed)
     model = create_model(
         args.encoders, dataset.label_names, dim=args.dim, queue_size=args.queue_size,
-        freeze_encoders=not args.fine_tune, **{name: False for name in args.ablate},
+        freeze_encoders=not args.fine_tune, variant=args.variant, **{name: False for name in args.ablate},
     ).to(device)
     if args.fine_tune:
         train, dev, test = (SampleSource(model, dataset[s]) for s in ("train", "dev", "test"))

@@ -23,8 +23,8 @@ LABELS = ["negative", "neutral", "positive"]
 def model() -> DRFModel:
     torch.manual_seed(0)
     model = create_model("tiny", LABELS, queue_size=8, encoder_options={"dim": 16}, dim=12)
-    model.head.image_queue.push(torch.randn(10, 12))  # full, wrapped around
-    model.head.text_queue.push(torch.randn(3, 12))  # still warming up
+    model.head.image_queue.push(torch.randn(10, 16))  # full, wrapped around (queues hold encoder features)
+    model.head.text_queue.push(torch.randn(3, 16))  # still warming up
     return model.eval()
 
 

@@ -1,5 +1,8 @@
 """The DRF head against a 2-d example worked out by hand (equations (3)-(8), (10)-(12), (14)-(16)).
 
+The hand-worked tests use the paper-literal variant; the robust variant's departures (softmax weights, detached
+recovery targets, per-term classification, floor admission, encoder-space queues) are tested at the end.
+
 Setup (fixed by ``head`` below): queues Q_v = {(1,0), (-1,0)} so mu_v = (0,0), sigma_v = 1, and
 Q_t = {(1,0), (1,2)} so mu_t = (1,1), sigma_t = 1.  Converters C_{v->t}(f) = 2f + (1,1), C_{t->v}(f) = f - (1,0);
 fusion F([a; b]) = a + b; classifier W = I, b = 0.  Sample f^v = (1,0), f^t = (1,3):
@@ -17,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.drf import DRFConfig, DRFHead
+from core.drf import VARIANTS, DRFConfig, DRFHead
 
 E = math.exp
 
@@ -30,8 +33,8 @@ def linear(weight: list[list[float]], bias: list[float]) -> nn.Linear:
     return layer
 
 
-def make_head(**options: bool) -> DRFHead:
-    head = DRFHead(DRFConfig(num_classes=2, dim=2, queue_size=4, dropout=0.0, **options))
+def make_head(**options: bool | float | str) -> DRFHead:
+    head = DRFHead(DRFConfig(num_classes=2, dim=2, queue_size=4, dropout=0.0, **{**VARIANTS["paper"], **options}))
     head.converter_v2t = linear([[2, 0], [0, 2]], [1, 1])
     head.converter_t2v = linear([[1, 0], [0, 1]], [-1, 0])
     head.fusion = linear([[1, 0, 1, 0], [0, 1, 0, 1]], [0, 0])
@@ -170,9 +173,9 @@ def test_eval_mode_is_deterministic_and_bad_shapes_are_rejected() -> None:
     f = torch.randn(5, 8)
     present = torch.ones(5, dtype=torch.bool)
     assert torch.equal(head(f, f, present, present).logits, head(f, f, present, present).logits)
-    with pytest.raises(ValueError, match="width 4"):
+    with pytest.raises(ValueError, match=r"must be \[B, 8\] and \[B, 8\]"):
         head(torch.randn(2, 4), torch.randn(2, 4), present[:2], present[:2])
-    with pytest.raises(ValueError, match="must both be"):
+    with pytest.raises(ValueError, match="must be"):
         head(torch.randn(2, 8), torch.randn(3, 8), present[:2], present[:3])
     with pytest.raises(ValueError, match="dropout"):
         DRFConfig(num_classes=2, dropout=1.5)
@@ -186,3 +189,87 @@ def test_mixed_precision_keeps_tiny_fusion_weights_and_float32_logits(dtype: tor
         out = head(far, F_T, YES, NO)
     assert out.logits.dtype == torch.float32 and out.fused.dtype == torch.float32
     assert float(out.fusion_weights[0, 1]) > 0 and float(out.fused.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------- the robust variant (default)
+
+
+def test_softmax_fusion_weights_sum_to_one_over_the_present_terms() -> None:
+    """Same example: summed log qualities -2.5, -2.5, -6.5, so the weights are their softmax (over τ)."""
+    out = make_head(fusion="softmax")(F_V, F_T, YES, YES)
+    total = 2 * E(-2.5) + E(-6.5)
+    assert out.fusion_weights[0].tolist() == pytest.approx([E(-2.5) / total, E(-2.5) / total, E(-6.5) / total])
+    assert out.fused[0].tolist() == pytest.approx([(6 * E(-2.5) + E(-6.5)) / total, (4 * E(-2.5) + 6 * E(-6.5)) / total])
+    hot = make_head(fusion="softmax", temperature=2.0)(F_V, F_T, YES, YES)
+    total = 2 * E(-1.25) + E(-3.25)
+    assert hot.fusion_weights[0].tolist() == pytest.approx([E(-1.25) / total, E(-1.25) / total, E(-3.25) / total])
+    # One modality: its one term gets all the weight, however atypical; none: no term, M = 0.
+    far = make_head(fusion="softmax")(torch.tensor([[90.0, 0]]), F_T, YES, NO)
+    assert far.fusion_weights[0].tolist() == [0.0, 1.0, 0.0] and far.fused[0].tolist() == pytest.approx([271.0, 1.0])  # (90,0) + (181,1)
+    assert make_head(fusion="softmax")(F_V, F_T, NO, NO).fused.tolist() == [[0.0, 0.0]]
+
+
+def test_a_far_off_image_hands_its_weight_to_the_recovered_image_term() -> None:
+    """Quality-aware fusion: the further f^v lies from the image distribution, the more the text's own term counts."""
+    head = make_head(fusion="softmax")
+    near = head(F_V, F_T, YES, YES).fusion_weights[0]
+    far = head(torch.tensor([[6.0, 0]]), F_T, YES, YES).fusion_weights[0]
+    assert float(far[2]) > 0.99 > float(near[2])
+
+
+def test_robust_losses_detach_recovery_targets_and_classify_every_expanded_sample() -> None:
+    label = torch.tensor([0])
+    paper = make_head()(F_V, F_T, YES, YES, labels=label)
+    robust = make_head(fusion="softmax", detach_targets=True, term_loss=1.0)(F_V, F_T, YES, YES, labels=label)
+    # (3), (8) unchanged; (16) gains the mean cross-entropy of the three terms F -> classifier: (2,3), (4,1), (1,6).
+    assert float(robust.loss_rec) == pytest.approx(float(paper.loss_rec), rel=1e-5)
+    assert float(robust.loss_dis) == pytest.approx(float(paper.loss_dis), rel=1e-5)
+    terms = [(2.25, 2.75), (4.25, 0.75), (1.25, 5.75)]
+    term_ce = sum(math.log(E(a) + E(b)) - a for a, b in terms) / 3
+    assert float(robust.loss) == pytest.approx(
+        float(robust.loss_dis) + float(robust.loss_rec) + float(robust.loss_cls) + term_ce, rel=1e-5
+    )
+    # Detached targets: (4) moves the converter, never the target feature.
+    for detach, reaches_target in ((True, False), (False, True)):
+        head = make_head(detach_targets=detach, distribution_constraint=False, distribution_recovery=False)
+        head.requires_grad_(True)
+        f_t = F_T.clone().requires_grad_(True)
+        out = head(F_V, f_t, YES, YES, labels=label)
+        out.loss_terms["sample_v2t"].backward()
+        assert (f_t.grad is not None and bool(f_t.grad.abs().sum() > 0)) == reaches_target
+
+
+def test_floor_admission_takes_all_but_outliers_so_the_queue_stays_current() -> None:
+    """Rule (13) admits only features closer than the queue's average, so acceptance collapses as the queue
+    tightens; the floor rule keeps admitting features drawn from the queue's own distribution."""
+    torch.manual_seed(0)
+    rates = {}
+    for rule in ("rule13", "floor"):
+        head = DRFHead(DRFConfig(num_classes=2, dim=16, queue_size=64, admission=rule, quality_space="projected"))
+        accepted = []
+        for _ in range(40):
+            f = torch.randn(32, 16)
+            out = head(f, f, torch.ones(32, dtype=torch.bool), torch.ones(32, dtype=torch.bool))
+            accepted.append(float(head.update_queues(out)[0].float().mean()))
+        rates[rule] = sum(accepted[-10:]) / 10
+        sigma = float(head.image_queue.sigma)
+        if rule == "floor":
+            assert sigma == pytest.approx(4.0, rel=0.1)  # sqrt(E||f - mu||^2) of a 16-d standard normal
+    assert rates["floor"] > 0.95 and rates["rule13"] < 0.6
+    far = torch.full((1, 16), 10.0)
+    assert not bool(head.image_queue.admits(far))
+
+
+def test_encoder_space_head_projects_only_the_fusion_inputs() -> None:
+    torch.manual_seed(0)
+    head = DRFHead(DRFConfig(num_classes=3, dim=4, image_dim=6, text_dim=5, queue_size=8, dropout=0.0)).train()
+    assert head.image_queue.dim == 6 and head.text_queue.dim == 5
+    project = (nn.Linear(6, 4), nn.Linear(5, 4))
+    f_v, f_t = torch.randn(3, 6), torch.randn(3, 5)
+    present = torch.ones(3, dtype=torch.bool)
+    out = head(f_v, f_t, present, present, labels=torch.tensor([0, 1, 2]), projections=project)
+    assert out.recovered_text.shape == (3, 5) and out.recovered_image.shape == (3, 6) and out.fused.shape == (3, 4)
+    out.loss.backward()
+    assert all(p.grad is not None for layer in project for p in layer.parameters())
+    with pytest.raises(ValueError, match=r"\[B, 6\] and \[B, 5\]"):
+        head(f_t, f_v, present, present, projections=project)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from test_train import make_dataset
 
-from core.baselines import BaselineHead
-from core.evaluate import EvalConfig, aggregate, run_evaluation
+from core.baselines import BaselineHead, Router
+from core.evaluate import EvalConfig, aggregate, auroc, run_evaluation
 from stream.cli import main
 
 SEEDS = (0, 1)
@@ -46,6 +46,9 @@ def test_report_has_the_papers_tables_with_their_rows_and_captions(report) -> No
                 "| image | w/o Gaussian probability |", "| text | w/o image-text expansion |"):
         assert row in text
     assert "| Disrupted | Method | C | D | C+D |" in text
+    for heading in ("## Quality scores", "## Training diagnostics", "## Targets"):
+        assert heading in text
+    assert "| DRF, paper-literal | first (1) |" in text and "| Router (specialist per post) |" in text
     assert "| Method (C+D) | 0 (clean) | 0.5 | 1 | drop 0.2→1.0 |" in text
     # Every table states data, split, seeds and encoders.
     captions = [line for line in text.splitlines() if line.startswith("*Data:")]
@@ -60,16 +63,28 @@ def test_results_json_holds_every_run_per_seed(report) -> None:
     assert doc["data"]["sizes"] == {"train": 120, "dev": 40, "test": 40}
     assert doc["config"]["seeds"] == list(SEEDS)
     runs = {(r["method"], r["seed"], r["regime"], r["test"]) for r in doc["results"]}
-    clean_methods = ["drf", "drf-no-gaussian_weights", "drf-no-expansion", "concat", "text_only", "image_only"]
+    clean_methods = [
+        "drf", "drf-paper", "drf-no-gaussian_weights", "drf-no-expansion", "concat", "concat_dropout", "router",
+        "text_only", "image_only",
+    ]
     tests = ["clean"] + [f"{m}/{s}" for m in ("image", "text") for s in ("C", "D", "C+D")]
     for method in clean_methods:
         for seed in SEEDS:
             for test in tests:
                 assert (method, seed, "clean", test) in runs
-    for method in ("drf", "concat"):
+    for method in ("drf", "concat", "concat_dropout"):
         for dr in ("0.5", "1"):
             assert (method, 1, f"random C+D dr={dr}", "test") in runs
-    assert all(0 <= r["accuracy"] <= 100 and 1 <= r["best_epoch"] <= config.epochs for r in doc["results"])
+    trained = [r for r in doc["results"] if r["method"] != "router"]  # the router is composed, not trained
+    assert all(0 <= r["accuracy"] <= 100 and 1 <= r["best_epoch"] <= config.epochs for r in trained)
+    # DRF runs carry the per-epoch diagnostics of their training.
+    history = next(r["history"] for r in doc["results"] if r["method"] == "drf")
+    assert len(history) == config.epochs
+    for key in ("acceptance_image", "queue_fill_text", "log_q_recovered_image_p50", "share_intact", "fused_norm"):
+        assert all(key in epoch for epoch in history)
+    assert {(row["method"], row["seed"]) for row in doc["quality_auroc"]} >= {("drf", s) for s in SEEDS}
+    assert all(0 <= row["image"] <= 1 and 0 <= row["text"] <= 1 for row in doc["quality_auroc"])
+    assert {c["target"] for c in doc["targets"]} >= {"clean ≥ 70 %", "image D ≥ router − 0.5", "quality AUROC text ≥ 0.9"}
     # Modality-fixed disruption hit every test sample: 40 images corrupted in image/C.
     assert doc["disruption"]["fixed image/C"]["test"] == {"image/corrupt": 40}
 
@@ -101,8 +116,52 @@ def test_baselines_replace_a_missing_modality_by_the_padding_features() -> None:
     a = text_only.forward_features(image, text, torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
     b = text_only.forward_features(-image, text, torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
     assert torch.equal(a.logits, b.logits)
-    with pytest.raises(ValueError, match="unknown baseline"):
+    with pytest.raises(ValueError, match="unknown baseline head"):
         BaselineHead("late_fusion", ["a", "b"], pad_image, pad_text)
+
+
+def test_router_sends_each_post_to_the_head_of_the_modalities_it_has() -> None:
+    torch.manual_seed(0)
+    pad_image, pad_text = torch.randn(8), torch.randn(6)
+    heads = [BaselineHead(kind, ["a", "b", "c"], pad_image, pad_text, dim=4).eval()
+             for kind in ("concat", "text_only", "image_only")]
+    router = Router(*heads)
+    image, text = torch.randn(3, 8), torch.randn(3, 6)
+    image_present, text_present = torch.tensor([True, False, True]), torch.tensor([True, True, False])
+    routed = router.forward_features(image, text, image_present, text_present).logits
+    expected = [head.forward_features(image, text, image_present, text_present).logits[i] for i, head in enumerate(heads)]
+    assert torch.allclose(routed, torch.stack(expected))
+    with pytest.raises(ValueError, match="in that order"):
+        Router(heads[1], heads[0], heads[2])
+
+
+def test_modality_dropout_removes_one_modality_in_training_only() -> None:
+    torch.manual_seed(0)
+    pad_image, pad_text = torch.zeros(8), torch.zeros(6)
+    head = BaselineHead("concat_dropout", ["a", "b"], pad_image, pad_text, dim=4)
+    head.fusion = torch.nn.Linear(8, 4)  # no dropout: in training mode only the modality dropout is random
+    image, text = torch.randn(4000, 8), torch.randn(4000, 6)
+    both = torch.ones(4000, dtype=torch.bool)
+    head.eval()
+    padded_image = head.forward_features(torch.zeros_like(image), text, both, both).logits
+    padded_text = head.forward_features(image, torch.zeros_like(text), both, both).logits
+    intact = head.forward_features(image, text, both, both).logits
+    dropped = head.train().forward_features(image, text, both, both).logits
+    lost_image = torch.isclose(dropped, padded_image).all(-1)
+    lost_text = torch.isclose(dropped, padded_text).all(-1)
+    kept = torch.isclose(dropped, intact).all(-1)
+    assert bool((lost_image | lost_text | kept).all()) and not bool((lost_image & lost_text).any())
+    assert 0.45 < float(kept.float().mean()) < 0.55  # half of the posts keep both modalities
+    assert abs(float(lost_image.float().mean()) - float(lost_text.float().mean())) < 0.05
+
+
+def test_auroc_counts_pairs_ranked_correctly_and_ties_as_half() -> None:
+    assert auroc([2.0, 3.0], [0.0, 1.0]) == 1.0
+    assert auroc([0.0, 1.0], [2.0, 3.0]) == 0.0
+    assert auroc([1.0, 1.0], [1.0]) == 0.5
+    assert auroc([3.0, 1.0], [2.0, 0.0]) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="at least one"):
+        auroc([], [1.0])
 
 
 def test_invalid_evaluation_options_are_reported_clearly(tmp_path, capsys) -> None:
