@@ -104,7 +104,7 @@ class EvalConfig:
     ratios: tuple[float, ...] = DISRUPTION_RATIOS
     ablations: tuple[str, ...] = ABLATIONS
     baselines: tuple[str, ...] = BASELINES
-    random_methods: tuple[str, ...] = ("drf", "concat", "concat_dropout")
+    random_methods: tuple[str, ...] = ("drf", "concat")
     variant: str = DEFAULT_VARIANT  # the DRF variant of "drf" and its ablations (core.drf.VARIANTS)
     compare_paper: bool = True  # also run the paper-literal variant ("drf-paper") on the clean regime
 

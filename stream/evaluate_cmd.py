@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baselines", nargs="*",
                         help="concat, concat_dropout, text_only, image_only, router (none: skip)")
     parser.add_argument("--random-methods", nargs="+",
-                        help="methods in Figure 5 (default: drf concat concat_dropout)")
+                        help="methods in Figure 5 (default: drf concat)")
     parser.add_argument("--cache-dir", type=Path, default=Path("data/features"), help="feature cache root")
     parser.add_argument("--no-progress", action="store_true")
 

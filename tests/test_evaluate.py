@@ -72,7 +72,7 @@ def test_results_json_holds_every_run_per_seed(report) -> None:
         for seed in SEEDS:
             for test in tests:
                 assert (method, seed, "clean", test) in runs
-    for method in ("drf", "concat", "concat_dropout"):
+    for method in ("drf", "concat"):
         for dr in ("0.5", "1"):
             assert (method, 1, f"random C+D dr={dr}", "test") in runs
     trained = [r for r in doc["results"] if r["method"] != "router"]  # the router is composed, not trained
