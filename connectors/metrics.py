@@ -155,7 +155,7 @@ class Metrics:
             "reference_drift_sigmas", "Distance of the live reference mean from the checkpoint's, in checkpoint sigmas.",
             ["modality"], namespace=ns, registry=r)
         self.reference_acceptance_ratio = Gauge(
-            "reference_acceptance_ratio", "Share of proposed features that passed the enqueue rule (13), last batch.",
+            "reference_acceptance_ratio", "Share of proposed features the queue admission rule accepted, last batch.",
             ["modality"], namespace=ns, registry=r)
         self.reference_accepted_total = Counter(
             "reference_accepted_total", "Features accepted into the reference queue.", ["modality"],

@@ -517,7 +517,7 @@ class ReferenceQueues:
         accepted: Mapping[str, Any],
         present: Mapping[str, Any] | None = None,
     ) -> None:
-        """Offer a batch's features [B, d] whose ``accepted`` mask [B] passed the enqueue rule (13).
+        """Offer a batch's features [B, d] whose ``accepted`` mask [B] passed the model's admission rule.
 
         ``present`` (default: rows that are not all zero) feeds the acceptance-ratio metric.  Frozen mode, an
         outage, a generation change or the cap drop proposals; non-finite rows are never offered.  Only a

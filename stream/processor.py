@@ -204,7 +204,7 @@ class BatchProcessor:
         prepared = self.predictor.prepare([p.pixels for p in posts], [p.text for p in posts])
         prediction = self.predictor.predict(prepared)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        if self.queues is not None:  # the one Redis round trip per batch: propose what passed rule (13)
+        if self.queues is not None:  # the one Redis round trip per batch: propose what the admission rule accepted
             self.queues.propose(
                 {"image": prediction.image_features, "text": prediction.text_features},
                 {"image": prediction.image_accepted, "text": prediction.text_accepted},
