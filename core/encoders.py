@@ -773,3 +773,33 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
     except TypeError as exc:
         raise ValueError(f"invalid options for encoder configuration {name!r}: {exc}") from exc
     return builder(pretrained, **options)
+
+
+def prepare_onnx(checkpoint: str | Path, precision: str) -> list[Path]:
+    """Export (and quantise) a checkpoint's encoders into the ONNX cache, so that serving starts warm.
+
+    Run it where the image or the pod is built (``python -m core.encoders CHECKPOINT --precision int8``), with
+    ``POSTSENSE_ONNX_CACHE`` pointing where serve will read: the exporter and the calibration stay out of serving.
+    """
+    from core.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint).model.eval()
+    files = []
+    for encoder in (model.image_encoder, model.text_encoder):
+        configure_cpu_inference(encoder, precision=precision)
+        files.append(onnx_model_file(encoder.onnx_export(), precision))
+    return files
+
+
+if __name__ == "__main__":
+    import argparse
+
+    # The package's own module, not this __main__ copy, whose classes the checkpoint's encoders are not.
+    from core.encoders import PRECISIONS, prepare_onnx  # noqa: F811
+
+    parser = argparse.ArgumentParser(prog="python -m core.encoders", description="Warm the ONNX cache for a checkpoint.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    args = parser.parse_args()
+    for path in prepare_onnx(args.checkpoint, args.precision):
+        print(path)

@@ -133,3 +133,16 @@ def test_serve_precision_setting_and_flag_switch_a_fp32_checkpoint(tmp_path) -> 
 def test_tiny_encoders_refuse_int8_clearly() -> None:
     with pytest.raises(ValueError, match="no switchable runtime"):
         configure_cpu_inference(create_encoders("tiny").text, precision="int8")
+
+
+def test_prepare_onnx_warms_the_cache_for_a_checkpoint(tmp_path) -> None:
+    """The build-time step: after it, serving loads files instead of exporting."""
+    from core.checkpoint import save_checkpoint
+    from core.encoders import prepare_onnx
+
+    path = tmp_path / "offline.pt"
+    save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
+    files = prepare_onnx(path, "fp32")
+    assert [f.name.split("-")[:2] for f in files] == [["image", "fp32"], ["text", "fp32"]]
+    assert all(f.is_file() and f.parent == onnx_cache_dir() for f in files)
+    assert prepare_onnx(path, "fp32") == files  # the second time: found, not exported
