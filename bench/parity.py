@@ -9,7 +9,8 @@ posts, for each seed, and compares them on the test split:
 * Spearman rho between fp32 and int8 per-modality quality scores (q^v, q^t) over the test posts that have it;
 
 both for a head trained on int8 features ("retrained") and for the fp32 head served with int8 encoders
-("fp32 head"), which is what ``model.precision=int8`` does to an existing checkpoint.
+("fp32 head"), which is what ``model.precision=int8`` does to an existing checkpoint; and, to see which encoder
+moves labels, the fp32 head with only the image or only the text features int8.
 
     python -m bench.parity --data tenfold:../shared/data/mvsa-single-dev/MVSA-single/10-fold-1
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +121,20 @@ def main(argv: list[str] | None = None) -> int:
             trained[precision] = model
         test32, test8 = tables["fp32"]["test"], tables["int8"]["test"]
         reference = head_outputs(trained["fp32"], test32)
+        # Which encoder moves labels: the fp32 head with one modality's features int8 and the other's fp32.
+        image_only = replace(test32, image=test8.image)
+        text_only = replace(test32, text=test8.text)
         per_seed.append({
             "seed": seed,
             "retrained": compare(reference, head_outputs(trained["int8"], test8), test32),
             "fp32_head": compare(reference, head_outputs(trained["fp32"], test8), test32),
+            "fp32_head_int8_image_only": compare(reference, head_outputs(trained["fp32"], image_only), test32),
+            "fp32_head_int8_text_only": compare(reference, head_outputs(trained["fp32"], text_only), test32),
         })
 
+    variants = [k for k in per_seed[0] if k != "seed"]
     summary = {}
-    for variant in ("retrained", "fp32_head"):
+    for variant in variants:
         keys = per_seed[0][variant]
         mean = {k: float(np.mean([s[variant][k] for s in per_seed])) for k in keys}
         mean["accuracy_drop"] = mean["accuracy_fp32"] - mean["accuracy_int8"]
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         [variant, s["seed"], f"{r['accuracy_fp32']:.2f}", f"{r['accuracy_int8']:.2f}", f"{r['agreement']:.1f}",
          f"{r['rho_quality_image']:.4f}", f"{r['rho_quality_text']:.4f}"]
-        for variant in ("retrained", "fp32_head") for s in per_seed for r in [s[variant]]
+        for variant in variants for s in per_seed for r in [s[variant]]
     ] + [
         [variant, "mean", f"{m['accuracy_fp32']:.2f}", f"{m['accuracy_int8']:.2f}", f"{m['agreement']:.1f}",
          f"{m['rho_quality_image']:.4f}", f"{m['rho_quality_text']:.4f}"]
