@@ -36,6 +36,7 @@ from PIL import Image
 from torch import Tensor
 
 from core.data.records import Sample, load_image, stratified_split
+from core.encoders import ONNX_RECIPE
 from core.model import DRFModel, PreparedBatch, create_model
 from core.progress import progress as progress_bar
 
@@ -179,6 +180,8 @@ def encoder_fingerprint(model: DRFModel) -> str:
         "preprocessing": model.preprocessing,
         "image_load_size": IMAGE_LOAD_SIZE,
     }
+    if model.encoder_options.get("precision") == "int8":  # int8 features depend on the quantisation recipe too
+        described["onnx_recipe"] = ONNX_RECIPE
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     for prefix, encoder in (("image", model.image_encoder), ("text", model.text_encoder)):
         for name, tensor in encoder.state_dict().items():

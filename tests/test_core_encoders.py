@@ -109,7 +109,9 @@ def test_offline_model_runs_on_real_pictures_and_tweets(offline) -> None:
     result = predictor.predict(predictor.prepare(images, TWEETS))
     assert result.probabilities.shape == (6, 3) and np.isfinite(result.probabilities).all()
     assert result.recovered == [None, None, "image", None, "image", None]
-    assert result.image_features.shape == (6, 768) and not result.abstained.any()
+    # The reference-queue proposals are in the encoders' feature spaces (the default robust variant).
+    assert result.image_features.shape == (6, 1280) and result.text_features.shape == (6, 384)
+    assert not result.abstained.any()
     assert set(result.labels) <= {"negative", "neutral", "positive"}
 
 
