@@ -130,6 +130,8 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
     },
 }
 DEFAULT_VARIANT = "robust"
+#: The switches in which the variants differ.
+MECHANISMS = tuple(k for k, v in VARIANTS["paper"].items() if VARIANTS["robust"][k] != v)
 
 
 @dataclass

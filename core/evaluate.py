@@ -30,7 +30,7 @@ import torch
 from core.baselines import BASELINES, HEADS, BaselineHead, Router
 from core.data import Dataset, load_dataset
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
-from core.drf import DEFAULT_VARIANT, VARIANTS
+from core.drf import DEFAULT_VARIANT, MECHANISMS, VARIANTS
 from core.encoders import Encoders
 from core.model import ABLATIONS, DRFModel, create_model
 from core.progress import progress as progress_bar
@@ -106,6 +106,8 @@ class EvalConfig:
     baselines: tuple[str, ...] = BASELINES
     random_methods: tuple[str, ...] = ("drf", "concat")
     variant: str = DEFAULT_VARIANT  # the DRF variant of "drf" and its ablations (core.drf.VARIANTS)
+    # Mechanisms of the variant to switch back to the paper's one at a time ("drf-paper-<mechanism>", clean regime).
+    mechanisms: tuple[str, ...] = ()
     compare_paper: bool = True  # also run the paper-literal variant ("drf-paper") on the clean regime
 
     def __post_init__(self) -> None:
@@ -116,6 +118,7 @@ class EvalConfig:
             ("fixed_settings", self.fixed_settings, SETTINGS),
             ("random_settings", self.random_settings, SETTINGS),
             ("ablations", self.ablations, ABLATIONS),
+            ("mechanisms", self.mechanisms, MECHANISMS),
             ("baselines", self.baselines, BASELINES),
             ("random_methods", self.random_methods, ("drf", "drf-paper", *BASELINES)),
         ):
@@ -218,6 +221,9 @@ class Evaluation:
         options = dict(VARIANTS["paper" if method == "drf-paper" else self.config.variant])
         if method.startswith("drf-no-"):
             options[method.removeprefix("drf-no-")] = False
+        elif method.startswith("drf-paper-"):
+            mechanism = method.removeprefix("drf-paper-")
+            options[mechanism] = VARIANTS["paper"][mechanism]
         elif method not in ("drf", "drf-paper"):
             raise ValueError(f"unknown method {method!r}")
         return DRFModel(self.encoders, self.labels, dim=self.config.dim, queue_size=self.config.queue_size, **options)
@@ -254,7 +260,10 @@ class Evaluation:
 
     def methods_clean(self) -> list[str]:
         paper = ["drf-paper"] if self.config.compare_paper and self.config.variant != "paper" else []
-        return ["drf", *paper, *(f"drf-no-{a}" for a in self.config.ablations), *self.config.baselines]
+        return [
+            "drf", *paper, *(f"drf-paper-{m}" for m in self.config.mechanisms),
+            *(f"drf-no-{a}" for a in self.config.ablations), *self.config.baselines,
+        ]
 
     def execute(self) -> None:
         cfg = self.config
@@ -363,6 +372,9 @@ def _cell(agg: dict[str, float] | None) -> str:
 def _method_name(method: str) -> str:
     if method.startswith("drf-no-"):
         return ABLATION_NAMES[method.removeprefix("drf-no-")]
+    if method.startswith("drf-paper-"):
+        mechanism = method.removeprefix("drf-paper-")
+        return f"{mechanism} = {VARIANTS['paper'][mechanism]} (paper)"
     return METHOD_NAMES[method]
 
 
@@ -415,6 +427,29 @@ def random_curve(
     points = [(0.0, aggregate(results, method, "clean", "clean"))]
     points += [(r, aggregate(results, method, f"random {setting} dr={r:g}", "test")) for r in ratios]
     return points
+
+
+def mechanism_section(
+    results: Sequence[dict[str, Any]], auroc_rows: Sequence[dict[str, Any]], config: EvalConfig
+) -> list[str]:
+    """DRF with one mechanism of its variant switched back to the paper's: accuracy per test, quality AUROC."""
+    if not config.mechanisms:
+        return []
+    tests = ["clean", *(f"{m}/{s}" for m in MODALITIES for s in config.fixed_settings)]
+    header = "| Method | " + " | ".join(tests) + " | AUROC image | AUROC text |"
+    lines = [f"## Mechanisms of the {config.variant} variant, one at a time back to the paper's", "",
+             "Trained clean; accuracy in %, mean ± sample std over seeds.", "", header,
+             "|---|" + "---|" * (len(tests) + 2)]
+    for method in ["drf", *(f"drf-paper-{m}" for m in config.mechanisms)]:
+        cells = []
+        for test in tests:
+            agg = aggregate(results, method, "clean", test)
+            cells.append("–" if agg is None else f"{agg['accuracy']:.1f} ± {agg['accuracy_sd']:.1f}")
+        for modality in MODALITIES:
+            values = [row[modality] for row in auroc_rows if row["method"] == method]
+            cells.append(f"{statistics.fmean(values):.3f}" if values else "–")
+        lines.append(f"| {_method_name(method)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _mean_sd(values: Sequence[float]) -> str:
@@ -587,6 +622,7 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
         "",
         *fixed_table(results, ["drf", *(f"drf-no-{a}" for a in cfg.ablations)], cfg.fixed_settings),
         "",
+        *mechanism_section(results, evaluation.quality_auroc, cfg),
         "## Quality scores: intact against corrupted inputs",
         "",
         "AUROC of the published quality q on the clean test posts (intact) against the same posts with that "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core.data import SPEC_HELP, DataFormatError
 from core.data.disruption import SETTINGS
-from core.drf import VARIANTS
+from core.drf import MECHANISMS, VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
 from core.evaluate import EvalConfig, run_evaluation
 from core.model import ABLATIONS
@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full", action="store_true", help="3 seeds, ablations and Figure 5 (the full report)")
     parser.add_argument("--encoders", choices=ENCODER_CONFIGS)
     parser.add_argument("--variant", choices=list(VARIANTS), help="the DRF mechanisms of 'drf' (default: robust)")
+    parser.add_argument("--mechanisms", nargs="*", choices=MECHANISMS,
+                        help="also train DRF with each of these switched back to the paper's, one at a time")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--dim", type=int, help="DRF width d of every head (default 128)")
     parser.add_argument("--queue-size", type=int)

@@ -24,7 +24,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EvalConfig]:
     out = tmp_path_factory.mktemp("report")
     config = EvalConfig(
         data=f"jsonl:{root}", encoders="tiny", seeds=SEEDS, dim=32, queue_size=32, epochs=2, batch_size=32,
-        head_lr=3e-3, ratios=(0.5, 1.0), ablations=("gaussian_weights", "expansion"),
+        head_lr=3e-3, ratios=(0.5, 1.0), ablations=("gaussian_weights", "expansion"), mechanisms=("fusion",),
     )
     run_evaluation(config, out, tmp_path_factory.mktemp("cache"), progress=False)
     return out, config
@@ -46,7 +46,8 @@ def test_report_has_the_papers_tables_with_their_rows_and_captions(report) -> No
                 "| image | w/o Gaussian probability |", "| text | w/o image-text expansion |"):
         assert row in text
     assert "| Disrupted | Method | C | D | C+D |" in text
-    for heading in ("## Quality scores", "## Training diagnostics", "## Targets"):
+    assert "| fusion = product (paper) |" in text  # the mechanisms table: one switch back to the paper's
+    for heading in ("## Mechanisms of the robust variant", "## Quality scores", "## Training diagnostics", "## Targets"):
         assert heading in text
     assert "| DRF, paper-literal | first (1) |" in text and "| Router (specialist per post) |" in text
     assert "| Method (C+D) | 0 (clean) | 0.5 | 1 | drop 0.2→1.0 |" in text
