@@ -153,6 +153,9 @@ def test_memory_broker_restart_service_survives_reconnects_and_recreates_its_pro
     assert any("recreating the Kafka producer" in r.getMessage() for r in caplog.records)
 
 
+PARTITIONS = 2  # of the persistent-broker test
+
+
 @pytest.mark.parametrize("crash", [False, True], ids=["restarted", "killed"])
 def test_persistent_broker_restart_loses_nothing_acknowledged(services, names, predictor, tmp_path, crash):
     if S3Server.binary() is None:
@@ -160,7 +163,7 @@ def test_persistent_broker_restart_loses_nothing_acknowledged(services, names, p
     s3 = S3Server(tmp_path / "s3").start()
     broker = Broker(tmp_path / "broker", storage="s3://tansu/", env=s3.engine_env()).start()
     try:
-        settings = stream_settings(Endpoints(broker.bootstrap, services.redis_url), names, partitions=2,
+        settings = stream_settings(Endpoints(broker.bootstrap, services.redis_url), names, partitions=PARTITIONS,
                                    kafka={"produce_timeout_s": 3.0, "request_timeout_ms": 2000},
                                    batch={"max_posts": 4, "max_wait_ms": 50})
         posts = valid_posts(60, "s3-")
@@ -181,7 +184,12 @@ def test_persistent_broker_restart_loses_nothing_acknowledged(services, names, p
     on_topic = report_counts(name + ", on the output topic", ids, final)
     # The service's side: every input record scored and acknowledged, replays only of what was uncommitted.
     assert acknowledged["lost"] == 0 and acknowledged["unexpected"] == 0
-    assert acknowledged["duplicated"] <= (settings.batch.max_inflight_batches + 1) * settings.batch.max_posts
+    replay_bound = (settings.batch.max_inflight_batches + 1) * settings.batch.max_posts
+    if crash:
+        # kill -9 can also cost the group's last acknowledged offset commit of each partition (the S3 engine's
+        # loss of its last writes, below), so each partition may replay one more batch: measured 16 = 12 + 4.
+        replay_bound += PARTITIONS * settings.batch.max_posts
+    assert acknowledged["duplicated"] <= replay_bound
     if not crash:
         assert on_topic["lost"] == 0 and on_topic["unexpected"] == 0
     # After kill -9, Tansu 0.6's S3 engine can reuse the offsets of the last records it acknowledged, so a
