@@ -207,6 +207,13 @@ def test_softmax_fusion_weights_sum_to_one_over_the_present_terms() -> None:
     far = make_head(fusion="softmax")(torch.tensor([[90.0, 0]]), F_T, YES, NO)
     assert far.fusion_weights[0].tolist() == [0.0, 1.0, 0.0] and far.fused[0].tolist() == pytest.approx([271.0, 1.0])  # (90,0) + (181,1)
     assert make_head(fusion="softmax")(F_V, F_T, NO, NO).fused.tolist() == [[0.0, 0.0]]
+    # ... and a batch holding such a row still trains: no NaN (softmax over no term) reaches any gradient.
+    head = make_head(fusion="softmax", detach_quality=False).requires_grad_(True)
+    f_v = torch.tensor([[1.0, 0], [0.5, 0.5]], requires_grad=True)
+    out = head(f_v, F_T.repeat(2, 1), torch.tensor([True, False]), torch.tensor([True, False]), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in head.parameters() if p.grad is not None)
+    assert bool(torch.isfinite(f_v.grad).all())
 
 
 def test_a_far_off_image_hands_its_weight_to_the_recovered_image_term() -> None:
