@@ -337,13 +337,16 @@ def quality_auroc(model: DRFModel, tests: dict[str, FeatureTable]) -> dict[str, 
     split (intact) against the same posts with that modality corrupted (tests "image/C" and "text/C")."""
     model.train(False)
 
-    def log_q(table: FeatureTable, modality: str) -> np.ndarray:
+    def log_q(table: FeatureTable) -> dict[str, np.ndarray]:
+        """log q of each present modality of a table, from one forward pass."""
         out = model.forward_features(table.image, table.text, table.image_present, table.text_present)
-        values = out.log_quality_image if modality == "image" else out.log_quality_text
-        present = table.image_present if modality == "image" else table.text_present
-        return values[present].float().numpy()
+        return {
+            "image": out.log_quality_image[table.image_present].float().numpy(),
+            "text": out.log_quality_text[table.text_present].float().numpy(),
+        }
 
-    return {m: auroc(log_q(tests["clean"], m), log_q(tests[f"{m}/C"], m)) for m in MODALITIES}
+    clean = log_q(tests["clean"])
+    return {m: auroc(clean[m], log_q(tests[f"{m}/C"])[m]) for m in MODALITIES}
 
 
 # ------------------------------------------------------------------------------------------------- tables
