@@ -332,7 +332,7 @@ def make_posts(
 
 def stamp_created_at(record: bytes) -> bytes:
     """The record with ``created_at`` = now, so end-to-end latency counts from the send (invalid ones untouched)."""
-    from stream.contracts import utc_now_iso
+    from core.contracts import utc_now_iso
 
     try:
         post = json.loads(record)

@@ -41,7 +41,7 @@ def run_naive(endpoints: Endpoints, config: str, posts: int, seed: int = 0) -> d
 
     from connectors.kafka import consumer_config, ensure_topics, producer_config
     from connectors.metrics import Metrics
-    from stream.contracts import Invalid
+    from core.contracts import Invalid
     from stream.processor import BatchProcessor, Record, validate
     from stream.produce import send
 

@@ -28,7 +28,7 @@ import redis
 
 from bench.common import base_parser, bench_predictor, print_table, spread, time_repeats, write_result
 from connectors.reference_queues import MODALITIES, ReferenceQueues
-from stream.settings import RedisSettings
+from connectors.reference_queues import RedisSettings
 
 QUEUE_SIZE = 512
 TEXTS = (

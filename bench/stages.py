@@ -112,7 +112,7 @@ def run_stages(endpoints: Endpoints, config: str, batch: int, batches: int, seed
     from connectors.media import decode_image_bytes
     from connectors.metrics import Metrics
     from connectors.reference_queues import ReferenceQueues
-    from stream.contracts import Invalid, Post
+    from core.contracts import Invalid, Post
     from stream.processor import BatchProcessor, Record, validate
     from stream.produce import send
     from stream.publisher import Publisher

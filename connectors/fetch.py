@@ -22,8 +22,12 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urljoin, urlsplit
+
+from pydantic import Field
+
+from connectors.config import Section
 
 _SUPPORTED_SCHEMES = frozenset({"http", "https"})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -77,6 +81,34 @@ class FetchPolicy:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
+
+
+class MediaSettings(Section):
+    """The ``media`` settings section: where image fields may be fetched from (see ``FetchPolicy``)."""
+
+    allowed_schemes: list[Literal["http", "https"]] = Field(default_factory=lambda: ["https", "http"])
+    allowed_hosts: list[str] | None = None  # None: any public host
+    allow_private_addresses: bool = False
+    # CIDRs exempt from the private-address refusal (an internal image store), e.g. ["10.20.0.0/16"].
+    allowed_networks: list[str] = Field(default_factory=list)
+    ca_file: Path | None = None  # extra CA bundle for https image hosts with a private CA
+    fetch_timeout_s: float = Field(3.0, gt=0, le=60)
+    max_redirects: int = Field(3, ge=0, le=10)
+    local_root: Path | None = None  # None: local image paths are refused
+
+    def policy(self) -> FetchPolicy:
+        """The fetch policy these settings describe (FetchPolicy parses and validates the CIDRs)."""
+        return FetchPolicy(
+            allowed_schemes=tuple(self.allowed_schemes),
+            allowed_hosts=None if self.allowed_hosts is None else tuple(self.allowed_hosts),
+            allow_private_addresses=self.allow_private_addresses,
+            allowed_networks=tuple(self.allowed_networks),
+            timeout_s=self.fetch_timeout_s,
+            max_redirects=self.max_redirects,
+            local_root=self.local_root,
+            ca_file=self.ca_file,
+        )
+
 
 
 class FetchError(Exception):

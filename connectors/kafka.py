@@ -1,4 +1,4 @@
-"""kafka-python clients configured from Settings, and the admin helpers the service and tests need.
+"""The ``kafka`` settings section, kafka-python clients configured from it, and the admin helpers the service and tests need.
 
 Every client (consumer, producer, admin) gets the same connection and security block, so TLS and SASL
 are configured once. The producer is idempotent with ``acks=all``, both set explicitly: kafka-python 3.x
@@ -10,12 +10,96 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import errors as kafka_errors
+from pydantic import Field, SecretStr, model_validator
 
-from stream.settings import KafkaSettings, LimitSettings, SecurityProtocol
+from connectors.config import Section, read_secret_file
+from core.contracts import Limits
+
+
+class SecurityProtocol(str, Enum):
+    PLAINTEXT = "PLAINTEXT"
+    SSL = "SSL"
+    SASL_PLAINTEXT = "SASL_PLAINTEXT"
+    SASL_SSL = "SASL_SSL"
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:9092"], min_length=1)
+    security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+    ssl_password_file: Path | None = None
+    ssl_check_hostname: bool = True
+
+    group_id: str = "postsense"
+    # Static membership (KIP-345): a stable id per pod lets a restart rejoin without a rebalance.
+    group_instance_id: str | None = None
+    client_id: str = "postsense"
+    input_topic: str = "posts"
+    output_topic: str = "sentiment"
+    dead_letter_topic: str = "posts.dlq"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+
+    # Tansu (and small clusters) take about half the session timeout to finish a join, so both
+    # are exposed; heartbeat must stay well under session.
+    session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    request_timeout_ms: int = Field(30_000, ge=1_000)
+    fetch_max_bytes: int = Field(52_428_800, ge=1024)
+    max_partition_fetch_bytes: int = Field(10_485_760, ge=1024)
+    producer_linger_ms: int = Field(5, ge=0)
+    producer_batch_size: int = Field(262_144, ge=1024)
+    producer_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "none"
+    # How long to wait for every send of a batch to be acknowledged before the batch counts as unpublished.
+    produce_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be lower than "
+                f"session_timeout_ms ({self.session_timeout_ms})"
+            )
+        if self.sasl_password is None and self.sasl_password_file is not None:
+            self.sasl_password = read_secret_file(self.sasl_password_file)
+        if self.ssl_password is None and self.ssl_password_file is not None:
+            self.ssl_password = read_secret_file(self.ssl_password_file)
+        proto = self.security_protocol
+        if proto in (SecurityProtocol.SASL_SSL, SecurityProtocol.SASL_PLAINTEXT):
+            missing = [
+                name
+                for name, value in (
+                    ("sasl_mechanism", self.sasl_mechanism),
+                    ("sasl_username", self.sasl_username),
+                    ("sasl_password", self.sasl_password),
+                )
+                if value is None
+            ]
+            if missing:
+                raise ValueError(f"security_protocol {proto.value} needs {', '.join(missing)}")
+        elif self.sasl_mechanism is not None:
+            raise ValueError(f"sasl_mechanism is set but security_protocol is {proto.value}")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (client certificate)")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path} does not exist")
+        return self
+
 
 #: Errors after which an idempotent producer never recovers (its producer id or sequence numbers are no
 #: longer known to the broker, e.g. after a broker restart); the only cure is a new producer.
@@ -86,7 +170,7 @@ def consumer_config(kafka: KafkaSettings, max_posts: int) -> dict[str, Any]:
     return config
 
 
-def producer_config(kafka: KafkaSettings, limits: LimitSettings) -> dict[str, Any]:
+def producer_config(kafka: KafkaSettings, limits: Limits) -> dict[str, Any]:
     """Idempotent, acks=all, and every send resolves (acknowledged or failed) within produce_timeout_s."""
     config = connection_config(kafka)
     linger = kafka.producer_linger_ms
@@ -109,7 +193,7 @@ def make_consumer(kafka: KafkaSettings, max_posts: int) -> KafkaConsumer:
     return KafkaConsumer(**consumer_config(kafka, max_posts))
 
 
-def make_producer(kafka: KafkaSettings, limits: LimitSettings) -> KafkaProducer:
+def make_producer(kafka: KafkaSettings, limits: Limits) -> KafkaProducer:
     return KafkaProducer(**producer_config(kafka, limits))
 
 

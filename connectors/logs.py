@@ -6,6 +6,11 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import ConfigDict, Field
+
+from connectors.config import Section
 
 #: Fields a call site can attach with ``extra={...}``; JSON logs carry them as keys next to the message, so a
 #: log shipper can filter on a partition, an offset or a reason instead of parsing prose.
@@ -13,6 +18,13 @@ STRUCTURED_FIELDS = (
     "topic", "partition", "offset", "partitions", "group_id", "batch_id", "records", "post_id", "reason",
     "error_class",
 )
+
+
+class LogSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_logs: bool = Field(False, alias="json")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class JsonFormatter(logging.Formatter):

@@ -14,16 +14,16 @@ import contextlib
 import io
 import re
 from dataclasses import dataclass
-from enum import Enum
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from connectors.fetch import FetchError, FetchPolicy, fetch_url, read_local_file
+from core.contracts import DEFAULT_LIMITS, ModalityState
 
 __all__ = [
     "DecodedImage",
     "FetchPolicy",
-    "ImageState",
+    "ModalityState",
     "MediaLimits",
     "decode_image_bytes",
     "decode_image_field",
@@ -45,8 +45,8 @@ class MediaLimits:
     EPS, which runs Ghostscript) away from untrusted bytes.
     """
 
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_bytes: int = DEFAULT_LIMITS.max_image_bytes
+    max_image_pixels: int = DEFAULT_LIMITS.max_image_pixels
     draft_size: tuple[int, int] = (448, 448)
     formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 
@@ -65,27 +65,18 @@ class MediaLimits:
         object.__setattr__(self, "formats", formats)
 
 
-class ImageState(str, Enum):
-    """The output contract's image modality states."""
-
-    ok = "ok"
-    missing = "missing"
-    empty = "empty"
-    undecodable = "undecodable"
-
-
 @dataclass
 class DecodedImage:
     """An image field's outcome: pixels when `state` is ok, else a machine `reason` (e.g. "too_large")."""
 
-    state: ImageState
+    state: ModalityState
     reason: str | None
     image: Image.Image | None
     nbytes: int
 
 
 def _failed(reason: str, nbytes: int) -> DecodedImage:
-    return DecodedImage(ImageState.undecodable, reason, None, nbytes)
+    return DecodedImage(ModalityState.undecodable, reason, None, nbytes)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -112,7 +103,7 @@ def decode_image_bytes(data: bytes, limits: MediaLimits) -> DecodedImage:
     """Decode raw image bytes (first frame, EXIF orientation applied) under `limits`."""
     nbytes = len(data)
     if nbytes == 0:
-        return DecodedImage(ImageState.empty, "zero_bytes", None, 0)
+        return DecodedImage(ModalityState.empty, "zero_bytes", None, 0)
     if nbytes > limits.max_image_bytes:
         return _failed("too_large", nbytes)
     try:
@@ -136,14 +127,14 @@ def decode_image_bytes(data: bytes, limits: MediaLimits) -> DecodedImage:
         rgb = _to_rgb(im)
     except Exception as exc:
         return _failed(_classify_decode_error(exc), nbytes)
-    return DecodedImage(ImageState.ok, None, rgb, nbytes)
+    return DecodedImage(ModalityState.ok, None, rgb, nbytes)
 
 
 def _decode_base64(text: str, limits: MediaLimits) -> bytes | DecodedImage:
     """Standard or URL-safe base64, optionally as a data: URI and wrapped over lines (MIME style)."""
     body = _WHITESPACE.sub("", _DATA_URI_PREFIX.sub("", text, count=1))
     if not body:
-        return DecodedImage(ImageState.empty, "empty_value", None, 0)
+        return DecodedImage(ModalityState.empty, "empty_value", None, 0)
     if len(body) // 4 * 3 > limits.max_image_bytes + 3:  # refuse before materialising the bytes
         return _failed("too_large", len(body) // 4 * 3)
     altchars = b"-_" if ("-" in body or "_" in body) else None
@@ -161,7 +152,7 @@ def decode_image_field(field: object, limits: MediaLimits, policy: FetchPolicy) 
     -> decoded pixels or undecodable with a reason; an empty string or zero bytes -> empty.
     """
     if field is None:
-        return DecodedImage(ImageState.missing, None, None, 0)
+        return DecodedImage(ModalityState.missing, None, None, 0)
     if not isinstance(field, dict):
         return _failed("field_not_object", 0)
     if len(field) != 1:
@@ -172,7 +163,7 @@ def decode_image_field(field: object, limits: MediaLimits, policy: FetchPolicy) 
     if not isinstance(value, str):
         return _failed("field_value_not_string", 0)
     if not value.strip():
-        return DecodedImage(ImageState.empty, "empty_value", None, 0)
+        return DecodedImage(ModalityState.empty, "empty_value", None, 0)
     data: bytes | DecodedImage
     if kind == "base64":
         data = _decode_base64(value, limits)

@@ -25,6 +25,9 @@ from typing import Protocol
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
+from pydantic import Field
+
+from connectors.config import Section
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,14 @@ log = logging.getLogger(__name__)
 # stores those as separate series, doubling the series count for no dashboard use.
 prometheus_client.disable_created_metrics()
 
+class MetricsSettings(Section):
+    host: str = "0.0.0.0"
+    port: int = Field(9400, ge=0, le=65535)  # 0 = pick a free port (tests)
+
+
 PREFIX = "postsense"
 MODALITIES = ("image", "text")
-#: Modality states (connectors.media.ImageState values; text uses the same words).
+#: Modality states (connectors.media.ModalityState values; text uses the same words).
 MODALITY_STATES = ("ok", "missing", "empty", "undecodable")
 REBALANCE_EVENTS = ("assigned", "revoked", "lost")
 
@@ -195,7 +203,7 @@ class Metrics:
                                device=device).set(1)
 
     def observe_modality_states(self, modality: str, states: Iterable[str | Enum]) -> None:
-        """Count one state per post (strings or ``ImageState`` members); one increment per distinct state."""
+        """Count one state per post (strings or ``ModalityState`` members); one increment per distinct state."""
         _check_modality(modality)
         for state, n in _Tally(_state_name(s) for s in states).items():
             self.modality_state_total.labels(modality=modality, state=state).inc(n)

@@ -30,22 +30,60 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import redis
 import torch
+from pydantic import Field, SecretStr, model_validator
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
+from connectors.config import Section, read_secret_file, redact_url
 from core.distribution import SIGMA_EPS, QueueStats, queue_statistics
-from stream.settings import QueueMode, RedisSettings
 
 if TYPE_CHECKING:
     from core.inference import Predictor
 
 log = logging.getLogger(__name__)
+
+
+class QueueMode(str, Enum):
+    FROZEN = "frozen"
+    ONLINE = "online"
+
+
+class RedisSettings(Section):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    url_file: Path | None = None
+    key_prefix: str = Field("postsense", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    mode: QueueMode = QueueMode.ONLINE
+    refresh_interval_s: float = Field(5.0, gt=0)
+    # Guard rail against queue poisoning: at most this many accepted features per modality per interval.
+    max_accepted_per_interval: int = Field(256, ge=0)
+    accept_interval_s: float = Field(60.0, gt=0)
+    # Every Redis call on the hot path is bounded by this; the consumer never waits longer.
+    op_timeout_s: float = Field(0.5, gt=0, le=30)
+    reconnect_backoff_max_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _url_from_file(self) -> RedisSettings:
+        if self.url_file is not None:
+            secret = read_secret_file(self.url_file)
+            assert secret is not None
+            object.__setattr__(self, "url", secret)
+        scheme = urlsplit(self.url.get_secret_value()).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"redis url must start with redis://, rediss:// or unix:// (got {scheme or 'none'}://)")
+        return self
+
+    def redacted_url(self) -> str:
+        return redact_url(self.url.get_secret_value())
+
 
 MODALITIES = ("image", "text")
 

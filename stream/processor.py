@@ -4,7 +4,7 @@ The consumer loop (``stream.runtime``) decides *how* batches are fed, published 
 module only turns records into output records, so it can be tested and benchmarked without a broker.
 Per record: validate against the post contract (``parse_post``); decode the image under the media
 policy and normalise the text (in worker threads: Pillow and the tokenizer release the GIL); then one
-``predict`` per batch. A missing, empty or undecodable modality is a state with a reason (λ = 0 in
+forward pass per batch (``infer``). A missing, empty or undecodable modality is a state with a reason (λ = 0 in
 the paper's eq. (12)), never an error; only a record that is not a post becomes a dead letter.
 """
 
@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from connectors.fetch import FetchPolicy
-from connectors.media import DecodedImage, ImageState, MediaLimits, decode_image_field
+from connectors.media import DecodedImage, MediaLimits, decode_image_field
 from connectors.metrics import Metrics
-from stream.contracts import SCHEMA_VERSION, DeadLetter, Invalid, Limits, Post, parse_post, utc_now_iso
+from core.contracts import (
+    DeadLetter,
+    Invalid,
+    Limits,
+    ModalityReport,
+    ModalityState,
+    Post,
+    parse_post,
+    sentiment_document,
+    utc_now_iso,
+)
 from stream.settings import Settings
 
 if TYPE_CHECKING:
@@ -72,7 +80,7 @@ class DecodedPost:
     image: DecodedImage
     pixels: torch.Tensor | None  # the encoder's preprocessed image when image.state is ok
     text: str | None  # normalised text; None when missing or empty
-    text_state: ImageState
+    text_state: ModalityState
     text_reason: str | None
 
 
@@ -84,35 +92,6 @@ class BatchResult:
     records: list[OutgoingRecord]
     dead_letter_reasons: list[str]
     created_at: list[str | None]
-
-
-def media_config(settings: Settings) -> tuple[MediaLimits, FetchPolicy]:
-    """The media connector's limits and fetch policy from the ``limits`` and ``media`` settings."""
-    media = settings.media
-    limits = MediaLimits(
-        max_image_bytes=settings.limits.max_image_bytes, max_image_pixels=settings.limits.max_image_pixels
-    )
-    policy = FetchPolicy(
-        allowed_schemes=tuple(media.allowed_schemes),
-        allowed_hosts=None if media.allowed_hosts is None else tuple(media.allowed_hosts),
-        allow_private_addresses=media.allow_private_addresses,
-        allowed_networks=tuple(media.allowed_networks),  # FetchPolicy parses and validates the CIDRs
-        timeout_s=media.fetch_timeout_s,
-        max_redirects=media.max_redirects,
-        local_root=media.local_root,
-        ca_file=media.ca_file,
-    )
-    return limits, policy
-
-
-def contract_limits(settings: Settings) -> Limits:
-    lim = settings.limits
-    return Limits(
-        max_record_bytes=lim.max_record_bytes,
-        max_text_chars=lim.max_text_chars,
-        max_metadata_depth=lim.max_metadata_depth,
-        max_metadata_bytes=lim.max_metadata_bytes,
-    )
 
 
 def validate(record: Record, limits: Limits) -> Post | Invalid:
@@ -178,8 +157,11 @@ class BatchProcessor:
         self._stats_in_use: dict[str, Any] | None = None
         self.output_topic = settings.kafka.output_topic
         self.dead_letter_topic = settings.kafka.dead_letter_topic
-        self.limits = contract_limits(settings)
-        self.media_limits, self.fetch_policy = media_config(settings)
+        self.limits = settings.limits
+        self.media_limits = MediaLimits(
+            max_image_bytes=settings.limits.max_image_bytes, max_image_pixels=settings.limits.max_image_pixels
+        )
+        self.fetch_policy = settings.media.policy()
 
     def decode(self, record: Record, post: Post) -> DecodedPost:
         """Decode one post's modalities (thread-safe; runs in the decode pool). Never raises for bad input."""
@@ -187,13 +169,13 @@ class BatchProcessor:
         pixels = self.predictor.preprocess_image(image.image) if image.image is not None else None
         image.image = None  # the pixels are all inference needs; free the decoded bitmap early
         if post.text is None:
-            text, text_state, text_reason = None, ImageState.missing, None
+            text, text_state, text_reason = None, ModalityState.missing, None
         else:
             text = self.predictor.normalise_text(post.text)
-            text_state, text_reason = (ImageState.ok, None) if text else (ImageState.empty, "blank_text")
+            text_state, text_reason = (ModalityState.ok, None) if text else (ModalityState.empty, "blank_text")
         return DecodedPost(record, post, image, pixels, text, text_state, text_reason)
 
-    def predict(self, posts: Sequence[DecodedPost]) -> BatchPrediction:
+    def infer(self, posts: Sequence[DecodedPost]) -> BatchPrediction:
         """One forward pass for the batch, against the freshest reference statistics."""
         if self.queues is not None:
             stats = self.queues.stats()  # cached, never a Redis round trip; a new dict only when it changed
@@ -216,7 +198,7 @@ class BatchProcessor:
         """Sentiment records for the decoded posts and dead letters for the invalid records."""
         documents: list[dict[str, Any]] = []
         if posts:
-            prediction = self.predict(posts)
+            prediction = self.infer(posts)
             self.metrics.observe_prediction(prediction)
             self.metrics.observe_modality_states("image", [p.image.state for p in posts])
             self.metrics.observe_modality_states("text", [p.text_state for p in posts])
@@ -240,37 +222,21 @@ class BatchProcessor:
         )
 
     def document(self, post: DecodedPost, prediction: BatchPrediction, row: int, processed_at: str) -> dict[str, Any]:
-        """The sentiment record of one post (stream/schemas/sentiment.v1.json)."""
-        abstained = bool(prediction.abstained[row])
-        weights = prediction.fusion_weights[row]
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "id": post.post.id,
-            "label": None if abstained else prediction.labels[row],
-            # An abstention's softmax(b) is the classifier bias, not evidence: publish no probabilities.
-            "probabilities": None
-            if abstained
-            else {name: float(p) for name, p in zip(self.predictor.labels, prediction.probabilities[row], strict=True)},
-            "abstained": abstained,
-            "modalities": {
-                "image": _modality(post.image.state, post.image.reason, prediction.quality_image[row]),
-                "text": _modality(post.text_state, post.text_reason, prediction.quality_text[row]),
-            },
-            "recovered": prediction.recovered[row],
-            "fusion_weights": {
-                "intact": float(weights[0]),
-                "image_recovered_text": float(weights[1]),
-                "recovered_image_text": float(weights[2]),
-            },
-            "model": {"name": self.predictor.model_name, "version": self.predictor.model_version},
-            "source": {"topic": post.record.topic, "partition": post.record.partition, "offset": post.record.offset},
-            "event_time": post.post.created_at,
-            "processed_at": processed_at,
-            "metadata": post.post.metadata,
-            "text_truncated": post.post.text_truncated,
-        }
-
-
-def _modality(state: ImageState, reason: str | None, quality: float) -> dict[str, Any]:
-    ok = state is ImageState.ok and math.isfinite(float(quality)) and quality > 0
-    return {"state": state.value, "reason": reason, "quality": min(float(quality), 1.0) if ok else None}
+        """Row ``row`` of the batch's prediction as the post's sentiment record (built by the contract)."""
+        probabilities = None
+        if not prediction.abstained[row]:
+            probabilities = {
+                name: float(p) for name, p in zip(self.predictor.labels, prediction.probabilities[row], strict=True)
+            }
+        return sentiment_document(
+            post.post,
+            source=(post.record.topic, post.record.partition, post.record.offset),
+            label=prediction.labels[row],
+            probabilities=probabilities,
+            image=ModalityReport(post.image.state, post.image.reason, float(prediction.quality_image[row])),
+            text=ModalityReport(post.text_state, post.text_reason, float(prediction.quality_text[row])),
+            recovered=prediction.recovered[row],
+            fusion_weights=prediction.fusion_weights[row],
+            model=(self.predictor.model_name, self.predictor.model_version),
+            processed_at=processed_at,
+        )

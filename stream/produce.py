@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from connectors.kafka import ensure_topics, make_producer
-from stream.contracts import SCHEMA_VERSION, utc_now_iso
+from core.contracts import SCHEMA_VERSION, utc_now_iso
 from stream.settings import Settings
 
 if TYPE_CHECKING:

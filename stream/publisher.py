@@ -17,10 +17,10 @@ from collections.abc import Callable, Sequence
 from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 
-from connectors.kafka import PRODUCER_FATAL_ERRORS, make_producer
+from connectors.kafka import PRODUCER_FATAL_ERRORS, KafkaSettings, make_producer
 from connectors.metrics import Metrics
+from core.contracts import Limits
 from stream.processor import OutgoingRecord
-from stream.settings import KafkaSettings, LimitSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Publisher:
     def __init__(
         self,
         kafka: KafkaSettings,
-        limits: LimitSettings,
+        limits: Limits,
         metrics: Metrics,
         producer_factory: Callable[[], KafkaProducer] | None = None,
     ) -> None:

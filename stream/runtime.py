@@ -44,8 +44,8 @@ from kafka.structs import OffsetAndMetadata
 
 from connectors.kafka import make_consumer
 from connectors.metrics import Metrics
+from core.contracts import Invalid, Post
 from stream.breaker import CircuitBreakerOpen, DeadLetterBreaker
-from stream.contracts import Invalid, Post
 from stream.processor import BatchProcessor, DecodedPost, Record, ReferenceQueuesLike, validate
 from stream.publisher import Publisher
 from stream.settings import Settings

@@ -2,7 +2,7 @@
 
 IN is a JSONL file of posts in the input contract, or a directory of ``<id>.jpg`` (or .jpeg/.png/.gif/.webp/.bmp)
 and ``<id>.txt`` pairs (either file may be absent: that modality is then missing). OUT receives one sentiment
-record per post, the same document ``serve`` publishes (stream/schemas/sentiment.v1.json); its ``source`` is
+record per post, the same document ``serve`` publishes (core/schemas/sentiment.v1.json); its ``source`` is
 the input file (``topic``), 0 (``partition``) and the line number from 1 (``offset``; 0 for a directory's
 files). Records that are not posts go to ``OUT.rejected.jsonl`` with the dead-letter reason and the original
 line. Batching and decoding are the serve path's (``stream.processor.BatchProcessor``); quality is scored
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from stream.contracts import DeadLetter, Invalid, Post
+from core.contracts import DeadLetter, Invalid, Post
 from stream.processor import BatchProcessor, DecodedPost, Record, validate
 from stream.settings import Settings
 
@@ -155,7 +155,7 @@ def score(
 
 def _compare(second: BatchProcessor, posts: list[DecodedPost], documents: list[dict[str, Any]], summary: Summary) -> None:
     """Add the shadow model's label, and whether it agrees, to each document."""
-    prediction = second.predict(posts)
+    prediction = second.infer(posts)
     model = {"name": second.predictor.model_name, "version": second.predictor.model_version}
     for doc, label in zip(documents, prediction.labels, strict=True):
         agrees = label == doc["label"]

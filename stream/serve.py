@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 
 from kafka.errors import KafkaError
 
+from connectors.reference_queues import QueueMode
 from stream import __version__
 from stream.breaker import CircuitBreakerOpen
 from stream.publisher import PublishError
 from stream.runtime import Service, ServiceError
-from stream.settings import QueueMode, Settings
+from stream.settings import Settings
 
 if TYPE_CHECKING:
     from connectors.metrics import Metrics

@@ -1,4 +1,9 @@
-"""Shared fixtures: real local services (Tansu broker + redis-server) started once per test session."""
+"""Shared fixtures: real local services (Tansu broker + redis-server) started once per test session, and the
+tiny model the stream tests score with.
+
+A test that uses the ``services`` fixture must carry the ``services`` marker (``-m "not services"`` then
+runs everything that needs neither process); ``pytest_runtest_setup`` below fails one that does not.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,6 +20,9 @@ from connectors.services import LocalServices, free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+if TYPE_CHECKING:
+    from core.inference import Predictor
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -62,7 +71,46 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         svc.local.stop_all()
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
+def _no_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read ``POSTSENSE_<SECTION>__<FIELD>`` variables: the developer's or CI's own must not change a test."""
+    for name in list(os.environ):
+        if name.startswith("POSTSENSE_") and "__" in name:
+            monkeypatch.delenv(name)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail, before any fixture starts a process, a test that needs the real services but is not marked so."""
+    if "services" in getattr(item, "fixturenames", ()) and item.get_closest_marker("services") is None:
+        pytest.fail(f"{item.nodeid} uses the services fixture: mark it @pytest.mark.services", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    """An untrained tiny model (random weights, no downloads): enough to exercise every stream path."""
+    from stream_support import LABELS
+
+    from core.inference import Predictor
+    from core.model import create_model
+
+    return Predictor.from_model(create_model("tiny", labels=LABELS))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """That tiny model saved as a checkpoint, for the tests that start ``postsense`` as a process."""
+    from stream_support import LABELS
+
+    from core.checkpoint import save_checkpoint
+    from core.model import create_model
+
+    path = tmp_path_factory.mktemp("model") / "tiny.ckpt"
+    save_checkpoint(create_model("tiny", labels=LABELS), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def names() -> type:
     """``names("topic")`` → a unique name; a fixture so tests need no import from conftest."""
     return unique_name  # type: ignore[return-value]

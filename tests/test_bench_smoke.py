@@ -19,8 +19,8 @@ import pytest
 
 from bench.common import Workload, make_posts, percentile, spread
 from bench.report import targets
-from connectors.media import FetchPolicy, ImageState, MediaLimits, decode_image_field
-from stream.contracts import Invalid, parse_post
+from connectors.media import FetchPolicy, MediaLimits, decode_image_field
+from core.contracts import Invalid, ModalityState, parse_post
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVENANCE = {"benchmark", "smoke", "finished_at", "command", "machine", "versions", "results"}
@@ -103,7 +103,7 @@ def test_workload_has_the_stated_mix_of_posts() -> None:
         missing_text += post.text is None
         decoded = decode_image_field(post.image, MediaLimits(), FetchPolicy())
         states[decoded.state.value] = states.get(decoded.state.value, 0) + 1
-        if decoded.state is ImageState.ok:
+        if decoded.state is ModalityState.ok:
             sizes.append(len(base64.b64decode(post.image["base64"])))  # type: ignore[index]
     valid = len(records) - invalid
     assert invalid / len(records) == pytest.approx(workload.invalid, abs=0.015)

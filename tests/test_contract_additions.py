@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_stream_support import LABELS
+from stream_support import LABELS
 
 from connectors.metrics import Metrics
 from core.inference import Predictor
 from core.model import create_model
-from stream.contracts import Invalid, Post, parse_post, validator
+from core.contracts import Invalid, Post, parse_post, validator
 from stream.processor import BatchProcessor, Record, validate
 from stream.settings import load_settings
 
@@ -33,7 +33,7 @@ def test_date_time_is_enforced_in_both_contracts_not_skipped() -> None:
 
 
 def test_a_truncated_text_is_flagged_in_the_record_and_counted() -> None:
-    settings = load_settings(None, {"limits": {"max_text_chars": 50}}, environ={})
+    settings = load_settings(None, {"limits": {"max_text_chars": 50}})
     metrics = Metrics()
     processor = BatchProcessor(settings, Predictor.from_model(create_model("tiny", labels=LABELS)), metrics)
     posts = []

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from stream.contracts import DEAD_LETTER_HEADER, DeadLetter, Invalid, Limits, Post, parse_post, validator
+from core.contracts import DEAD_LETTER_HEADER, DeadLetter, Invalid, Limits, Post, parse_post, validator
 
 
 def raw(doc) -> bytes:

@@ -15,7 +15,8 @@ import pytest
 import tomllib
 import yaml
 
-from stream.settings import MetricsSettings, load_settings
+from connectors.metrics import MetricsSettings
+from stream.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -67,9 +68,10 @@ def final_stage(target: str = "gpu") -> list[tuple[str, str]]:
             else []) + own
 
 
-def postsense_settings() -> Any:
-    env = {k: str(v) for k, v in service("postsense")["environment"].items()}
-    return load_settings(None, None, environ=env)
+def postsense_settings(monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name, value in service("postsense")["environment"].items():
+        monkeypatch.setenv(name, str(value))
+    return load_settings()
 
 
 def test_stack_has_kafka_redis_prometheus_grafana_and_postsense() -> None:
@@ -78,8 +80,8 @@ def test_stack_has_kafka_redis_prometheus_grafana_and_postsense() -> None:
     assert services["kafka"]["image"].startswith("apache/kafka:")
 
 
-def test_postsense_environment_is_valid_settings_pointing_at_the_stack() -> None:
-    settings = postsense_settings()
+def test_postsense_environment_is_valid_settings_pointing_at_the_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = postsense_settings(monkeypatch)
     kafka_env = service("kafka")["environment"]
     advertised = {url.split("://", 1)[1] for url in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")}
     assert set(settings.kafka.bootstrap_servers) <= advertised
@@ -88,8 +90,8 @@ def test_postsense_environment_is_valid_settings_pointing_at_the_stack() -> None
     assert Path(settings.model.checkpoint).parent.as_posix() in bind_mounts("postsense")
 
 
-def test_topics_the_service_uses_are_created_before_it_starts() -> None:
-    settings = postsense_settings()
+def test_topics_the_service_uses_are_created_before_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = postsense_settings(monkeypatch)
     script = "\n".join(service("kafka-init")["command"])
     created = set(re.findall(r"--topic (\S+)", script))
     assert {settings.kafka.input_topic, settings.kafka.output_topic, settings.kafka.dead_letter_topic} <= created
@@ -104,7 +106,7 @@ def test_bind_mounted_files_exist() -> None:
                 assert (DEPLOY / host).exists(), f"{name}: {host} (for {container}) does not exist"
 
 
-def test_prometheus_scrapes_postsense_and_loads_the_alerts() -> None:
+def test_prometheus_scrapes_postsense_and_loads_the_alerts(monkeypatch: pytest.MonkeyPatch) -> None:
     mounts = bind_mounts("prometheus")
     config_path = next(arg.split("=", 1)[1] for arg in service("prometheus")["command"] if arg.startswith("--config.file="))
     config = yaml.safe_load((DEPLOY / mounts[config_path]).read_text())
@@ -113,7 +115,7 @@ def test_prometheus_scrapes_postsense_and_loads_the_alerts() -> None:
         assert (DEPLOY / mounts[in_container]).resolve() == (DEPLOY / "prometheus" / "alerts.yaml").resolve()
     [job] = config["scrape_configs"]
     [sd] = job["dns_sd_configs"]
-    assert sd["names"] == ["postsense"] and sd["port"] == postsense_settings().metrics.port
+    assert sd["names"] == ["postsense"] and sd["port"] == postsense_settings(monkeypatch).metrics.port
     assert str(sd["port"]) in service("postsense")["expose"]
     targets = {r["target_label"] for r in job["relabel_configs"]}
     assert {"namespace", "consumer_group", "pod"} <= targets  # what the dashboard and the alerts group by

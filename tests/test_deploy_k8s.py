@@ -104,7 +104,7 @@ def settings_from_configmap(tmp_path: Path) -> Settings:
                 stand_in = tmp_path / Path(value).name
                 stand_in.write_text("redis://user:pw@redis:6379/0" if section == "redis" else "secret")
                 flags.setdefault(section, {})[field] = str(stand_in)
-    return load_settings(config, flags, environ={})
+    return load_settings(config, flags)
 
 
 def container() -> dict[str, Any]:

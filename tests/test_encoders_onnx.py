@@ -135,7 +135,7 @@ def test_serving_settings_switch_a_torch_checkpoint_to_onnxruntime(tmp_path) -> 
     photo = Image.fromarray(sklearn_datasets.load_sample_image("china.jpg"))
     results = {}
     for runtime in ("checkpoint", "onnxruntime"):
-        settings = load_settings(flags={"model": {"image_runtime": runtime, "device": "cpu"}}, environ={})
+        settings = load_settings(flags={"model": {"image_runtime": runtime, "device": "cpu"}})
         predictor = load_predictor(settings, path)
         results[runtime] = predictor.predict(predictor.prepare([predictor.preprocess_image(photo)], ["nice"]))
         assert predictor.model.image_encoder.runtime == ("torch" if runtime == "checkpoint" else "onnxruntime")
@@ -195,7 +195,7 @@ def test_serving_settings_switch_the_text_encoder_to_onnxruntime(tmp_path) -> No
 
     path = tmp_path / "offline.pt"
     save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
-    settings = load_settings(flags={"model": {"text_runtime": "onnxruntime", "device": "cpu"}}, environ={})
+    settings = load_settings(flags={"model": {"text_runtime": "onnxruntime", "device": "cpu"}})
     predictor = load_predictor(settings, path)
     assert predictor.model.text_encoder.runtime == "onnxruntime"
     assert predictor.model.image_encoder.runtime == "torch"

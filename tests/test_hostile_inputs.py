@@ -5,7 +5,7 @@ Two levels. Property-based: any bytes, any JSON and any image field through the 
 record. End to end: a hand-written corpus (bombs, odd image modes, a 10 MB text, lone surrogates, deep
 nesting, a private-address URL...) through ``postsense serve`` against the real broker, counted in and out,
 with the worker's peak memory bounded by the configured limits. Image decoding itself is unit-tested in
-test_media.py (whose image builders are reused here).
+test_media.py (both build their images with images.py).
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ from helpers import report_counts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_media import encode, grey_png, solid_png_bomb
-from test_stream_cli import cli
-from test_stream_support import LABELS, produce, read_topic, stream_settings
+from images import encode, grey_png, png_base64, solid_png_bomb
+from stream_support import cli, produce, read_topic, stream_settings
 
 from connectors.metrics import Metrics
-from core.checkpoint import save_checkpoint
 from core.inference import Predictor
-from core.model import create_model
-from stream.contracts import DEAD_LETTER_HEADER, Invalid, validator
+from core.contracts import DEAD_LETTER_HEADER, Invalid, validator
 from stream.processor import OVERSIZED_PREFIX_BYTES, BatchProcessor, Record, validate
 from stream.settings import load_settings
 
@@ -58,17 +55,13 @@ JSON_VALUES = st.recursive(
 )
 
 
-def tiny_png() -> str:
-    return base64.b64encode(encode(Image.new("RGB", (8, 8), (10, 200, 30)), "PNG")).decode()
-
-
 IMAGE_FIELDS = st.one_of(
     st.none(),
     st.builds(lambda s: {"base64": s}, texts(max_size=40)),
     st.builds(lambda b: {"base64": base64.b64encode(b).decode()}, st.binary(max_size=300)),
     st.builds(lambda s: {"url": s}, texts(1, 60)),
     st.builds(lambda s: {"path": s}, texts(1, 40)),
-    st.just({"base64": tiny_png()}),
+    st.just({"base64": png_base64((10, 200, 30), (8, 8))}),
 )
 # Schema-valid posts (so the decode and predict path is exercised), hostile in their contents.
 POSTS = st.fixed_dictionaries(
@@ -95,11 +88,11 @@ RAW_VALUES = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def processor() -> BatchProcessor:
+def processor(predictor: Predictor) -> BatchProcessor:
     # Offline fetch policy: URLs may name only a host that never resolves, so nothing leaves the machine.
     cfg = load_settings(None, {"media": {"allowed_hosts": ["images.invalid"], "fetch_timeout_s": 0.5},
                                "limits": {"max_text_chars": 100, "max_metadata_depth": 3}})
-    return BatchProcessor(cfg, Predictor.from_model(create_model("tiny", labels=LABELS)), Metrics())
+    return BatchProcessor(cfg, predictor, Metrics())
 
 
 @given(values=st.lists(RAW_VALUES, min_size=1, max_size=6))
@@ -199,11 +192,11 @@ def corpus(trap_url: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_hostile_corpus_through_serve_every_record_accounted_for_memory_bounded(services, names, tmp_path):
+def test_hostile_corpus_through_serve_every_record_accounted_for_memory_bounded(
+    services, names, tiny_checkpoint, tmp_path
+):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trap)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    checkpoint = tmp_path / "tiny.ckpt"
-    save_checkpoint(create_model("tiny", labels=LABELS), checkpoint)
     settings_ = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50},
                                 limits={"max_record_bytes": 12 * 1024 * 1024, "max_image_pixels": 4_000_000,
                                         "max_image_bytes": 256 * 1024})
@@ -216,7 +209,7 @@ def test_hostile_corpus_through_serve_every_record_accounted_for_memory_bounded(
            "POSTSENSE_LIMITS__MAX_IMAGE_PIXELS": str(limits.max_image_pixels),
            "POSTSENSE_LIMITS__MAX_IMAGE_BYTES": str(limits.max_image_bytes),
            "POSTSENSE_REDIS__KEY_PREFIX": settings_.redis.key_prefix}
-    proc = subprocess.Popen(cli(settings_, "serve", "--no-reference-queues", checkpoint=checkpoint), env=env,
+    proc = subprocess.Popen(cli(settings_, "serve", "--no-reference-queues", checkpoint=tiny_checkpoint), env=env,
                             stderr=subprocess.PIPE)
     try:
         posts = [k for k, _ in values if expected[k][0] != "dead"]

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from connectors.fetch import FetchError, fetch_url, host_allowed, is_public_address
-from connectors.media import FetchPolicy, ImageState, MediaLimits, decode_image_field
+from connectors.media import FetchPolicy, MediaLimits, decode_image_field
+from core.contracts import ModalityState
 
 LIMITS = MediaLimits()
 OPTED_IN = FetchPolicy(allow_private_addresses=True, timeout_s=2.0)
@@ -119,13 +120,13 @@ def port() -> Iterator[int]:
     yield from _serve(QuietServer(("127.0.0.1", 0), Handler))
 
 
-def field_url(url: str, policy: FetchPolicy, limits: MediaLimits = LIMITS) -> tuple[ImageState, str | None]:
+def field_url(url: str, policy: FetchPolicy, limits: MediaLimits = LIMITS) -> tuple[ModalityState, str | None]:
     result = decode_image_field({"url": url}, limits, policy)
     return result.state, result.reason
 
 
-def refused(reason: str) -> tuple[ImageState, str]:
-    return ImageState.undecodable, reason
+def refused(reason: str) -> tuple[ModalityState, str]:
+    return ModalityState.undecodable, reason
 
 
 @pytest.fixture
@@ -219,7 +220,7 @@ def test_bad_policies_are_clear_errors() -> None:
 
 def test_fetch_when_private_addresses_are_opted_in(port: int) -> None:
     result = decode_image_field({"url": f"http://127.0.0.1:{port}/img.png"}, LIMITS, OPTED_IN)
-    assert result.state is ImageState.ok and result.image is not None
+    assert result.state is ModalityState.ok and result.image is not None
     assert result.image.getpixel((2, 2)) == (20, 160, 90)
     assert result.nbytes == len(PNG)
 
@@ -235,7 +236,7 @@ def test_loopback_is_refused_by_default(port: int, host: str) -> None:
 
 
 def test_allowed_network_admits_only_itself(port: int) -> None:
-    assert field_url(f"http://127.0.0.1:{port}/img.png", ONLY_LOOPBACK_V4)[0] is ImageState.ok
+    assert field_url(f"http://127.0.0.1:{port}/img.png", ONLY_LOOPBACK_V4)[0] is ModalityState.ok
     assert field_url(f"http://127.0.0.2:{port}/img.png", ONLY_LOOPBACK_V4) == refused(
         "fetch_refused_private_address"
     )
@@ -257,8 +258,8 @@ def test_every_redirect_hop_is_checked(port: int, target: str, reason: str) -> N
 
 def test_redirects_are_followed_up_to_the_limit(port: int) -> None:
     base = f"http://127.0.0.1:{port}"
-    assert field_url(f"{base}/redirect?to={base}/img.png", OPTED_IN)[0] is ImageState.ok
-    assert field_url(f"{base}/chain/3", OPTED_IN)[0] is ImageState.ok  # relative Locations, 3 hops
+    assert field_url(f"{base}/redirect?to={base}/img.png", OPTED_IN)[0] is ModalityState.ok
+    assert field_url(f"{base}/chain/3", OPTED_IN)[0] is ModalityState.ok  # relative Locations, 3 hops
     assert field_url(f"{base}/chain/4", OPTED_IN) == refused("fetch_too_many_redirects")
     assert field_url(f"{base}/loop", OPTED_IN) == refused("fetch_too_many_redirects")
     no_redirects = FetchPolicy(allow_private_addresses=True, max_redirects=0)
@@ -362,7 +363,7 @@ def tls_port(tls_files: Path) -> Iterator[int]:
 
 def test_https_verifies_against_the_hostname(tls_files: Path, tls_port: int, fake_dns: Any) -> None:
     trusting = FetchPolicy(allow_private_addresses=True, ca_file=tls_files / "ca.pem")
-    assert field_url(f"https://127.0.0.1:{tls_port}/img.png", trusting)[0] is ImageState.ok
+    assert field_url(f"https://127.0.0.1:{tls_port}/img.png", trusting)[0] is ModalityState.ok
     # Same server, same address, but the URL names a host the certificate does not cover.
     fake_dns({"other.test": [["127.0.0.1"]]})
     assert field_url(f"https://other.test:{tls_port}/img.png", trusting) == refused("fetch_tls_failed")
@@ -386,17 +387,17 @@ def media_root(tmp_path: Path) -> Path:
 
 def field_path(
     path: str | Path, root: Path | None, limits: MediaLimits = LIMITS
-) -> tuple[ImageState, str | None]:
+) -> tuple[ModalityState, str | None]:
     result = decode_image_field({"path": str(path)}, limits, FetchPolicy(local_root=root))
     return result.state, result.reason
 
 
 def test_paths_inside_the_root_are_read(media_root: Path) -> None:
-    assert field_path("sub/ok.png", media_root)[0] is ImageState.ok
-    assert field_path(media_root / "sub" / "ok.png", media_root)[0] is ImageState.ok
-    assert field_path("sub/../sub/./ok.png", media_root)[0] is ImageState.ok
+    assert field_path("sub/ok.png", media_root)[0] is ModalityState.ok
+    assert field_path(media_root / "sub" / "ok.png", media_root)[0] is ModalityState.ok
+    assert field_path("sub/../sub/./ok.png", media_root)[0] is ModalityState.ok
     os.symlink(media_root / "sub" / "ok.png", media_root / "alias.png")
-    assert field_path("alias.png", media_root)[0] is ImageState.ok
+    assert field_path("alias.png", media_root)[0] is ModalityState.ok
 
 
 def test_paths_escaping_the_root_are_refused(media_root: Path) -> None:
@@ -437,8 +438,8 @@ def fuzz_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 )
 def test_arbitrary_paths_never_raise(fuzz_root: Path, path: str) -> None:
     result = decode_image_field({"path": path}, LIMITS, FetchPolicy(local_root=fuzz_root))
-    assert result.state in (ImageState.ok, ImageState.empty, ImageState.undecodable)
-    assert (result.image is not None) == (result.state is ImageState.ok)
+    assert result.state in (ModalityState.ok, ModalityState.empty, ModalityState.undecodable)
+    assert (result.image is not None) == (result.state is ModalityState.ok)
 
 
 # Hosts off the allow-list are refused before any DNS query, so fuzzing needs no network.
@@ -449,8 +450,8 @@ def test_arbitrary_paths_never_raise(fuzz_root: Path, path: str) -> None:
 )
 def test_arbitrary_urls_never_raise(url: str) -> None:
     result = decode_image_field({"url": url}, LIMITS, FetchPolicy(allowed_hosts=("images.invalid",)))
-    assert result.state in (ImageState.empty, ImageState.undecodable)
-    assert result.state is ImageState.empty or result.reason.startswith("fetch_")
+    assert result.state in (ModalityState.empty, ModalityState.undecodable)
+    assert result.state is ModalityState.empty or result.reason.startswith("fetch_")
 
 
 def test_url_and_base64_give_the_same_pixels(port: int) -> None:

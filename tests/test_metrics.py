@@ -145,12 +145,12 @@ def test_observe_prediction_counts_labels_abstentions_recoveries_and_present_qua
 
 
 def test_modality_states_are_counted_per_state_and_bounded() -> None:
-    class ImageState(Enum):  # like connectors.media.ImageState
+    class ModalityState(Enum):  # like core.contracts.ModalityState
         OK = "ok"
         UNDECODABLE = "undecodable"
 
     m = Metrics()
-    m.observe_modality_states("image", ["ok", ImageState.OK, ImageState.UNDECODABLE, "missing"])
+    m.observe_modality_states("image", ["ok", ModalityState.OK, ModalityState.UNDECODABLE, "missing"])
     m.observe_modality_states("text", ["empty", "ok"])
     s = scrape(m)
     assert value(s, "postsense_modality_state_total", modality="image", state="ok") == 2

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.logs import setup_logging
 from connectors.metrics import Metrics
-from stream.contracts import Invalid
+from core.contracts import Invalid
 from stream.processor import Record, dead_letter
 
 

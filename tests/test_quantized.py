@@ -123,7 +123,7 @@ def test_serve_precision_setting_and_flag_switch_a_fp32_checkpoint(tmp_path) -> 
     assert parser.parse_args(["--precision", "int8"]).precision == "int8"
     path = tmp_path / "offline.pt"
     save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
-    settings = load_settings(flags={"model": {"precision": "int8", "device": "cpu"}}, environ={})
+    settings = load_settings(flags={"model": {"precision": "int8", "device": "cpu"}})
     predictor = load_predictor(settings, path)
     model = predictor.model
     assert model.image_encoder.precision == model.text_encoder.precision == "int8"

@@ -26,7 +26,7 @@ from connectors.reference_queues import (
     connect,
 )
 from connectors.services import LocalServices, free_port, redis_binary
-from stream.settings import RedisSettings
+from connectors.reference_queues import RedisSettings
 
 pytestmark = pytest.mark.services
 
@@ -314,7 +314,7 @@ WORKER = """
 import json, sys, time
 import numpy as np
 from connectors.reference_queues import ReferenceQueues
-from stream.settings import RedisSettings
+from connectors.reference_queues import RedisSettings
 
 settings = RedisSettings.model_validate_json(sys.argv[1])
 mode = sys.argv[2]

@@ -43,7 +43,7 @@ def settings(services, checkpoint, names: Callable[[str], str]) -> Settings:
         "redis": {"url": services.redis_url, "key_prefix": names("cli")},
         "model": {"checkpoint": str(checkpoint[0])},
     }
-    return load_settings(flags=flags, environ={})
+    return load_settings(flags=flags)
 
 
 def cli(settings: Settings, *argv: str) -> int:

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import sklearn.datasets
 import torch
-from test_stream_support import LABELS, png_base64
+from images import png_base64
+from stream_support import LABELS
 
 from core.checkpoint import save_checkpoint
 from core.inference import Predictor
 from core.model import create_model
-from stream.contracts import validator
+from core.contracts import validator
 from stream.score_cmd import score
 from stream.settings import load_settings
 
@@ -97,7 +98,7 @@ def test_score_a_jsonl_file_end_to_end(tmp_path: Path, checkpoints: tuple[Path, 
 
 def test_an_interrupted_run_resumes_without_redoing_finished_lines(tmp_path: Path, checkpoints: tuple[Path, Path]):
     lines = write_jsonl(tmp_path / "posts.jsonl")
-    settings = load_settings(None, {}, environ={})
+    settings = load_settings(None, {})
     settings = settings.model_copy(update={"media": settings.media.model_copy(update={"local_root": tmp_path})})
     predictor = Predictor.from_checkpoint(checkpoints[0], "cpu")
     out = tmp_path / "out.jsonl"

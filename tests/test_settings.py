@@ -3,8 +3,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from connectors.config import redact_url
 from stream.cli import build_parser, flags_from_args
-from stream.settings import Settings, SettingsError, load_settings, redact_url
+from stream.settings import Settings, SettingsError, load_settings
 
 
 def write(tmp_path, name, text):
@@ -14,17 +15,18 @@ def write(tmp_path, name, text):
 
 
 def test_defaults_are_valid_and_safe():
-    s = load_settings(environ={})
+    s = load_settings()
     assert s.kafka.input_topic == "posts"
     assert s.kafka.heartbeat_interval_ms < s.kafka.session_timeout_ms
     assert s.redis.mode.value == "online"
 
 
-def test_precedence_file_then_env_then_flags(tmp_path):
+def test_precedence_file_then_env_then_flags(tmp_path, monkeypatch):
     cfg = write(tmp_path, "c.toml", '[kafka]\ngroup_id = "from-file"\ninput_topic = "file-topic"\n'
                                      'output_topic = "file-out"\n[batch]\nmax_posts = 8\n')
-    env = {"POSTSENSE_KAFKA__GROUP_ID": "from-env", "POSTSENSE_KAFKA__INPUT_TOPIC": "env-topic"}
-    s = load_settings(cfg, {"kafka": {"group_id": "from-flag"}}, environ=env)
+    monkeypatch.setenv("POSTSENSE_KAFKA__GROUP_ID", "from-env")
+    monkeypatch.setenv("POSTSENSE_KAFKA__INPUT_TOPIC", "env-topic")
+    s = load_settings(cfg, {"kafka": {"group_id": "from-flag"}})
     assert s.kafka.group_id == "from-flag"       # flag beats env and file
     assert s.kafka.input_topic == "env-topic"    # env beats file
     assert s.kafka.output_topic == "file-out"    # file beats default
@@ -36,7 +38,7 @@ def test_json_config_and_cli_flags(tmp_path):
     args, _ = build_parser().parse_known_args(
         ["--config", str(cfg), "--group-id", "g1", "--bootstrap-servers", "a:1,b:2",
          "--set", "batch.max_posts=4", "--set", "redis.mode=frozen", "config"])
-    s = load_settings(args.config, flags_from_args(args), environ={})
+    s = load_settings(args.config, flags_from_args(args))
     assert s.kafka.bootstrap_servers == ["a:1", "b:2"]
     assert (s.kafka.group_id, s.batch.max_posts, s.batch.max_wait_ms) == ("g1", 4, 50)
     assert s.redis.mode.value == "frozen"
@@ -57,20 +59,21 @@ def test_json_config_and_cli_flags(tmp_path):
 )
 def test_validation_errors_name_the_field(flags, needle):
     with pytest.raises(SettingsError) as err:
-        load_settings(flags=flags, environ={})
+        load_settings(flags=flags)
     assert needle in str(err.value)
 
 
-def test_bad_env_value_is_reported():
+def test_bad_env_value_is_reported(monkeypatch):
+    monkeypatch.setenv("POSTSENSE_BATCH__MAX_POSTS", "many")
     with pytest.raises(SettingsError, match="batch.max_posts"):
-        load_settings(environ={"POSTSENSE_BATCH__MAX_POSTS": "many"})
+        load_settings()
 
 
 def test_bad_config_file_is_reported(tmp_path):
     with pytest.raises(SettingsError, match="not valid TOML"):
-        load_settings(write(tmp_path, "c.toml", "[kafka\n"), environ={})
+        load_settings(write(tmp_path, "c.toml", "[kafka\n"))
     with pytest.raises(SettingsError, match="No such file"):
-        load_settings(tmp_path / "missing.toml", environ={})
+        load_settings(tmp_path / "missing.toml")
 
 
 def test_secrets_from_files_and_never_in_dumps(tmp_path):
@@ -78,7 +81,7 @@ def test_secrets_from_files_and_never_in_dumps(tmp_path):
     url = write(tmp_path, "url", "redis://user:r3dis-pass@127.0.0.1:6379/0")
     s = load_settings(flags={"kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
                                        "sasl_username": "svc", "sasl_password_file": str(pw)},
-                             "redis": {"url_file": str(url)}}, environ={})
+                             "redis": {"url_file": str(url)}})
     assert s.kafka.sasl_password.get_secret_value() == "s3cret-pass"
     dumped = json.dumps(s.model_dump(mode="json"), default=str) + repr(s) + str(s)
     assert "s3cret-pass" not in dumped and "r3dis-pass" not in dumped

@@ -8,19 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_stream_support import LABELS, png_base64
+from images import png_base64
+from stream_support import LABELS
 
 from connectors.metrics import Metrics
 from core.inference import Predictor
 from core.model import create_model
-from stream.contracts import Invalid, Post
+from core.contracts import Invalid, Post
 from stream.processor import BatchProcessor, Record, validate
 from stream.settings import load_settings
-
-
-@pytest.fixture(scope="module")
-def predictor() -> Predictor:
-    return Predictor.from_model(create_model("tiny", labels=LABELS))
 
 
 def run(processor: BatchProcessor, posts: list[dict]) -> dict[str, dict]:

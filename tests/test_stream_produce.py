@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_stream_support import png_base64, read_topic, stream_settings
+from images import png_base64
+from stream_support import read_topic, stream_settings
 
-from stream.contracts import Post, parse_post
+from core.contracts import Post, parse_post
 from stream.produce import dataset_records, send
 
 LABELS = ("positive", "neutral", "negative")

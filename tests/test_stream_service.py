@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from test_stream_support import (
+from stream_support import (
     LABELS,
     Collector,
     Running,
@@ -24,17 +24,11 @@ from test_stream_support import (
 from connectors.kafka import ensure_topics
 from connectors.metrics import Metrics
 from core.inference import Predictor
-from core.model import create_model
 from stream.breaker import CircuitBreakerOpen
-from stream.contracts import validator
+from core.contracts import validator
 from stream.runtime import Service
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture(scope="module")
-def predictor() -> Predictor:
-    return Predictor.from_model(create_model("tiny", labels=LABELS))
 
 
 class SlowPredictor:

@@ -1,9 +1,9 @@
 """Reader for JSONL files of posts in the service's own input schema, plus a ``label``.
 
-Each line is a post as the service consumes it from Kafka (``stream/schemas/post.v1.json``: id, text,
+Each line is a post as the service consumes it from Kafka (``core/schemas/post.v1.json``: id, text,
 image as ``{"base64"}``, ``{"url"}`` or ``{"path"}``, created_at, metadata) with one extra field,
 ``label`` (a label name or index). Training on exactly the schema the service serves keeps the two
-from drifting apart; each post is validated by the service's own :func:`stream.contracts.parse_post`.
+from drifting apart; each post is validated by the service's own :func:`core.contracts.parse_post`.
 
 ``jsonl:PATH`` is a directory holding ``train.jsonl``, ``dev.jsonl`` and ``test.jsonl``, or a single
 file that is split 70/15/15, stratified and seeded. Relative image paths are resolved against the
@@ -31,7 +31,7 @@ from core.data.records import (
     label_index,
     stratified_split,
 )
-from stream.contracts import Invalid, parse_post
+from core.contracts import Invalid, parse_post
 
 SINGLE_FILE_SPLIT = {"train": 0.7, "dev": 0.15, "test": 0.15}
 

@@ -1,19 +1,25 @@
-"""Message contracts: the input post, the sentiment record and the dead-letter record.
+"""Message contracts: the input post, the sentiment record and the dead-letter record, and input limits.
 
-The JSON Schemas in ``stream/schemas/`` are the contract users code against; this module
-validates against exactly those files, so the schema and the code cannot drift apart.
+The JSON Schemas in ``core/schemas/`` are the contract users code against; this module validates
+against exactly those files, so the schema and the code cannot drift apart. It sits in ``core``, the
+bottom layer, because the training data readers parse the same posts the service consumes, and the
+connectors (media limits, producer request size) share its ``Limits``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from functools import cache
 from importlib import resources
 from typing import Any
 
 from jsonschema import Draft202012Validator
+from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 SCHEMA_FILES = {"post": "post.v1.json", "sentiment": "sentiment.v1.json", "dead_letter": "dead_letter.v1.json"}
@@ -23,7 +29,7 @@ DEAD_LETTER_HEADER = "postsense.dlq"
 @cache
 def schema(name: str) -> dict[str, Any]:
     """The checked-in JSON Schema ``name`` (post, sentiment, dead_letter)."""
-    text = resources.files("stream.schemas").joinpath(SCHEMA_FILES[name]).read_text()
+    text = resources.files("core.schemas").joinpath(SCHEMA_FILES[name]).read_text()
     return json.loads(text)
 
 
@@ -57,12 +63,31 @@ class Invalid:
     detail: str | None = None
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_record_bytes: int = 16 * 1024 * 1024
-    max_text_chars: int = 10_000
-    max_metadata_depth: int = 16
-    max_metadata_bytes: int = 64 * 1024
+class ModalityState(str, Enum):
+    """The output contract's state of one modality of a post (image or text)."""
+
+    ok = "ok"
+    missing = "missing"
+    empty = "empty"
+    undecodable = "undecodable"
+
+
+class Limits(BaseModel):
+    """Bounds on untrusted input (the ``limits`` settings section); past them a record is a dead letter or a
+    modality gets a state with a reason, never an out-of-memory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_record_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_text_chars: int = Field(10_000, ge=1)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+    max_metadata_depth: int = Field(16, ge=1)
+    max_metadata_bytes: int = Field(64 * 1024, ge=0)
+
+
+#: The limits of a default configuration (frozen, so safe to share).
+DEFAULT_LIMITS = Limits()
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -90,7 +115,7 @@ def _utf8_encodable(value: str) -> bool:
     return True
 
 
-def parse_post(raw: bytes | None, limits: Limits = Limits()) -> Post | Invalid:
+def parse_post(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Post | Invalid:
     """Turn a record value into a Post, or say why it is not one. Never raises."""
     if raw is None:
         return Invalid("empty_value", "Tombstone", "record value is null")
@@ -176,3 +201,60 @@ class DeadLetter:
             (DEAD_LETTER_HEADER, json.dumps(doc).encode()),
             ("postsense.reason", self.reason.encode()),
         ]
+
+
+@dataclass(frozen=True)
+class ModalityReport:
+    """What the sentiment record says about one modality: its state, why, and its quality (NaN when absent)."""
+
+    state: ModalityState
+    reason: str | None
+    quality: float
+
+    def document(self) -> dict[str, Any]:
+        # A quality is published only for a present modality: q is a probability density, capped at 1.
+        ok = self.state is ModalityState.ok and math.isfinite(self.quality) and self.quality > 0
+        return {"state": self.state.value, "reason": self.reason, "quality": min(self.quality, 1.0) if ok else None}
+
+
+def sentiment_document(
+    post: Post,
+    *,
+    source: tuple[str, int, int],
+    label: str | None,
+    probabilities: dict[str, float] | None,
+    image: ModalityReport,
+    text: ModalityReport,
+    recovered: str | None,
+    fusion_weights: Sequence[float],
+    model: tuple[str, str],
+    processed_at: str,
+) -> dict[str, Any]:
+    """The sentiment record of one post (``core/schemas/sentiment.v1.json``).
+
+    ``probabilities`` None means the model abstained (no usable modality): then no label either, since an
+    abstention's softmax is the classifier bias, not evidence. ``source`` is (topic, partition, offset).
+    """
+    abstained = probabilities is None
+    intact, image_recovered_text, recovered_image_text = (float(w) for w in fusion_weights)
+    topic, partition, offset = source
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "id": post.id,
+        "label": None if abstained else label,
+        "probabilities": probabilities,
+        "abstained": abstained,
+        "modalities": {"image": image.document(), "text": text.document()},
+        "recovered": recovered,
+        "fusion_weights": {
+            "intact": intact,
+            "image_recovered_text": image_recovered_text,
+            "recovered_image_text": recovered_image_text,
+        },
+        "model": {"name": model[0], "version": model[1]},
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "event_time": post.created_at,
+        "processed_at": processed_at,
+        "metadata": post.metadata,
+        "text_truncated": post.text_truncated,
+    }
