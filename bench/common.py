@@ -29,6 +29,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stream.local_services import Endpoints, fresh_stream_flags, unique_name
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -161,11 +163,6 @@ class Spread:
     min: float
     max: float
     n: int
-
-    @property
-    def rel_iqr(self) -> float:
-        """Interquartile range relative to the median: how much to trust the median."""
-        return (self.p75 - self.p25) / self.median if self.median else 0.0
 
 
 def spread(samples: Sequence[float]) -> Spread:
@@ -393,17 +390,11 @@ def bench_predictor(config: str, device: str | None = None, precision: str | Non
     return Predictor.from_model(bench_model(config, precision), device=device, model_version=f"bench-{config}")
 
 
-@dataclass(frozen=True)
-class Endpoints:
-    bootstrap: str
-    redis_url: str
-
-
 @contextlib.contextmanager
 def local_services(args: argparse.Namespace | None = None) -> Iterator[Endpoints]:
     """The broker and Redis named in ``args`` (see ``service_options``), else private ones on free loopback
     ports; only what was started here is stopped on exit."""
-    from connectors.services import LocalServices, free_port
+    from stream.local_services import LocalServices, free_port
 
     with tempfile.TemporaryDirectory(prefix="postsense-bench-") as state:
         services = LocalServices(Path(state))
@@ -419,31 +410,11 @@ def local_services(args: argparse.Namespace | None = None) -> Iterator[Endpoints
             services.stop_all()
 
 
-def unique(prefix: str) -> str:
-    """Fresh topic/group names per run: Tansu groups can lock up when reused (shared/notes/broker.md)."""
-    return f"{prefix}-{os.getpid()}-{int(time.time() * 1000) % 10**8}"
-
-
 def bench_flags(endpoints: Endpoints, batch: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Settings flags for a benchmark run: fresh topics and group, short group timings, the given batch size;
-    ``sections`` override or add fields per settings section."""
-    flags: dict[str, dict[str, Any]] = {
-        "kafka": {
-            "bootstrap_servers": [endpoints.bootstrap],
-            "group_id": unique("bench-group"),
-            "input_topic": unique("bench-posts"),
-            "output_topic": unique("bench-sentiment"),
-            "dead_letter_topic": unique("bench-dlq"),
-            "session_timeout_ms": 6000,
-            "heartbeat_interval_ms": 1000,
-        },
-        "batch": {"max_posts": batch},
-        "redis": {"url": endpoints.redis_url, "key_prefix": unique("bench")},
-        "metrics": {"port": 0, "host": "127.0.0.1"},
-    }
-    for section, values in sections.items():
-        flags[section] = {**flags.get(section, {}), **values}
-    return flags
+    """``fresh_stream_flags`` (own topics, group and key prefix, short group timings) with ``batch`` posts per
+    batch; ``sections`` override or add fields per settings section."""
+    sections["batch"] = {"max_posts": batch, **sections.get("batch", {})}
+    return fresh_stream_flags(endpoints, lambda what: unique_name(f"bench-{what}"), **sections)
 
 
 def bench_settings(endpoints: Endpoints, batch: int, **sections: dict[str, Any]) -> Settings:

@@ -42,8 +42,8 @@ def run_naive(endpoints: Endpoints, config: str, posts: int, seed: int = 0) -> d
     from connectors.kafka import consumer_config, ensure_topics, producer_config
     from connectors.metrics import Metrics
     from core.contracts import Invalid
+    from stream.feed import send
     from stream.processor import BatchProcessor, Record, validate
-    from stream.produce import send
 
     settings = bench_settings(endpoints, batch=1)
     k = settings.kafka

@@ -27,8 +27,7 @@ import numpy as np
 import redis
 
 from bench.common import base_parser, bench_predictor, print_table, spread, time_repeats, write_result
-from connectors.reference_queues import MODALITIES, ReferenceQueues
-from connectors.reference_queues import RedisSettings
+from connectors.reference_queues import MODALITIES, RedisSettings, ReferenceQueues
 
 QUEUE_SIZE = 512
 TEXTS = (
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_sizes, args.repeats, args.infer_repeats = [4], 3, 1
     configs = args.config or (["tiny"] if args.smoke else ["tiny", "offline"])
 
-    from connectors.services import LocalServices, free_port
+    from stream.local_services import LocalServices, free_port
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="postsense-bench-queues-") as state:

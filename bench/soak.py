@@ -87,8 +87,8 @@ def run_soak(
     backlog: int,
 ) -> dict[str, Any]:
     from connectors.kafka import ensure_topics, make_producer
-    from connectors.services import free_port
     from core.checkpoint import save_checkpoint
+    from stream.local_services import free_port
     from stream.settings import load_settings
 
     metrics_port = free_port()

@@ -113,8 +113,8 @@ def run_stages(endpoints: Endpoints, config: str, batch: int, batches: int, seed
     from connectors.metrics import Metrics
     from connectors.reference_queues import ReferenceQueues
     from core.contracts import Invalid, Post
+    from stream.feed import send
     from stream.processor import BatchProcessor, Record, validate
-    from stream.produce import send
     from stream.publisher import Publisher
 
     # No background refresh during the run, so every Redis round trip counted is the batch's own.

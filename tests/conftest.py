@@ -8,15 +8,14 @@ runs everything that needs neither process); ``pytest_runtest_setup`` below fail
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from connectors.services import LocalServices, free_port
+from stream.local_services import Endpoints, LocalServices, free_port, unique_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,26 +24,11 @@ if TYPE_CHECKING:
     from core.inference import Predictor
 
 
-def unique_name(prefix: str = "t") -> str:
-    """A fresh topic / group / key-prefix name, so tests never share state (Tansu groups can lock up)."""
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-@dataclass
-class Services:
+@dataclass(frozen=True)
+class Services(Endpoints):
     """The session's own broker and Redis, on free loopback ports (never the shared 6379)."""
 
     local: LocalServices
-    broker_port: int
-    redis_port: int
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.broker_port}"
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis_port}/0"
 
     def start_broker(self) -> None:
         self.local.ensure_broker(self.bootstrap)
@@ -62,7 +46,7 @@ class Services:
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     state = Path(tmp_path_factory.mktemp("services"))
-    svc = Services(LocalServices(state), free_port(), free_port())
+    svc = Services(f"127.0.0.1:{free_port()}", f"redis://127.0.0.1:{free_port()}/0", LocalServices(state))
     svc.start_broker()
     svc.start_redis()
     try:
@@ -111,6 +95,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def names() -> type:
+def names() -> Callable[[str], str]:
     """``names("topic")`` → a unique name; a fixture so tests need no import from conftest."""
-    return unique_name  # type: ignore[return-value]
+    return unique_name

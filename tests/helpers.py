@@ -21,22 +21,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-from connectors.services import free_port, kafka_answers, port_open, tansu_binary
+from stream.local_services import free_port, kafka_answers, port_open, tansu_binary
 from stream.settings import Settings
 
 #: Kafka API key of a Produce request (the first two bytes of every request body).
 PRODUCE_API_KEY = 0
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """What ``test_stream_support.stream_settings`` needs from a services object."""
-
-    bootstrap: str
-    redis_url: str
 
 
 def report_counts(name: str, posts_in: Iterable[str], out_ids: Iterable[str], dead_lettered: int = 0) -> dict[str, int]:
@@ -96,7 +87,7 @@ class S3Server:
         binary = self.binary()
         assert binary, "s3rver missing: npm install --prefix .run/node s3rver@3.7.1"
         self.directory.mkdir(parents=True, exist_ok=True)
-        log = open(self.directory.parent / "s3rver.log", "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.directory.parent / "s3rver.log", "ab")  # closed here; the child keeps its own descriptor
         self.proc = subprocess.Popen(
             [binary, "-d", str(self.directory), "-a", "127.0.0.1", "-p", str(self.port),
              "--configure-bucket", "tansu", "--allow-mismatched-signatures"],
@@ -138,7 +129,7 @@ class Broker:
 
     def start(self, wait: bool = True) -> Broker:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.state_dir / "broker.log", "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.state_dir / "broker.log", "ab")  # closed here; the child keeps its own descriptor
         self.proc = subprocess.Popen(
             [str(tansu_binary()), "broker",
              "--listener-url", f"tcp://127.0.0.1:{self.port}",
@@ -273,23 +264,3 @@ def proxied_broker(directory: Path, tls: ssl.SSLContext | None = None) -> tuple[
 def as_client(settings: Settings, client_id: str) -> Settings:
     """The same settings under another Kafka client id (a test's feeder, told apart from the service)."""
     return settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"client_id": client_id})})
-
-
-def committed_eventually(settings: Settings, ends: dict[int, int], timeout_s: float) -> dict[int, int]:
-    """The group's committed offsets once they reach ``ends``, tolerating a broker that is still coming back."""
-    from kafka.errors import KafkaError
-
-    from connectors.kafka import committed_offsets
-
-    committed: dict[int, int] = {}
-
-    def reached() -> bool:
-        nonlocal committed
-        try:
-            committed = committed_offsets(settings.kafka, settings.kafka.input_topic)
-        except KafkaError:
-            return False
-        return all(committed.get(p, 0) >= end for p, end in ends.items())
-
-    wait_until(reached, timeout_s, interval_s=0.3)
-    return committed

@@ -3,10 +3,14 @@
 import subprocess
 import sys
 
-from connectors.services import kafka_answers
+import pytest
+
 from core.checkpoint import save_checkpoint
 from core.data.vader import build_demo_set
 from core.model import create_model
+from stream.local_services import kafka_answers
+
+pytestmark = pytest.mark.services
 
 
 def test_demo_answers_every_record_and_leaves_servers_it_did_not_start(services, tmp_path):

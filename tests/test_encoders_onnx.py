@@ -126,7 +126,7 @@ def test_unknown_runtime_is_a_clear_error() -> None:
 
 def test_serving_settings_switch_a_torch_checkpoint_to_onnxruntime(tmp_path) -> None:
     from core.checkpoint import save_checkpoint
-    from stream.serve import load_predictor
+    from stream.components import load_predictor
     from stream.settings import load_settings
 
     torch.manual_seed(2)
@@ -190,7 +190,7 @@ def test_exports_are_cached_on_disk_and_reused() -> None:
 
 def test_serving_settings_switch_the_text_encoder_to_onnxruntime(tmp_path) -> None:
     from core.checkpoint import save_checkpoint
-    from stream.serve import load_predictor
+    from stream.components import load_predictor
     from stream.settings import load_settings
 
     path = tmp_path / "offline.pt"

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import pytest
 import redis
-from helpers import Endpoints, report_counts, wait_until
-from test_stream_support import LABELS, Collector, Running, produce_posts, stream_settings, valid_posts
+from helpers import report_counts, wait_until
+from stream_support import LABELS, Collector, Running, produce_posts, stream_settings, valid_posts
 
 from connectors.metrics import Metrics
-from connectors.services import LocalServices, free_port
 from core.inference import Predictor
 from core.model import create_model
+from stream.components import open_reference_queues
+from stream.local_services import Endpoints, LocalServices, free_port
 from stream.runtime import Service
-from stream.serve import open_reference_queues
 
 pytestmark = pytest.mark.services
 

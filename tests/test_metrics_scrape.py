@@ -6,33 +6,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import unique_name
-from test_deploy_prometheus import ALERTS, dashboard_queries, exported_series
-from test_stream_support import LABELS, produce, stream_settings, valid_posts
+from deploy_files import ALERTS, alert_rules, dashboard_queries, exported_series
+from stream_support import cli, produce, stream_settings, valid_posts
 
-from connectors.services import free_port
-from core.checkpoint import save_checkpoint
-from core.model import create_model
+from stream.local_services import free_port
 from stream.settings import Settings
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 NAMESPACE, POD = "itest", "postsense-0"
-WAVES, WAVE_GAP_S = 3, 2.5  # counters must grow across several 1 s scrapes for rate() to see them
+WAVES = 3  # counters must grow across several 1 s scrapes for rate() to see them
+INVALID_PER_WAVE, ABSTAINING_PER_WAVE = 2, 1
 
 
 def http_json(url: str, timeout: float = 5.0) -> Any:
@@ -96,55 +95,65 @@ class Prometheus:
             self.proc.kill()
 
 
-def serve_command(settings: Settings, checkpoint: Path, metrics_port: int) -> list[str]:
-    k = settings.kafka
-    return [
-        str(Path(sys.executable).parent / "postsense"),
-        "--bootstrap-servers", ",".join(k.bootstrap_servers), "--group-id", k.group_id,
-        "--input-topic", k.input_topic, "--output-topic", k.output_topic, "--dead-letter-topic", k.dead_letter_topic,
-        "--redis-url", settings.redis.url.get_secret_value(), "--metrics-port", str(metrics_port),
-        "--checkpoint", str(checkpoint),
-        "--set", f"kafka.session_timeout_ms={k.session_timeout_ms}",
-        "--set", f"kafka.heartbeat_interval_ms={k.heartbeat_interval_ms}",
-        "--set", f"batch.max_posts={settings.batch.max_posts}", "--set", f"batch.max_wait_ms={settings.batch.max_wait_ms}",
-        "--set", f"redis.key_prefix={settings.redis.key_prefix}",
-        "serve",
-    ]
-
-
 def wave(i: int) -> list[bytes]:
     """Valid posts with every modality case, one with no modality at all, and records that are not posts."""
     posts = valid_posts(10, prefix=f"w{i}-") + [{"id": f"w{i}-none", "created_at": "2026-11-23T12:00:00Z"}]
     return [json.dumps(p).encode() for p in posts] + [b"{not json", b"[1, 2]"]
 
 
+def settled(prometheus: Prometheus, group: str, sent: int) -> bool:
+    """Prometheus has scraped the end state of the traffic: every record published or dead-lettered, no lag."""
+
+    def total(expr: str) -> float:
+        return sum(float(r["value"][1]) for r in prometheus.query(expr))
+
+    sel = f'consumer_group="{group}"'
+    lag = prometheus.query(f"postsense_consumer_lag_messages{{{sel}}}")
+    return (
+        total(f"postsense_posts_published_total{{{sel}}}") == sent - WAVES * INVALID_PER_WAVE
+        and total(f"postsense_posts_dead_lettered_total{{{sel}}}") == WAVES * INVALID_PER_WAVE
+        and len(lag) == 2
+        and all(float(r["value"][1]) == 0 for r in lag)
+    )
+
+
+def rules_evaluated_since(prometheus: Prometheus, since: datetime) -> bool:
+    """Every alert rule has been evaluated after ``since``."""
+    groups = http_json(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
+    evaluated = [rule["lastEvaluation"] for group in groups for rule in group["rules"]]
+    # RFC 3339 with up to nanoseconds; datetime takes microseconds.
+    times = [datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", t).replace("Z", "+00:00")) for t in evaluated]
+    return len(times) == len(alert_rules()) and all(t > since for t in times)
+
+
 @pytest.fixture(scope="module")
-def scraped(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus, Settings, int]]:
+def scraped(
+    services: Any, names: Callable[[str], str], tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Prometheus, Settings, int]]:
     """A serve process that handled WAVES waves of traffic while Prometheus scraped it every second."""
-
-
     workdir = tmp_path_factory.mktemp("prometheus")
-    settings = stream_settings(services, unique_name, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50})
-    checkpoint = workdir / "tiny.ckpt"
-    save_checkpoint(create_model("tiny", labels=LABELS), checkpoint)
+    settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50})
     metrics_port = free_port()
-    serve = subprocess.Popen(serve_command(settings, checkpoint, metrics_port),
+    serve = subprocess.Popen(cli(settings, "serve", checkpoint=tiny_checkpoint, metrics_port=metrics_port),
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
     prometheus = None
     try:
         prometheus = Prometheus(workdir, f"127.0.0.1:{metrics_port}", settings.kafka.group_id)
         wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=1).status == 200,
                  "serve ready (model loaded, partitions assigned)", 90, serve)
+        consumed = f'sum(postsense_posts_consumed_total{{consumer_group="{settings.kafka.group_id}"}})'
         sent = 0
         for i in range(WAVES):
             records = wave(i)
             produce(settings, records)
             sent += len(records)
-            time.sleep(WAVE_GAP_S)
-        consumed = f'sum(postsense_posts_consumed_total{{consumer_group="{settings.kafka.group_id}"}})'
-        wait_for(lambda: (r := prometheus.query(consumed)) and float(r[0]["value"][1]) >= sent,
-                 f"prometheus to see all {sent} records consumed", 60, serve)
-        time.sleep(3)  # a few more scrapes and rule evaluations after the last batch
+            # Each wave lands in its own scrapes, so the counters grow across several samples (rate() needs two).
+            wait_for(lambda sent=sent: (r := prometheus.query(consumed)) and float(r[0]["value"][1]) >= sent,
+                     f"prometheus to see all {sent} records consumed", 60, serve)
+        wait_for(lambda: settled(prometheus, settings.kafka.group_id, sent), "prometheus to scrape the final counts",
+                 60, serve)
+        since = datetime.now(UTC)
+        wait_for(lambda: rules_evaluated_since(prometheus, since), "every rule evaluated on the final counts", 30, serve)
         yield prometheus, settings, sent
     finally:
         serve.send_signal(signal.SIGTERM)
@@ -178,14 +187,13 @@ def test_counts_seen_by_prometheus_match_the_traffic(scraped: tuple[Prometheus, 
     def total(expr: str) -> dict[str, float]:
         return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in prometheus.query(expr)}
 
-    invalid_per_wave, abstaining_per_wave = 2, 1
     dead = total(f"sum by (reason) (postsense_posts_dead_lettered_total{{{sel}}})")
-    assert sum(dead.values()) == WAVES * invalid_per_wave
+    assert sum(dead.values()) == WAVES * INVALID_PER_WAVE
     assert {json.loads(k)["reason"] for k in dead} == {"not_json", "schema_invalid"}
     [published] = total(f"sum(postsense_posts_published_total{{{sel}}})").values()
-    assert published == sent - WAVES * invalid_per_wave
+    assert published == sent - WAVES * INVALID_PER_WAVE
     [abstained] = total(f"sum(postsense_abstained_total{{{sel}}})").values()
-    assert abstained == WAVES * abstaining_per_wave
+    assert abstained == WAVES * ABSTAINING_PER_WAVE
     states = total(f"sum by (modality) (postsense_modality_state_total{{{sel}}})")
     assert sorted(states.values()) == [published, published]  # one state per modality per published post
     # All input consumed and committed: the owner of each partition reports zero lag.
@@ -205,7 +213,7 @@ def test_alert_rules_evaluate_without_errors_on_live_data(scraped: tuple[Prometh
     prometheus, _, _ = scraped
     groups = http_json(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == len([r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]])
+    assert len(rules) == len(alert_rules())
     for rule in rules:
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
         assert rule["lastEvaluation"] != "0001-01-01T00:00:00Z", f"{rule['name']} never evaluated"

@@ -115,7 +115,8 @@ def test_serve_precision_setting_and_flag_switch_a_fp32_checkpoint(tmp_path) -> 
     import argparse
 
     from core.checkpoint import save_checkpoint
-    from stream.serve import add_arguments, load_predictor
+    from stream.commands.serve import add_arguments
+from stream.components import load_predictor
     from stream.settings import load_settings
 
     parser = argparse.ArgumentParser()

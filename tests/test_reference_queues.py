@@ -15,18 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from helpers import wait_until
 from prometheus_client import CollectorRegistry
 
 from connectors.metrics import Metrics
 from connectors.reference_queues import (
     MODALITIES,
     QueueStore,
+    RedisSettings,
     ReferenceQueueError,
     ReferenceQueues,
     connect,
 )
-from connectors.services import LocalServices, free_port, redis_binary
-from connectors.reference_queues import RedisSettings
+from stream.local_services import LocalServices, free_port, redis_binary
 
 pytestmark = pytest.mark.services
 
@@ -112,15 +113,6 @@ def assert_stats_match(stats, rows: np.ndarray) -> None:
 
 def all_accepted(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {m: np.ones(len(rows), dtype=bool) for m, rows in batch.items()}
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 # --- seeding and the store ---------------------------------------------------------------------------------------
@@ -246,8 +238,8 @@ def test_a_reset_elsewhere_rejects_stale_proposals_and_wakes_the_worker(server, 
         queues.propose(stale, all_accepted(stale))  # judged against the old reference: refused
         np.testing.assert_array_equal(queues.store.read(contents=True)["image"].features, seed["image"])
         # refresh_interval_s is 60 s: only the wake-up of the refused reply can make the worker notice this soon
-        assert wait_for(
-            lambda: queues._cache is not None and queues._cache.tags["image"][0] == generation + 1
+        assert wait_until(
+            lambda: queues._cache is not None and queues._cache.tags["image"][0] == generation + 1, 15
         )
         assert_stats_match(queues.stats()["image"], seed["image"])
         queues.propose(stale, all_accepted(stale))
@@ -288,13 +280,18 @@ def test_frozen_mode_never_writes(server, make_settings):
 
     watcher = server.client()
     watcher.config_resetstat()
+
+    def reads() -> int:  # one MULTI per read of the queues
+        return int(watcher.info("commandstats").get("cmdstat_multi", {}).get("calls", 0))
+
     with ReferenceQueues(make_settings(server.url, mode="frozen", refresh_interval_s=0.05), "v1") as frozen:
         assert frozen.stats() is not None  # computed locally from the contents
         assert_stats_match(frozen.stats()["image"], before["image"].features)
         for i in range(5):
             batch = features(10 + i, 4)
             frozen.propose(batch, all_accepted(batch))
-        time.sleep(0.3)  # several background refreshes
+        proposed = reads()
+        assert wait_until(lambda: reads() >= proposed + 3, 15)  # several background refreshes
 
     commands = {name.removeprefix("cmdstat_") for name in watcher.info("commandstats")}
     assert "multi" in commands  # the frozen worker did read
@@ -332,7 +329,7 @@ with ReferenceQueues(settings, "v1") as queues:
         for _ in range(40):
             rows = {m: rng.normal(size=(4, 8)).astype(np.float32) for m in ("image", "text")}
             queues.propose(rows, {m: np.ones(4, bool) for m in rows})
-            time.sleep(0.005)
+            time.sleep(0.005)  # paced, so the three workers' appends interleave
         assert queues.dropped_updates == 0, queues.dropped_updates
 """
 
@@ -425,18 +422,18 @@ def test_redis_restart_mid_stream_serves_cached_stats_and_resumes_updates(
         for i in range(20):  # the stream goes on
             queues.propose(features(10 + i, 2), all_accepted(features(10 + i, 2)))
             assert queues.stats() is cached
-            time.sleep(0.02)
+            time.sleep(0.02)  # the outage lasts a while: reconnect attempts happen meanwhile
         assert not queues.available and queues.dropped_updates >= 19 * 4
         assert registry.get_sample_value("postsense_redis_up") == 0
         outage_logs = [r for r in caplog.records if "unavailable" in r.getMessage()]
         assert len(outage_logs) == 1  # once per outage, not once per batch or per reconnect attempt
 
         fresh_server.start()  # an empty Redis: no persistence
-        assert wait_for(lambda: queues.available)
+        assert wait_until(lambda: queues.available, 15)
         assert registry.get_sample_value("postsense_redis_up") == 1
         state = queues.store.read(contents=True)  # re-seeded from the checkpoint queues
         np.testing.assert_array_equal(state["image"].features, seed["image"])
-        assert wait_for(lambda: queues.stats() is not None and queues.stats()["image"].count == L)
+        assert wait_until(lambda: queues.stats() is not None and queues.stats()["image"].count == L, 15)
         batch = features(99, 2)
         queues.propose(batch, all_accepted(batch))
         np.testing.assert_array_equal(queues.store.read(contents=True)["text"].features[-2:], batch["text"])
@@ -453,7 +450,7 @@ def test_a_worker_started_while_redis_is_down_seeds_once_it_answers(fresh_server
         batch = features(1, 2)
         queues.propose(batch, all_accepted(batch))  # no statistics yet: dropped, no crash
         fresh_server.start()
-        assert wait_for(lambda: queues.stats() is not None)
+        assert wait_until(lambda: queues.stats() is not None, 15)
         assert_stats_match(queues.stats()["text"], seed["text"])
         np.testing.assert_array_equal(queues.store.read(contents=True)["image"].features, seed["image"])
 
@@ -473,7 +470,7 @@ def test_a_hung_redis_never_blocks_the_consumer_past_the_op_timeout(fresh_server
             assert elapsed < 0.3 + 1.0, f"propose blocked {elapsed:.2f} s on a hung Redis"
         finally:
             os.kill(fresh_server.pid, signal.SIGCONT)
-        assert wait_for(lambda: queues.available)
+        assert wait_until(lambda: queues.available, 15)
 
 
 def test_auth_comes_from_the_url_and_a_wrong_password_does_not_crash(tmp_path, make_settings, caplog):
@@ -508,7 +505,7 @@ def test_tls_comes_from_a_rediss_url(tmp_path, make_settings):
     try:
         url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
         probe = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-        if not wait_for(lambda: proc.poll() is None and _answers(probe), 10):
+        if not wait_until(lambda: proc.poll() is None and _answers(probe), 10):
             pytest.skip("this redis-server does not serve TLS")
         with ReferenceQueues(make_settings(url), "v1") as queues:
             assert queues.seed(features(0, 4), capacity=L) and queues.available

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from connectors.reference_queues import MODALITIES, QueueStore, ReferenceQueues, connect
 from core.checkpoint import save_checkpoint
 from core.model import create_model
-from stream import queues_cmd
+from stream.commands import queues as queues_cmd
 from stream.settings import Settings, load_settings
 
 pytestmark = pytest.mark.services

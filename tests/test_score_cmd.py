@@ -17,10 +17,10 @@ from images import png_base64
 from stream_support import LABELS
 
 from core.checkpoint import save_checkpoint
+from core.contracts import validator
 from core.inference import Predictor
 from core.model import create_model
-from core.contracts import validator
-from stream.score_cmd import score
+from stream.offline import score
 from stream.settings import load_settings
 
 PHOTOS = Path(sklearn.datasets.__file__).parent / "images"  # china.jpg, flower.jpg: real JPEG photos

@@ -17,20 +17,18 @@ import signal
 import ssl
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import Endpoints, proxied_broker, report_counts, self_signed_certificate, wait_until
+from helpers import proxied_broker, report_counts, self_signed_certificate, wait_until
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
-from test_stream_cli import cli
-from test_stream_support import (
-    LABELS,
+from stream_support import (
     Collector,
     Running,
+    cli,
     produce_posts,
     read_topic,
     stream_settings,
@@ -38,10 +36,7 @@ from test_stream_support import (
 )
 
 from connectors.kafka import committed_offsets, connection_config
-from connectors.services import free_port, kafka_answers, redis_binary
-from core.checkpoint import save_checkpoint
-from core.inference import Predictor
-from core.model import create_model
+from stream.local_services import Endpoints, free_port, kafka_answers, redis_binary
 from stream.runtime import Service
 from stream.settings import Settings, load_settings
 
@@ -49,13 +44,6 @@ pytestmark = pytest.mark.services
 
 KAFKA_PASSWORD = "kafka-Pw-7f3e9a1c"
 REDIS_PASSWORD = "redis-Pw-0b5d2e88"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.ckpt"
-    save_checkpoint(create_model("tiny", labels=LABELS), path)
-    return path
 
 
 def tls_server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -109,7 +97,7 @@ class Serve:
         return "".join(self.lines)
 
 
-def test_kafka_over_tls_consumes_publishes_and_commits(services, names, tmp_path):
+def test_kafka_over_tls_consumes_publishes_and_commits(services, names, predictor, tmp_path):
     cert, key = self_signed_certificate(tmp_path)
     broker, proxy = proxied_broker(tmp_path / "broker", tls=tls_server_context(cert, key))
     try:
@@ -121,8 +109,7 @@ def test_kafka_over_tls_consumes_publishes_and_commits(services, names, tmp_path
         posts = valid_posts(20, "tls")
         ends = produce_posts(settings, posts)
         collector = Collector()
-        with Running(Service(settings, Predictor.from_model(create_model("tiny", labels=LABELS)),
-                             on_output=collector)):
+        with Running(Service(settings, predictor, on_output=collector)):
             assert collector.wait_for(len(posts), timeout_s=60)
             assert wait_until(lambda: committed_offsets(settings.kafka, settings.kafka.input_topic) == ends, 20)
     finally:
@@ -160,13 +147,13 @@ def secured_redis(tmp_path: Path):
 
 
 def test_serve_with_redis_auth_over_tls_from_a_secret_file_never_logs_or_exports_it(
-    services, names, checkpoint, secured_redis, tmp_path
+    services, names, tiny_checkpoint, secured_redis, tmp_path
 ):
     settings = stream_settings(services, names, partitions=1, redis={"url": secured_redis})
     url_file = secret_file(tmp_path, "redis-url", secured_redis)
     posts = valid_posts(10, "sec")
     produce_posts(settings, posts)
-    serve = Serve(settings, checkpoint, {"POSTSENSE_REDIS__URL_FILE": str(url_file)})
+    serve = Serve(settings, tiny_checkpoint, {"POSTSENSE_REDIS__URL_FILE": str(url_file)})
     try:
         metrics_url = serve.metrics_url()
         out = read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=90)
@@ -183,7 +170,7 @@ def test_serve_with_redis_auth_over_tls_from_a_secret_file_never_logs_or_exports
     assert REDIS_PASSWORD not in logs and REDIS_PASSWORD not in exported
 
 
-def test_refused_sasl_login_over_tls_never_logs_the_password(services, names, checkpoint, secured_redis, tmp_path):
+def test_refused_sasl_login_over_tls_never_logs_the_password(services, names, tiny_checkpoint, secured_redis, tmp_path):
     cert, key = self_signed_certificate(tmp_path)
     broker, proxy = proxied_broker(tmp_path / "broker", tls=tls_server_context(cert, key))
     try:
@@ -199,10 +186,13 @@ def test_refused_sasl_login_over_tls_never_logs_the_password(services, names, ch
             "POSTSENSE_KAFKA__SASL_PASSWORD": KAFKA_PASSWORD,  # from the environment (the Redis URL from a file)
             "POSTSENSE_REDIS__URL_FILE": str(secret_file(tmp_path, "redis-url", secured_redis)),
         }
-        serve = Serve(settings, checkpoint, env)
+        serve = Serve(settings, tiny_checkpoint, env)
         try:
             metrics_url = serve.metrics_url()
-            time.sleep(5)  # several refused logins and reconnects, at DEBUG
+            # Several refused logins and reconnects, at DEBUG (kafka-python logs "SaslHandshake failed" for each).
+            assert wait_until(lambda: sum("SaslHandshake failed" in line for line in serve.lines) >= 3, 60), (
+                serve.output()[-3000:]
+            )
             exported = urllib.request.urlopen(metrics_url).read().decode()
         finally:
             serve.stop()

@@ -7,7 +7,10 @@ import sys
 import pytest
 import redis
 
-from connectors.services import LocalServices, ServiceError, free_port, kafka_answers, redis_answers
+from stream.local_services import LocalServices, ServiceError, free_port, kafka_answers, redis_answers
+
+# Every test here starts or reuses a real Tansu broker or redis-server.
+pytestmark = pytest.mark.services
 
 
 def test_start_ready_idempotent_stop(tmp_path):

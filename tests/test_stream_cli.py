@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -15,38 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_stream_support import LABELS, read_topic, stream_settings, valid_posts, wait_committed
+from helpers import wait_until
+from prometheus_client.parser import text_string_to_metric_families
+from stream_support import cli, read_topic, stream_settings, valid_posts, wait_committed
 
 from connectors.kafka import committed_offsets
-from connectors.services import free_port
-from core.checkpoint import save_checkpoint
-from core.model import create_model
+from stream.local_services import free_port
 from stream.settings import Settings
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.ckpt"
-    save_checkpoint(create_model("tiny", labels=LABELS), path)
-    return path
-
-
-def cli(settings: Settings, *args: str, checkpoint: Path | None = None, metrics_port: int = 0) -> list[str]:
-    k, b = settings.kafka, settings.batch
-    flags = [
-        "--bootstrap-servers", ",".join(k.bootstrap_servers), "--group-id", k.group_id,
-        "--input-topic", k.input_topic, "--output-topic", k.output_topic, "--dead-letter-topic", k.dead_letter_topic,
-        "--redis-url", settings.redis.url.get_secret_value(), "--metrics-port", str(metrics_port),
-        "--set", f"kafka.session_timeout_ms={k.session_timeout_ms}",
-        "--set", f"kafka.heartbeat_interval_ms={k.heartbeat_interval_ms}",
-        "--set", f"batch.max_posts={b.max_posts}", "--set", f"batch.max_wait_ms={b.max_wait_ms}",
-        "--set", f"redis.key_prefix={settings.redis.key_prefix}",
-    ]
-    if checkpoint is not None:
-        flags += ["--checkpoint", str(checkpoint)]
-    return [str(Path(sys.executable).parent / "postsense"), *flags, *args]  # the installed console command
 
 
 def serve(settings: Settings, checkpoint: Path, metrics_port: int = 0) -> subprocess.Popen[bytes]:
@@ -61,6 +36,20 @@ def http_get(port: int, path: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def owned_partitions(port: int) -> set[str]:
+    """The input partitions a ``serve`` process owns now, read from its consumer-lag series."""
+    try:
+        status, exposition = http_get(port, "/metrics")
+    except OSError:  # not listening yet
+        return set()
+    return {
+        sample.labels["partition"]
+        for family in text_string_to_metric_families(exposition if status == 200 else "")
+        if family.name == "postsense_consumer_lag_messages"
+        for sample in family.samples
+    }
 
 
 def produce_jsonl(settings: Settings, tmp_path: Path, lines: list[bytes]) -> None:
@@ -80,12 +69,12 @@ def outputs_by_source(records: list[Any]) -> dict[tuple[int, int], list[str]]:
     return out
 
 
-def test_sigterm_drains_commits_and_exits_zero(services, names, checkpoint, tmp_path):
+def test_sigterm_drains_commits_and_exits_zero(services, names, tiny_checkpoint, tmp_path):
     settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50})
     posts = valid_posts(300)
     produce_jsonl(settings, tmp_path, [json.dumps(p).encode() for p in posts] + [b"{not json"])
     port = free_port()
-    proc = serve(settings, checkpoint, metrics_port=port)
+    proc = serve(settings, tiny_checkpoint, metrics_port=port)
     try:
         first = read_topic(settings, settings.kafka.output_topic, expect=1, timeout_s=60)
         assert first, "serve published nothing"
@@ -112,11 +101,11 @@ def test_sigterm_drains_commits_and_exits_zero(services, names, checkpoint, tmp_
     assert all(offset < committed.get(partition, 0) for partition, offset in out)
 
 
-def test_killed_mid_stream_restart_loses_nothing_duplicates_bounded(services, names, checkpoint, tmp_path):
+def test_killed_mid_stream_restart_loses_nothing_duplicates_bounded(services, names, tiny_checkpoint, tmp_path):
     settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50})
     posts = valid_posts(300)
     produce_jsonl(settings, tmp_path, [json.dumps(p).encode() for p in posts])
-    proc = serve(settings, checkpoint)
+    proc = serve(settings, tiny_checkpoint)
     try:
         assert read_topic(settings, settings.kafka.output_topic, expect=20, timeout_s=60)
         proc.kill()  # no drain, no commit of the batches in hand
@@ -125,7 +114,7 @@ def test_killed_mid_stream_restart_loses_nothing_duplicates_bounded(services, na
         proc.kill()
     before = committed_offsets(settings.kafka, settings.kafka.input_topic)
     assert sum(before.values()) < len(posts), "the first process finished before it was killed"
-    proc = serve(settings, checkpoint)
+    proc = serve(settings, tiny_checkpoint)
     try:
         ends = {0: 0, 1: 0}
         out = read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=120)
@@ -162,19 +151,21 @@ def test_serve_without_checkpoint_says_what_is_missing(services, names):
 
 
 def test_member_evicted_while_frozen_learns_it_lost_its_partitions_and_nothing_is_lost(
-    services, names, checkpoint, tmp_path
+    services, names, tiny_checkpoint, tmp_path
 ):
     settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50},
                                kafka={"session_timeout_ms": 3000, "heartbeat_interval_ms": 500})
     posts = valid_posts(400)
     produce_jsonl(settings, tmp_path, [json.dumps(p).encode() for p in posts])
-    frozen = serve(settings, checkpoint)
+    frozen = serve(settings, tiny_checkpoint)
     other = None
     try:
         assert read_topic(settings, settings.kafka.output_topic, expect=1, timeout_s=60)
         frozen.send_signal(signal.SIGSTOP)  # misses heartbeats: the group evicts it after the session timeout
-        other = serve(settings, checkpoint)
-        time.sleep(settings.kafka.session_timeout_ms / 1000 + 5)
+        port = free_port()
+        other = serve(settings, tiny_checkpoint, metrics_port=port)
+        # Evicted once the other member owns both partitions (it exports a lag series per owned partition).
+        assert wait_until(lambda: owned_partitions(port) == {"0", "1"}, 60), "the frozen member was never evicted"
         frozen.send_signal(signal.SIGCONT)  # wakes up evicted, with batches in hand
         out = read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=120)
         ends = {0: 0, 1: 0}

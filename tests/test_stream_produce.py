@@ -12,7 +12,7 @@ from images import png_base64
 from stream_support import read_topic, stream_settings
 
 from core.contracts import Post, parse_post
-from stream.produce import dataset_records, send
+from stream.feed import dataset_records, send
 
 LABELS = ("positive", "neutral", "negative")
 WORDS = "the sun is out and everyone at the park is smiling today"

@@ -17,9 +17,15 @@ import socket
 import struct
 import subprocess
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from stream.settings import Settings
 
 
 class ServiceError(RuntimeError):
@@ -294,3 +300,52 @@ class LocalServices:
 
     def status(self) -> dict[str, dict | None]:
         return {name: self.recorded(name) for name in ("broker", "redis")}
+
+
+# -- settings for a short-lived run against these services (tests, benchmarks) -------------------
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a broker and a Redis answer: all that ``fresh_stream_flags`` needs to know about them."""
+
+    bootstrap: str
+    redis_url: str
+
+
+def unique_name(prefix: str) -> str:
+    """A name never used before: Tansu consumer groups can lock up when a group or topic name is reused."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def fresh_stream_flags(
+    endpoints: Endpoints, names: Callable[[str], str] = unique_name, **sections: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Settings flags for one run: its own topics, group and Redis key prefix (``names``), short group timings
+    (a join or an eviction takes seconds, not the production defaults) and a metrics server on a free loopback
+    port. ``sections`` override or add fields per settings section."""
+    flags: dict[str, dict[str, Any]] = {
+        "kafka": {
+            "bootstrap_servers": [endpoints.bootstrap],
+            "group_id": names("group"),
+            "input_topic": names("posts"),
+            "output_topic": names("sentiment"),
+            "dead_letter_topic": names("dlq"),
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 1000,
+        },
+        "redis": {"url": endpoints.redis_url, "key_prefix": names("q")},
+        "metrics": {"port": 0, "host": "127.0.0.1"},
+    }
+    for section, fields in sections.items():
+        flags[section] = {**flags.get(section, {}), **fields}
+    return flags
+
+
+def fresh_stream_settings(
+    endpoints: Endpoints, names: Callable[[str], str] = unique_name, **sections: dict[str, Any]
+) -> Settings:
+    """``fresh_stream_flags`` loaded as Settings (nothing from a config file; the environment still applies)."""
+    from stream.settings import load_settings  # not at the top: it imports every connector (torch included)
+
+    return load_settings(None, fresh_stream_flags(endpoints, names, **sections))

@@ -17,7 +17,6 @@ Exit codes: 0 done, 2 unreadable input or model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,15 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stream.score")
 
-EXIT_OK, EXIT_INPUT = 0, 2
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, metavar="IN", help="a JSONL file of posts, or a directory of <id>.jpg + <id>.txt")
-    parser.add_argument("--out", type=Path, required=True, help="JSONL file of sentiment records (appended to on resume)")
-    parser.add_argument("--compare", type=Path, metavar="CHECKPOINT", help="a second model to score every post with")
-    parser.add_argument("--batch-size", type=int, help="posts per batch (default: batch.max_posts)")
 
 
 @dataclass
@@ -67,31 +58,6 @@ class Summary:
         doc["posts_per_s"] = round(self.scored / self.seconds, 2) if self.seconds else None
         doc["agreement"] = round(self.agreed / self.compared, 4) if self.compared else None
         return doc
-
-
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    from core.checkpoint import CheckpointError
-    from stream.serve import load_predictor
-
-    source = args.input
-    if not source.exists():
-        log.error("no such input: %s", source)
-        return EXIT_INPUT
-    if settings.model.checkpoint is None:
-        log.error("no model: set model.checkpoint (--checkpoint PATH or POSTSENSE_MODEL__CHECKPOINT)")
-        return EXIT_INPUT
-    # Relative image paths are read from the input's own directory unless media.local_root says otherwise.
-    root = source if source.is_dir() else settings.media.local_root or source.resolve().parent
-    settings = settings.model_copy(update={"media": settings.media.model_copy(update={"local_root": root})})
-    try:
-        predictor = load_predictor(settings, settings.model.checkpoint)
-        shadow = load_predictor(settings, args.compare) if args.compare else None
-    except (CheckpointError, OSError, ValueError) as exc:
-        log.error("cannot load the model: %s", exc)
-        return EXIT_INPUT
-    summary = score(source, args.out, settings, predictor, shadow, args.batch_size or settings.batch.max_posts)
-    print(json.dumps(summary.document()))
-    return EXIT_OK
 
 
 def score(

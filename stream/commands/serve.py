@@ -12,13 +12,11 @@ import argparse
 import logging
 import signal
 import time
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from kafka.errors import KafkaError
 
-from connectors.reference_queues import QueueMode
 from stream import __version__
 from stream.breaker import CircuitBreakerOpen
 from stream.publisher import PublishError
@@ -26,11 +24,9 @@ from stream.runtime import Service, ServiceError
 from stream.settings import Settings
 
 if TYPE_CHECKING:
-    from connectors.metrics import Metrics
-    from connectors.reference_queues import ReferenceQueues
-    from core.inference import Predictor
+    pass
 
-log = logging.getLogger("stream.serve")
+log = logging.getLogger("stream.commands.serve")
 
 EXIT_OK, EXIT_FAILED, EXIT_SETTINGS, EXIT_BREAKER = 0, 1, 2, 3
 
@@ -60,6 +56,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_SETTINGS
     from connectors.metrics import Metrics, MetricsServer
     from core.checkpoint import CheckpointError
+    from stream.components import load_predictor, open_reference_queues
 
     if args.precision:
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"precision": args.precision})})
@@ -106,35 +103,3 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if queues is not None:
             queues.close()
     return EXIT_OK
-
-
-def load_predictor(settings: Settings, checkpoint: Path) -> Predictor:
-    """The checkpoint's model on ``model.device``, with the configured precision and encoder runtimes."""
-    from core.inference import Predictor
-
-    m = settings.model
-    predictor = Predictor.from_checkpoint(checkpoint, m.device, m.mixed_precision)
-    if m.image_runtime != "checkpoint":
-        predictor.use_image_runtime(m.image_runtime)
-    if predictor.device.type == "cpu" and (m.text_runtime, m.precision) != ("checkpoint", "checkpoint"):
-        from core.encoders import configure_cpu_inference
-
-        model = predictor.model
-        precision = None if m.precision == "checkpoint" else m.precision
-        configure_cpu_inference(model.text_encoder, None if m.text_runtime == "checkpoint" else m.text_runtime, precision)
-        configure_cpu_inference(model.image_encoder, None, precision)
-    return predictor
-
-
-def open_reference_queues(settings: Settings, predictor: Predictor, metrics: Metrics) -> ReferenceQueues:
-    """The shared Redis reference queues, seeded from the checkpoint when absent (online mode only)."""
-    from connectors.reference_queues import ReferenceQueues, checkpoint_reference
-
-    queues = ReferenceQueues(settings.redis, predictor.model_version, metrics)
-    if settings.redis.mode is QueueMode.ONLINE:
-        contents, capacity = checkpoint_reference(predictor)
-        try:
-            queues.seed(contents, overwrite=False, capacity=capacity)
-        except Exception as exc:  # noqa: BLE001 (Redis down at start: serve on the checkpoint's statistics)
-            log.warning("reference queues not seeded (%s: %s); using the checkpoint's statistics", type(exc).__name__, exc)
-    return queues

@@ -22,19 +22,10 @@ from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
 from core.distribution import DEFAULT_QUEUE_SIZE
 from core.drf import DEFAULT_VARIANT, VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
+from core.features import CachedSource, SampleSource, encode_samples, feature_cache_for
 from core.inference import resolve_device
 from core.model import ABLATIONS, create_model
-from core.train import (
-    CachedSource,
-    SampleSource,
-    TrainConfig,
-    TrainingError,
-    encode_samples,
-    feature_cache_for,
-    fit,
-    one_thread,
-    score,
-)
+from core.train import TrainConfig, TrainingError, fit, one_thread, score
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-from connectors.services import LocalServices, ServiceError
+from stream.local_services import LocalServices, ServiceError
 from stream.settings import Settings
 
-log = logging.getLogger("stream.demo")
+log = logging.getLogger("stream.commands.demo")
 
 #: Records that are not valid posts, or posts with broken media: the service must dead-letter the first
 #: three and answer the rest with modality states, never crash.
@@ -81,10 +81,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from connectors.metrics import Metrics
-    from core.train import ensure_demo_model
-    from stream.produce import dataset_records, send
+    from core.demo_model import ensure_demo_model
+    from stream.components import load_predictor, open_reference_queues
+    from stream.feed import dataset_records, send
     from stream.runtime import Service
-    from stream.serve import load_predictor, open_reference_queues
 
     checkpoint = settings.model.checkpoint
     if checkpoint is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from connectors.services import LocalServices, ServiceError
+from stream.local_services import LocalServices, ServiceError
 from stream.settings import Settings
 
 

@@ -1,0 +1,53 @@
+"""The service's parts built from settings: the predictor and the shared reference queues.
+
+Shared by ``postsense serve``, ``score`` and ``demo`` and by the Python API (README), so each command
+wires the model the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from connectors.reference_queues import QueueMode
+from stream.settings import Settings
+
+if TYPE_CHECKING:
+    from connectors.metrics import Metrics
+    from connectors.reference_queues import ReferenceQueues
+    from core.inference import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def load_predictor(settings: Settings, checkpoint: Path) -> Predictor:
+    """The checkpoint's model on ``model.device``, with the configured precision and encoder runtimes."""
+    from core.inference import Predictor
+
+    m = settings.model
+    predictor = Predictor.from_checkpoint(checkpoint, m.device, m.mixed_precision)
+    if m.image_runtime != "checkpoint":
+        predictor.use_image_runtime(m.image_runtime)
+    if predictor.device.type == "cpu" and (m.text_runtime, m.precision) != ("checkpoint", "checkpoint"):
+        from core.encoders import configure_cpu_inference
+
+        model = predictor.model
+        precision = None if m.precision == "checkpoint" else m.precision
+        configure_cpu_inference(model.text_encoder, None if m.text_runtime == "checkpoint" else m.text_runtime, precision)
+        configure_cpu_inference(model.image_encoder, None, precision)
+    return predictor
+
+
+def open_reference_queues(settings: Settings, predictor: Predictor, metrics: Metrics) -> ReferenceQueues:
+    """The shared Redis reference queues, seeded from the checkpoint when absent (online mode only)."""
+    from connectors.reference_queues import ReferenceQueues, checkpoint_reference
+
+    queues = ReferenceQueues(settings.redis, predictor.model_version, metrics)
+    if settings.redis.mode is QueueMode.ONLINE:
+        contents, capacity = checkpoint_reference(predictor)
+        try:
+            queues.seed(contents, overwrite=False, capacity=capacity)
+        except Exception as exc:  # noqa: BLE001 (Redis down at start: serve on the checkpoint's statistics)
+            log.warning("reference queues not seeded (%s: %s); using the checkpoint's statistics", type(exc).__name__, exc)
+    return queues
