@@ -24,6 +24,7 @@ from bench.common import (
     tweet_texts,
     write_result,
 )
+from core.model import FeatureTable
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -54,7 +55,7 @@ def bench_config(config: str, batch_sizes: list[int], repeats: int) -> list[dict
                     "total": lambda b=batch: model(b),
                     "encoders": lambda b=batch: model.encode_batch(b),
                     "head": lambda b=batch, v=v, t=t: model.forward_features(
-                        v, t, b.image_present, b.text_present
+                        FeatureTable(v, t, b.image_present, b.text_present)
                     ),
                 },
                 repeats,

@@ -49,7 +49,7 @@ def head_outputs(model: Any, table: Any) -> dict[str, np.ndarray]:
 
     model.train(False)
     with torch.inference_mode():
-        out = model.forward_features(table.image, table.text, table.image_present, table.text_present)
+        out = model.forward_features(table)
     return {
         "labels": out.logits.argmax(-1).numpy(),
         "quality_image": out.log_quality_image.numpy(),
@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     from core.data import load_dataset
     from core.encoders import Encoders
     from core.evaluate import EvalConfig
+    from core.features import CachedSource, encode_samples, feature_cache_for
     from core.model import DRFModel, create_model
-    from core.train import CachedSource, encode_samples, feature_cache_for, fit, one_thread
+    from core.train import fit, one_thread
 
     config = EvalConfig(data=args.data, seeds=tuple(args.seeds))
     dataset = load_dataset(args.data)

@@ -11,7 +11,7 @@
 
 These methods cannot take a missing modality, so, as the paper does for such methods, a missing image is replaced
 by the features of a blank (black) image and a missing text by those of an all-[MASK] text
-(``core.train.encode_padding``).  Corrupted modalities are used as they are.
+(``core.features.encode_padding``).  Corrupted modalities are used as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.drf import mlp
+from core.model import FeatureTable
 
 HEADS = ("concat", "concat_dropout", "text_only", "image_only")
 BASELINES = (*HEADS, "router")
@@ -40,6 +41,9 @@ class BaselineOutput:
 
 class BaselineHead(nn.Module):
     """Projections to width ``dim`` (as in DRF), a 3-layer MLP and a linear classifier; padded missing inputs."""
+
+    padding_image: Tensor
+    padding_text: Tensor
 
     def __init__(
         self,
@@ -77,23 +81,17 @@ class BaselineHead(nn.Module):
         del encoder_lr
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": head_lr}]
 
-    def forward_features(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        image_present: Tensor,
-        text_present: Tensor,
-        labels: Tensor | None = None,
-    ) -> BaselineOutput:
+    def forward_features(self, features: FeatureTable, labels: Tensor | None = None) -> BaselineOutput:
         parts = []
+        image_present, text_present = features.image_present, features.text_present
         if self.training and self.modality_dropout:
             image_present, text_present = _drop_one_modality(image_present, text_present, self.modality_dropout)
         if self.image_projection is not None:
             present = image_present.to(torch.bool)[:, None]
-            parts.append(self.image_projection(torch.where(present, image_features, self.padding_image)))
+            parts.append(self.image_projection(torch.where(present, features.image, self.padding_image)))
         if self.text_projection is not None:
             present = text_present.to(torch.bool)[:, None]
-            parts.append(self.text_projection(torch.where(present, text_features, self.padding_text)))
+            parts.append(self.text_projection(torch.where(present, features.text, self.padding_text)))
         logits = self.classifier(self.fusion(torch.cat(parts, dim=-1)))
         loss = F.cross_entropy(logits.float(), labels.long()) if labels is not None else None
         return BaselineOutput(logits, loss)
@@ -117,21 +115,13 @@ class Router(nn.Module):
         self.concat, self.text_only, self.image_only = concat, text_only, image_only
         self.labels = concat.labels
 
-    def forward_features(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        image_present: Tensor,
-        text_present: Tensor,
-        labels: Tensor | None = None,
-    ) -> BaselineOutput:
+    def forward_features(self, features: FeatureTable, labels: Tensor | None = None) -> BaselineOutput:
         if labels is not None:
             raise ValueError("a router is composed of trained heads; train those instead")
-        args = (image_features, text_features, image_present, text_present)
-        image_present, text_present = image_present.to(torch.bool), text_present.to(torch.bool)
-        logits = self.concat.forward_features(*args).logits
+        image_present, text_present = features.image_present.to(torch.bool), features.text_present.to(torch.bool)
+        logits = self.concat.forward_features(features).logits
         only_text = (text_present & ~image_present)[:, None]
         only_image = (image_present & ~text_present)[:, None]
-        logits = torch.where(only_text, self.text_only.forward_features(*args).logits, logits)
-        logits = torch.where(only_image, self.image_only.forward_features(*args).logits, logits)
+        logits = torch.where(only_text, self.text_only.forward_features(features).logits, logits)
+        logits = torch.where(only_image, self.image_only.forward_features(features).logits, logits)
         return BaselineOutput(logits)

@@ -56,9 +56,7 @@ def save_checkpoint(model: DRFModel, path: str | Path, model_version: str | None
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "postsense": _package_version()},
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
+    data = _torch_bytes(payload)
     digest = hashlib.sha256(data).hexdigest()
     version = model_version or f"drf-{model.encoder_name}-{digest[:12]}"
     header = json.dumps({"model_version": version, "sha256": digest, "bytes": len(data)}, sort_keys=True)
@@ -66,11 +64,24 @@ def save_checkpoint(model: DRFModel, path: str | Path, model_version: str | None
         raise ValueError(f"model version is too long or contains a newline: {version!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, MAGIC + f" {FORMAT_VERSION} ".encode() + header.encode() + b"\n", data)
+    return version
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def write_atomically(path: Path, *chunks: bytes) -> None:
+    """Write ``chunks`` to ``path`` through a temporary file in its folder and a rename: readers, and a run killed
+    midway, see the old file or the new one, never part of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(MAGIC + f" {FORMAT_VERSION} ".encode() + header.encode() + b"\n")
-            handle.write(data)
+            for chunk in chunks:
+                handle.write(chunk)
         # mkstemp creates 0600; a checkpoint is read by the service's own (non-root) user in the container.
         umask = os.umask(0)
         os.umask(umask)
@@ -79,7 +90,11 @@ def save_checkpoint(model: DRFModel, path: str | Path, model_version: str | None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return version
+
+
+def torch_save_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` through ``write_atomically`` (feature cache shards, training state)."""
+    write_atomically(path, _torch_bytes(obj))
 
 
 def _read_verified(path: Path) -> tuple[dict[str, Any], bytes]:
@@ -115,7 +130,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         config, state = payload["config"], payload["state_dict"]
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the caller
+    except Exception as exc:  # any unpickling failure means the same thing to the caller
         raise CheckpointError(f"checkpoint {path} has an unreadable payload: {exc}") from exc
     try:
         model = DRFModel.from_config(config, pretrained=False)

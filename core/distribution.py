@@ -31,7 +31,6 @@ Admission (which features enter the queue) has two rules, chosen by the head's c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -123,12 +122,6 @@ def log_quality(
     sigma = sigma.float().clamp_min(SIGMA_EPS)
     value = -squared / (2.0 * sigma * sigma)
     return value if floor is None else value.clamp_min(floor)
-
-
-def log_density(features: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
-    """log of the paper's Gaussian probability (9): log q(f) - log(sqrt(2 pi) sigma)."""
-    sigma = sigma.float().clamp_min(SIGMA_EPS)
-    return log_quality(features, mean, sigma) - torch.log(sigma) - 0.5 * math.log(2.0 * math.pi)
 
 
 def stats_log_quality(features: Tensor, stats: QueueStats, floor: float | None = LOG_QUALITY_FLOOR) -> Tensor:
@@ -261,18 +254,6 @@ class FeatureQueue(nn.Module):
         if bool(accepted.any()):
             self.push(features[accepted])
         return accepted
-
-    @torch.no_grad()
-    def load_contents(self, features: Tensor) -> None:
-        """Replace the queue with features [n <= L, d], oldest first."""
-        _check_features(features, self.dim)
-        self.features.zero_()
-        self.count.zero_()
-        self.position.zero_()
-        if features.shape[0]:
-            self.push(features)
-        else:
-            self._refresh()
 
     def _refresh(self) -> None:
         stats = queue_statistics(self.contents(), capacity=self.capacity)

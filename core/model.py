@@ -30,6 +30,33 @@ ABLATIONS = (
 
 
 @dataclass
+class FeatureTable:
+    """Pre-projection features of a list of posts, what ``forward_features`` takes; rows of an absent modality are
+    zeros (lambda = 0). ``labels`` are the posts' classes where known (training and evaluation tables)."""
+
+    image: Tensor  # [n, D_v]
+    text: Tensor  # [n, D_t]
+    image_present: Tensor  # [n] bool (lambda^v)
+    text_present: Tensor  # [n] bool (lambda^t)
+    labels: Tensor | None = None  # [n] long
+
+    def __len__(self) -> int:
+        return int(self.image_present.shape[0])
+
+    def rows(self, index: Tensor) -> FeatureTable:
+        return FeatureTable(
+            self.image[index], self.text[index], self.image_present[index], self.text_present[index],
+            None if self.labels is None else self.labels[index],
+        )
+
+    def to(self, device: torch.device | str) -> FeatureTable:
+        return FeatureTable(
+            self.image.to(device), self.text.to(device), self.image_present.to(device), self.text_present.to(device),
+            None if self.labels is None else self.labels.to(device),
+        )
+
+
+@dataclass
 class PreparedBatch:
     """A model-ready batch, built on CPU by the runtime (possibly in worker threads)."""
 
@@ -92,11 +119,14 @@ class DRFModel(nn.Module):
         self.text_encoder = encoders.text
         self.image_projection = nn.Linear(encoders.image.dim, dim)
         self.text_projection = nn.Linear(encoders.text.dim, dim)
-        widths = {}
-        if head_options.get("quality_space", DRFConfig.quality_space) == "encoder":
-            widths = {"image_dim": encoders.image.dim, "text_dim": encoders.text.dim}
+        # In the "encoder" quality space the queues and converters work at the encoders' widths (0: the width d).
+        encoder_space = head_options.get("quality_space", DRFConfig.quality_space) == "encoder"
         self.head = DRFHead(
-            DRFConfig(num_classes=len(labels), dim=dim, queue_size=queue_size, **widths, **head_options)
+            DRFConfig(
+                num_classes=len(labels), dim=dim, queue_size=queue_size,
+                image_dim=encoders.image.dim if encoder_space else 0, text_dim=encoders.text.dim if encoder_space else 0,
+                **head_options,
+            )
         )
         self.freeze_encoders = freeze_encoders
         for encoder in (self.image_encoder, self.text_encoder):
@@ -163,22 +193,18 @@ class DRFModel(nn.Module):
             return self.text_encoder(text_inputs)
 
     def forward_features(
-        self,
-        image_features: Tensor,
-        text_features: Tensor,
-        image_present: Tensor,
-        text_present: Tensor,
-        labels: Tensor | None = None,
-        stats: dict[str, QueueStats] | None = None,
+        self, features: FeatureTable, labels: Tensor | None = None, stats: dict[str, QueueStats] | None = None
     ) -> DRFOutput:
-        """Projections + head on pre-projection features (e.g. cached from ``encode_images``/``encode_texts``).
+        """Projections + head on pre-projection features (e.g. cached from ``encode_images``/``encode_texts``);
+        ``labels`` (training: ``features.labels``) add the losses.
 
         In the "encoder" quality space the head gets the (optionally L2-normalised) encoder features and applies
         the projections itself, to the fusion's inputs only; in the "projected" space it gets W_v f^v, W_t f^t.
         """
         cfg = self.head.config
         dtype = self.image_projection.weight.dtype
-        image_features, text_features = image_features.to(dtype), text_features.to(dtype)
+        image_features, text_features = features.image.to(dtype), features.text.to(dtype)
+        image_present, text_present = features.image_present, features.text_present
         if cfg.normalise_image:
             image_features = F.normalize(image_features, dim=-1)
         if cfg.normalise_text:
@@ -211,18 +237,15 @@ class DRFModel(nn.Module):
         self, batch: PreparedBatch, labels: Tensor | None = None, stats: dict[str, QueueStats] | None = None
     ) -> DRFOutput:
         image_features, text_features = self.encode_batch(batch)
-        return self.forward_features(
-            image_features, text_features, batch.image_present, batch.text_present, labels=labels, stats=stats
-        )
+        features = FeatureTable(image_features, text_features, batch.image_present, batch.text_present)
+        return self.forward_features(features, labels=labels, stats=stats)
 
     @torch.no_grad()
-    def diagnostics(
-        self, image_features: Tensor, text_features: Tensor, image_present: Tensor, text_present: Tensor
-    ) -> dict[str, float]:
+    def diagnostics(self, features: FeatureTable) -> dict[str, float]:
         """``core.drf.output_diagnostics`` of an eval-mode pass, plus each queue's fill and sigma."""
         was_training = self.training
         self.train(False)
-        out = self.forward_features(image_features, text_features, image_present, text_present)
+        out = self.forward_features(features)
         self.train(was_training)
         summary = output_diagnostics(out)
         for name, queue in (("image", self.head.image_queue), ("text", self.head.text_queue)):

@@ -1,10 +1,7 @@
 """Training the DRF model (paper section 4.2): AdamW with two learning rates, cosine decay, dev-only model selection.
 
-With frozen encoders (the default) each image and text is encoded once and its pre-projection feature is cached on
-disk, keyed by the encoders' fingerprint and by *what the encoder saw*: the image source plus any pixel mask of the
-disruption protocol, or the exact (possibly [MASK]ed) text.  Disruption happens before encoding, so a corrupted
-sample gets its own cache entry, deterministically, and the head then trains on cached features in seconds.
-With ``freeze_encoders=False`` the same loop runs the encoders on every batch (the paper's fine-tuning, a GPU job).
+``fit`` trains any ``Trainable`` (the DRF model or a baseline head) on batches of pre-projection features from a
+``FeatureSource`` (core/features.py: cached features, or samples encoded on the fly for fine-tuning).
 
 Training is resumable: after every epoch a state file holds weights, optimizer, scheduler, RNG, history and the best
 dev state, so an interrupted run continued with ``resume=True`` ends in the same state as an uninterrupted one.
@@ -12,45 +9,24 @@ dev state, so an interrupted run continued with ``resume=True`` ends in the same
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import importlib.util
-import io
-import json
 import logging
 import math
-import os
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from core.data.records import Sample, load_image, stratified_split
-from core.encoders import ONNX_RECIPE
-from core.model import DRFModel, PreparedBatch, create_model
+from core.checkpoint import torch_save_atomically
+from core.model import FeatureTable
 from core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
-
-#: Size load_image gives before the encoder's own preprocessing: the disruption masks pixels at this size.
-IMAGE_LOAD_SIZE = (224, 224)
-#: Below this many images to encode, exporting the image encoder to ONNX Runtime costs more than it saves.
-ORT_MIN_IMAGES = 64
-#: Largest |ONNX - torch| feature difference accepted before falling back to torch (float32 reorderings are ~1e-5).
-ORT_TOLERANCE = 1e-3
-#: The demo model: a DRF head trained on part of the VADER demo set (cold cache: a few minutes on 2 cores).
-DEMO_TRAIN_SAMPLES = 1200
-DEMO_DEV_SAMPLES = 300
 
 
 class TrainingError(RuntimeError):
@@ -97,263 +73,21 @@ CPU_QUEUE_SIZE = 512
 CPU_TRAIN = TrainConfig(epochs=8, batch_size=64, head_lr=1e-3)
 
 
-# ------------------------------------------------------------------------------------------- feature tables
+class Scorable(Protocol):
+    """What ``predict_probabilities`` runs: a model on pre-projection features (a trained head or a router)."""
 
-
-@dataclass
-class FeatureTable:
-    """Pre-projection features of a list of samples; rows of an absent modality are zeros (lambda = 0)."""
-
-    image: Tensor  # [n, D_v]
-    text: Tensor  # [n, D_t]
-    image_present: Tensor  # [n] bool
-    text_present: Tensor  # [n] bool
-    labels: Tensor  # [n] long
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def rows(self, index: Tensor) -> FeatureTable:
-        return FeatureTable(
-            self.image[index], self.text[index], self.image_present[index], self.text_present[index], self.labels[index]
-        )
-
-
-class FeatureCache:
-    """Cached encoder features on disk: one folder per encoder fingerprint, append-only shard files per modality.
-
-    Shards are written atomically under unique names, so concurrent or interrupted runs never corrupt the cache;
-    a killed encoding run keeps every shard it finished.
-    """
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._rows: dict[str, dict[str, Tensor]] = {}
-
-    def _loaded(self, modality: str) -> dict[str, Tensor]:
-        if modality not in self._rows:
-            rows: dict[str, Tensor] = {}
-            for shard in sorted(self.directory.glob(f"{modality}-*.pt")):
-                try:
-                    data = torch.load(shard, map_location="cpu", weights_only=True)
-                    rows.update(zip(data["keys"], data["features"], strict=True))
-                except Exception as exc:  # noqa: BLE001 - a damaged shard is only a cache miss
-                    log.warning("ignoring unreadable feature cache shard %s: %s", shard, exc)
-            self._rows[modality] = rows
-        return self._rows[modality]
-
-    def missing(self, modality: str, keys: Sequence[str]) -> list[str]:
-        """The distinct keys not cached yet, in first-seen order."""
-        rows = self._loaded(modality)
-        return list(dict.fromkeys(k for k in keys if k not in rows))
-
-    def get(self, modality: str, keys: Sequence[str]) -> Tensor:
-        rows = self._loaded(modality)
-        return torch.stack([rows[k] for k in keys])
-
-    def put(self, modality: str, keys: Sequence[str], features: Tensor) -> None:
-        features = features.detach().float().cpu().contiguous()
-        _atomic_torch_save({"keys": list(keys), "features": features}, self.directory / f"{modality}-{uuid.uuid4().hex}.pt")
-        self._loaded(modality).update(zip(keys, features, strict=True))
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def encoder_fingerprint(model: DRFModel) -> str:
-    """Identifies what a cached feature depends on: encoder configuration, preprocessing and exact weights."""
-    digest = hashlib.sha256()
-    described = {
-        "encoders": model.encoder_name,
-        "options": model.encoder_options,
-        "preprocessing": model.preprocessing,
-        "image_load_size": IMAGE_LOAD_SIZE,
-    }
-    if model.encoder_options.get("precision") == "int8":  # int8 features depend on the quantisation recipe too
-        described["onnx_recipe"] = ONNX_RECIPE
-    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
-    for prefix, encoder in (("image", model.image_encoder), ("text", model.text_encoder)):
-        for name, tensor in encoder.state_dict().items():
-            digest.update(f"{prefix}.{name}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:20]
-
-
-def feature_cache_for(model: DRFModel, root: str | Path) -> FeatureCache:
-    """The cache folder under ``root`` for this model's encoders."""
-    return FeatureCache(Path(root) / f"{model.encoder_name}-{encoder_fingerprint(model)}")
-
-
-def image_key(sample: Sample) -> str | None:
-    """Cache key of the image the encoder sees: its source plus the disruption's pixel mask, if any."""
-    source = sample.image
-    if source is None:
-        return None
-    if isinstance(source, Path):
-        stat = source.stat()
-        ident = f"path:{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    elif isinstance(source, bytes):
-        ident = "bytes:" + hashlib.sha1(source).hexdigest()
-    else:
-        ident = f"pil:{source.mode}:{source.size}:" + hashlib.sha1(source.tobytes()).hexdigest()
-    d = sample.disruption
-    if d is not None and d.modality == "image" and d.kind == "corrupt":
-        ident += f"|mask:{d.fraction!r}:{d.seed}"
-    return hashlib.sha1(ident.encode()).hexdigest()
-
-
-def text_key(text: str) -> str:
-    """Cache key of a text: the text itself (after the disruption's [MASK]ing)."""
-    return hashlib.sha1(b"text:" + text.encode()).hexdigest()
-
-
-def _torch_image_runner(model: DRFModel) -> Callable[[Tensor], Tensor]:
-    def run(pixel_values: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return model.encode_images(pixel_values)
-
-    return run
-
-
-def _ort_image_runner(model: DRFModel) -> Callable[[Tensor], Tensor] | None:
-    """The frozen image encoder through ONNX Runtime (the encoder's own switch; about 2x faster on this CPU),
-    or None when unavailable. Checked against torch on a random batch before it is trusted.
-    """
-    encoder = model.image_encoder
-    if not hasattr(encoder, "runtime") or importlib.util.find_spec("onnxruntime") is None:
-        return None
-    fast = copy.deepcopy(encoder).eval()
-    fast.runtime = "onnxruntime"
-
-    def run(pixel_values: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return fast(pixel_values)
-
-    try:
-        size = encoder.preprocessing.size
-        probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        got, expected = run(probe), _torch_image_runner(model)(probe)
-    except Exception as exc:  # noqa: BLE001 - any export/runtime failure only costs speed
-        log.warning("ONNX Runtime image encoding unavailable (%s); encoding with torch", exc)
-        return None
-    if got.shape != expected.shape or float((got - expected).abs().max()) > ORT_TOLERANCE:
-        log.warning("ONNX image encoder disagrees with torch; encoding with torch instead")
-        return None
-    return run
-
-
-def _load_pixels(model: DRFModel, sample: Sample) -> Tensor:
-    image = load_image(sample, IMAGE_LOAD_SIZE)
-    assert image is not None
-    return model.image_encoder.preprocess(image)
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _encode_missing_images(
-    model: DRFModel, cache: FeatureCache, samples: Sequence[Sample], batch_size: int, progress: bool
-) -> None:
-    keyed = {image_key(s): s for s in samples if s.image is not None}
-    todo = cache.missing("image", list(keyed))
-    if not todo:
-        return
-    run = (_ort_image_runner(model) if len(todo) >= ORT_MIN_IMAGES and model.freeze_encoders else None)
-    run = run or _torch_image_runner(model)
-    bar = progress_bar(total=len(todo), desc="encode images", unit="img", disable=not progress, leave=False)
-    # Decoding and masking overlap with encoding: PIL releases the GIL.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [pool.submit(_load_pixels, model, keyed[k]) for k in todo[:batch_size]]
-        for start in range(0, len(todo), batch_size):
-            keys = todo[start : start + batch_size]
-            pixels = torch.stack([f.result() for f in pending])
-            pending = [pool.submit(_load_pixels, model, keyed[k]) for k in todo[start + batch_size : start + 2 * batch_size]]
-            cache.put("image", keys, run(pixels))
-            bar.update(len(keys))
-    bar.close()
-
-
-def _encode_missing_texts(
-    model: DRFModel, cache: FeatureCache, texts: Sequence[str], batch_size: int, progress: bool
-) -> None:
-    keyed = {text_key(t): t for t in texts}
-    todo = cache.missing("text", list(keyed))
-    if not todo:
-        return
-    # Similar lengths per batch keep dynamic padding short.
-    todo.sort(key=lambda k: len(keyed[k]))
-    bar = progress_bar(total=len(todo), desc="encode texts", unit="text", disable=not progress, leave=False)
-    for keys in _chunks(todo, batch_size):
-        with torch.inference_mode():
-            features = model.encode_texts(model.text_encoder.tokenize([keyed[k] for k in keys]))
-        cache.put("text", keys, features)
-        bar.update(len(keys))
-    bar.close()
-
-
-def encode_samples(
-    model: DRFModel, samples: Sequence[Sample], cache: FeatureCache, batch_size: int = 32, progress: bool = False
-) -> FeatureTable:
-    """Features of ``samples`` (disruptions applied), encoding only what the cache lacks."""
-    if not samples:
-        raise ValueError("no samples to encode")
-    model.eval()
-    _encode_missing_images(model, cache, samples, batch_size, progress)
-    _encode_missing_texts(model, cache, [s.text for s in samples if s.text is not None], batch_size * 2, progress)
-    n = len(samples)
-    image_present = torch.tensor([s.image is not None for s in samples])
-    text_present = torch.tensor([s.text is not None for s in samples])
-    image = torch.zeros(n, model.image_encoder.dim)
-    text = torch.zeros(n, model.text_encoder.dim)
-    if bool(image_present.any()):
-        image[image_present] = cache.get("image", [image_key(s) for s in samples if s.image is not None])
-    if bool(text_present.any()):
-        text[text_present] = cache.get("text", [text_key(s.text) for s in samples if s.text is not None])
-    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
-    return FeatureTable(image, text, image_present, text_present, labels)
-
-
-def encode_padding(model: DRFModel, cache: FeatureCache) -> tuple[Tensor, Tensor]:
-    """Features of a blank (black) image and an all-[MASK] text: the paper's padding for methods that cannot
-    take a missing modality (section 4.3)."""
-    blank = Sample("padding", PADDING_TEXT, Image.new("RGB", IMAGE_LOAD_SIZE), 0, ("padding",))
-    table = encode_samples(model, [blank], cache)
-    return table.image[0], table.text[0]
-
-
-#: A missing text for the padding baselines: [MASK] tokens at about a tweet's median length (16 words).
-PADDING_TEXT = " ".join(["[MASK]"] * 16)
-
-
-# ----------------------------------------------------------------------------------------------- training
-
-
-class Trainable(Protocol):
-    """What ``fit`` trains: the DRF model or a baseline head on pre-projection features."""
-
-    def forward_features(
-        self, image_features: Tensor, text_features: Tensor, image_present: Tensor, text_present: Tensor,
-        labels: Tensor | None = None,
-    ) -> Any: ...  # an output with .logits and, given labels, .loss
-
-    def parameter_groups(self, encoder_lr: float, head_lr: float) -> list[dict[str, Any]]: ...
+    def forward_features(self, features: FeatureTable, labels: Tensor | None = None) -> Any:
+        """An output with .logits and, given labels, .loss."""
 
     def train(self, mode: bool = True) -> Any: ...
 
     def state_dict(self) -> dict[str, Tensor]: ...
+
+
+class Trainable(Scorable, Protocol):
+    """What ``fit`` trains: the DRF model or a baseline head."""
+
+    def parameter_groups(self, encoder_lr: float, head_lr: float) -> list[dict[str, Any]]: ...
 
     def load_state_dict(self, state: dict[str, Tensor]) -> Any: ...
 
@@ -365,70 +99,22 @@ class FeatureSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def features(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+    def features(self, index: Tensor) -> FeatureTable: ...  # labelled rows
 
 
-class CachedSource:
-    """Batches from a FeatureTable (frozen encoders)."""
-
-    def __init__(self, table: FeatureTable) -> None:
-        self.table = table
-        self.labels = table.labels
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def features(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        t = self.table
-        return t.image[index], t.text[index], t.image_present[index], t.text_present[index]
-
-
-class SampleSource:
-    """Batches encoded on the fly (fine-tuned encoders): gradient reaches the encoders when they are not frozen."""
-
-    def __init__(self, model: DRFModel, samples: Sequence[Sample]) -> None:
-        if not samples:
-            raise ValueError("no samples")
-        self.model = model
-        self.samples = list(samples)
-        self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def features(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        model = self.model
-        rows = [self.samples[i] for i in index.tolist()]
-        size = model.image_encoder.preprocessing.size
-        pixels = torch.stack(
-            [_load_pixels(model, s) if s.image is not None else torch.zeros(3, size, size) for s in rows]
-        )
-        batch = PreparedBatch(
-            pixel_values=pixels,
-            image_present=torch.tensor([s.image is not None for s in rows]),
-            text_inputs=model.text_encoder.tokenize([s.text or "" for s in rows]),
-            text_present=torch.tensor([s.text is not None for s in rows]),
-        )
-        device = next(model.parameters()).device
-        batch = batch.to(device)
-        image, text = model.encode_batch(batch)
-        return image, text, batch.image_present, batch.text_present
-
-
-def _device_of(model: Trainable) -> torch.device:
+def _device_of(model: Scorable) -> torch.device:
     return next(iter(model.state_dict().values())).device
 
 
 @torch.no_grad()
-def predict(model: Trainable, source: FeatureSource, batch_size: int = 256) -> np.ndarray:
+def predict_probabilities(model: Scorable, source: FeatureSource, batch_size: int = 256) -> np.ndarray:
     """Class probabilities [n, S] in eval mode (the caller's train/eval mode is restored)."""
     was_training = getattr(model, "training", False)
     model.train(False)
     device = _device_of(model)
     out = []
     for index in torch.arange(len(source)).split(batch_size):
-        image, text, image_present, text_present = (x.to(device) for x in source.features(index))
-        logits = model.forward_features(image, text, image_present, text_present).logits
+        logits = model.forward_features(source.features(index).to(device)).logits
         out.append(logits.float().softmax(-1).cpu())
     model.train(was_training)
     return torch.cat(out).numpy()
@@ -450,8 +136,8 @@ def classification_scores(labels: np.ndarray, predicted: np.ndarray, num_classes
     return {"accuracy": 100.0 * float(np.mean(labels == predicted)), "weighted_f1": 100.0 * weighted_f1}
 
 
-def score(model: Trainable, source: FeatureSource, num_classes: int) -> dict[str, float]:
-    probabilities = predict(model, source)
+def score(model: Scorable, source: FeatureSource, num_classes: int) -> dict[str, float]:
+    probabilities = predict_probabilities(model, source)
     return classification_scores(source.labels.numpy(), probabilities.argmax(-1), num_classes)
 
 
@@ -465,7 +151,7 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _num_classes(model: Trainable) -> int:
+def _num_classes(model: Scorable) -> int:
     labels = getattr(model, "labels", None)
     if labels is None:
         raise TypeError("the model needs a .labels list")
@@ -553,8 +239,8 @@ def _fit(
         losses = []
         admitted = {"image": [0, 0], "text": [0, 0]}  # accepted, offered (present) features this epoch
         for index in order.split(config.batch_size):
-            image, text, image_present, text_present = (x.to(device) for x in train.features(index))
-            out = model.forward_features(image, text, image_present, text_present, labels=train.labels[index].to(device))
+            batch = train.features(index).to(device)
+            out = model.forward_features(batch, labels=batch.labels)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -571,7 +257,7 @@ def _fit(
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_scores["accuracy"]}
         if diagnose is not None:
             record.update({f"acceptance_{k}": a / max(1, n) for k, (a, n) in admitted.items()})
-            record.update(diagnose(*(x.to(device) for x in dev.features(torch.arange(len(dev))))))
+            record.update(diagnose(dev.features(torch.arange(len(dev))).to(device)))
         result.history.append(record)
         if dev_scores["accuracy"] > result.best_dev_accuracy:
             result.best_dev_accuracy, result.best_epoch = dev_scores["accuracy"], epoch + 1
@@ -580,7 +266,7 @@ def _fit(
         log.info("%s epoch %d/%d: loss %.4f, dev accuracy %.2f", description, epoch + 1, config.epochs,
                  record["train_loss"], record["dev_accuracy"])
         if state_file is not None:
-            _atomic_torch_save(
+            torch_save_atomically(
                 {
                     "identity": identity,
                     "epoch": epoch + 1,
@@ -618,41 +304,5 @@ def one_thread() -> Iterator[None]:
 def _load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged state file is reported, not crashed on
+    except Exception as exc:  # a damaged state file, whatever the damage, is reported, not crashed on
         raise TrainingError(f"training state {path} is unreadable ({exc}); delete it to start over") from exc
-
-
-# ---------------------------------------------------------------------------------------------- the demo
-
-
-def _stratified_subset(samples: Sequence[Sample], size: int) -> list[Sample]:
-    """``size`` samples with the label proportions of ``samples`` (all of them if there are fewer)."""
-    if len(samples) <= size:
-        return list(samples)
-    return stratified_split(samples, {"keep": size, "rest": len(samples) - size}, seed=0)["keep"]
-
-
-def ensure_demo_model(data_dir: str | Path, out_path: str | Path, progress: bool = True) -> Path:
-    """The demo's checkpoint: reused when ``out_path`` exists, else trained on part of the VADER demo set.
-
-    Offline encoders, frozen, with features cached under ``data_dir/features`` (shared with ``postsense evaluate``,
-    so after an evaluation this only trains the head).
-    """
-    from core.checkpoint import save_checkpoint
-    from core.data.vader import load_vader
-
-    out = Path(out_path)
-    if out.is_file():
-        return out
-    dataset = load_vader(data_dir)
-    torch.manual_seed(0)
-    model = create_model("offline", dataset.label_names, dim=CPU_DIM, queue_size=CPU_QUEUE_SIZE)
-    cache = feature_cache_for(model, Path(data_dir) / "features")
-    train = encode_samples(model, _stratified_subset(dataset["train"], DEMO_TRAIN_SAMPLES), cache, progress=progress)
-    dev = encode_samples(model, _stratified_subset(dataset["dev"], DEMO_DEV_SAMPLES), cache, progress=progress)
-    config = replace(CPU_TRAIN, batch_size=32, epochs=10)
-    with one_thread():
-        result = fit(model, CachedSource(train), CachedSource(dev), config, progress=progress, description="demo model")
-    log.info("demo model: best dev accuracy %.1f%% at epoch %d", result.best_dev_accuracy, result.best_epoch)
-    save_checkpoint(model, out)
-    return out

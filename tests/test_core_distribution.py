@@ -12,7 +12,6 @@ from core.distribution import (
     SIGMA_EPS,
     FeatureQueue,
     QueueStats,
-    log_density,
     passes_enqueue_rule,
     queue_statistics,
     stats_log_quality,
@@ -31,14 +30,11 @@ def test_mean_and_scalar_sigma_of_queue_match_equations_1_and_2() -> None:
     assert stats.count == 3 and stats.capacity == 3 and not stats.warming_up
 
 
-def test_gaussian_probability_equation_9_and_quality_is_its_ratio_to_the_peak() -> None:
+def test_quality_is_the_gaussian_probability_of_equation_9_over_its_peak() -> None:
     stats = queue_statistics(t([1, 0], [-1, 0]))  # mu = 0, sigma = 1
-    # p([2, 0]) = 1/sqrt(2 pi) * exp(-4/2) = 0.0539909665
-    assert float(log_density(t([2, 0]), stats.mean, stats.sigma)) == pytest.approx(
-        math.log(0.0539909665), rel=1e-6
-    )
+    # (9): p(f) = 1/sqrt(2 pi) * exp(-||f||^2 / 2), so p([2, 0]) / p(mu) = 0.0539909665 / 0.3989422804 = exp(-2)
     quality = stats_log_quality(t([0, 0], [1, 0], [2, 0]), stats).exp()
-    assert quality.tolist() == pytest.approx([1.0, math.exp(-0.5), math.exp(-2.0)], rel=1e-6)
+    assert quality.tolist() == pytest.approx([1.0, math.exp(-0.5), 0.0539909665 / 0.3989422804], rel=1e-6)
 
 
 def test_enqueue_threshold_is_the_mean_quality_of_the_queue_and_the_rule_is_strict() -> None:
@@ -107,15 +103,6 @@ def test_queue_contents_are_detached() -> None:
     features = t([1, 0], [0, 1]).requires_grad_()
     queue.push(features * 2)
     assert not queue.features.requires_grad and queue.mean.grad_fn is None and queue.sigma.grad_fn is None
-
-
-def test_load_contents_replaces_the_queue() -> None:
-    queue = FeatureQueue(dim=2, capacity=3)
-    queue.push(t([9, 9], [8, 8], [7, 7], [6, 6]))
-    queue.load_contents(t([1, 0], [0, 1]))
-    assert queue.contents().tolist() == [[1, 0], [0, 1]] and len(queue) == 2
-    queue.load_contents(torch.zeros(0, 2))
-    assert len(queue) == 0 and queue.stats().warming_up
 
 
 def test_bad_input_gives_clear_errors() -> None:

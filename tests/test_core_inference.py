@@ -11,7 +11,7 @@ from PIL import Image
 
 from core.distribution import QueueStats
 from core.inference import Predictor
-from core.model import ABLATIONS, DRFModel, PreparedBatch, create_model
+from core.model import ABLATIONS, DRFModel, FeatureTable, PreparedBatch, create_model
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -128,7 +128,7 @@ def test_forward_equals_head_only_forward_on_cached_features(model: DRFModel) ->
     with torch.no_grad():
         direct = model(batch)
         cached = model.forward_features(
-            image_features, text_features, batch.image_present, batch.text_present
+            FeatureTable(image_features, text_features, batch.image_present, batch.text_present)
         )
     assert torch.equal(direct.logits, cached.logits)
     assert image_features.shape == (3, 32) and image_features[1].abs().sum() == 0

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_train import make_dataset
+from training_data import make_dataset
 
 from core.baselines import BaselineHead, Router
-from core.evaluate import EvalConfig, aggregate, auroc, run_evaluation
+from core.evaluate import EvalConfig, auroc, run_evaluation
+from core.model import FeatureTable
+from core.report import aggregate
 from stream.cli import main
 
 SEEDS = (0, 1)
@@ -106,16 +108,18 @@ def test_baselines_replace_a_missing_modality_by_the_padding_features() -> None:
     pad_image, pad_text = torch.randn(8), torch.randn(6)
     head = BaselineHead("concat", ["a", "b"], pad_image, pad_text, dim=4).eval()
     image, text = torch.randn(2, 8), torch.randn(2, 6)
-    missing = head.forward_features(image, text, torch.tensor([False, True]), torch.tensor([True, False])).logits
+    missing = head.forward_features(
+        FeatureTable(image, text, torch.tensor([False, True]), torch.tensor([True, False]))
+    ).logits
+    both = torch.ones(2, dtype=torch.bool)
     padded = head.forward_features(
-        torch.stack([pad_image, image[1]]), torch.stack([text[0], pad_text]), torch.ones(2, dtype=torch.bool),
-        torch.ones(2, dtype=torch.bool),
+        FeatureTable(torch.stack([pad_image, image[1]]), torch.stack([text[0], pad_text]), both, both)
     ).logits
     assert torch.allclose(missing, padded)
     text_only = BaselineHead("text_only", ["a", "b"], pad_image, pad_text, dim=4).eval()
     # A text-only model ignores the image entirely.
-    a = text_only.forward_features(image, text, torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
-    b = text_only.forward_features(-image, text, torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    a = text_only.forward_features(FeatureTable(image, text, both, both))
+    b = text_only.forward_features(FeatureTable(-image, text, ~both, both))
     assert torch.equal(a.logits, b.logits)
     with pytest.raises(ValueError, match="unknown baseline head"):
         BaselineHead("late_fusion", ["a", "b"], pad_image, pad_text)
@@ -128,9 +132,9 @@ def test_router_sends_each_post_to_the_head_of_the_modalities_it_has() -> None:
              for kind in ("concat", "text_only", "image_only")]
     router = Router(*heads)
     image, text = torch.randn(3, 8), torch.randn(3, 6)
-    image_present, text_present = torch.tensor([True, False, True]), torch.tensor([True, True, False])
-    routed = router.forward_features(image, text, image_present, text_present).logits
-    expected = [head.forward_features(image, text, image_present, text_present).logits[i] for i, head in enumerate(heads)]
+    features = FeatureTable(image, text, torch.tensor([True, False, True]), torch.tensor([True, True, False]))
+    routed = router.forward_features(features).logits
+    expected = [head.forward_features(features).logits[i] for i, head in enumerate(heads)]
     assert torch.allclose(routed, torch.stack(expected))
     with pytest.raises(ValueError, match="in that order"):
         Router(heads[1], heads[0], heads[2])
@@ -144,10 +148,10 @@ def test_modality_dropout_removes_one_modality_in_training_only() -> None:
     image, text = torch.randn(4000, 8), torch.randn(4000, 6)
     both = torch.ones(4000, dtype=torch.bool)
     head.eval()
-    padded_image = head.forward_features(torch.zeros_like(image), text, both, both).logits
-    padded_text = head.forward_features(image, torch.zeros_like(text), both, both).logits
-    intact = head.forward_features(image, text, both, both).logits
-    dropped = head.train().forward_features(image, text, both, both).logits
+    padded_image = head.forward_features(FeatureTable(torch.zeros_like(image), text, both, both)).logits
+    padded_text = head.forward_features(FeatureTable(image, torch.zeros_like(text), both, both)).logits
+    intact = head.forward_features(FeatureTable(image, text, both, both)).logits
+    dropped = head.train().forward_features(FeatureTable(image, text, both, both)).logits
     lost_image = torch.isclose(dropped, padded_image).all(-1)
     lost_text = torch.isclose(dropped, padded_text).all(-1)
     kept = torch.isclose(dropped, intact).all(-1)

@@ -1,74 +1,35 @@
 """Training: it learns (beats the majority class on held-apart data), resumes exactly, caches features per
 (sample, disruption), selects on dev, and the CLI writes a checkpoint the service can load.
 
-The data is a tiny synthetic image-text set in the service's JSONL post schema (``make_dataset``): texts mix label
-words with filler, images are noisy patches whose colour leans towards the label, and half the samples are
-positive, so the majority class scores about 50 % and a model must learn to beat it.
+The data is tests/training_data.py's tiny synthetic image-text set, on which the majority class scores about 50 %.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from training_data import make_dataset
 
 import core.train as train_module
-from core.data import SENTIMENT_LABELS, load_dataset
+from core.data import load_dataset
 from core.data.disruption import disrupt_dataset
-from core.inference import Predictor
-from core.model import create_model
-from core.train import (
+from core.demo_model import ensure_demo_model
+from core.features import (
     CachedSource,
     FeatureCache,
     SampleSource,
-    TrainConfig,
-    TrainingError,
-    classification_scores,
     encode_samples,
     feature_cache_for,
-    fit,
     image_key,
-    score,
 )
+from core.inference import Predictor
+from core.model import create_model
+from core.train import TrainConfig, TrainingError, classification_scores, fit, score
 from stream.cli import main
-
-WORDS = {
-    "positive": ["great", "love", "happy", "wonderful", "sunny", "win"],
-    "neutral": ["meeting", "table", "monday", "report", "bus", "paper"],
-    "negative": ["awful", "hate", "sad", "terrible", "rain", "lost"],
-}
-FILLER = ["the", "today", "we", "just", "about", "so", "with", "friends", "again", "city"]
-COLOURS = {"positive": (220, 150, 40), "neutral": (128, 128, 128), "negative": (40, 60, 150)}
-SPLIT_SIZES = {"train": 120, "dev": 40, "test": 40}
-
-
-def make_dataset(root: Path, seed: int = 0) -> Path:
-    """Write train/dev/test.jsonl and images/ under ``root``; returns ``root`` (use as ``jsonl:ROOT``)."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for split, size in SPLIT_SIZES.items():
-        lines = []
-        for i in range(size):
-            label = str(rng.choice(SENTIMENT_LABELS, p=[0.5, 0.25, 0.25]))
-            words = list(rng.choice(WORDS[label], size=2)) + list(rng.choice(FILLER, size=4))
-            if rng.random() < 0.2:  # some texts carry another label's word: not trivially separable
-                words.append(str(rng.choice(WORDS[str(rng.choice(SENTIMENT_LABELS))])))
-            rng.shuffle(words)
-            colour = np.array(COLOURS[label], dtype=np.float32)
-            pixels = np.clip(colour + rng.normal(0, 50, size=(24, 24, 3)), 0, 255).astype(np.uint8)
-            name = f"{split}-{i}.png"
-            Image.fromarray(pixels).save(root / "images" / name)
-            post = {"schema_version": 1, "id": f"{split}-{i}", "text": " ".join(words),
-                    "image": {"path": f"images/{name}"}, "created_at": None, "metadata": {}, "label": label}
-            lines.append(json.dumps(post))
-        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
-
 
 FAST = TrainConfig(epochs=12, batch_size=16, head_lr=3e-3, min_lr=1e-5, seed=0)
 
@@ -232,7 +193,7 @@ def test_ensure_demo_model_reuses_an_existing_checkpoint(tmp_path) -> None:
     existing = tmp_path / "demo.ckpt"
     existing.write_bytes(b"already trained")
     # No data set under data_dir and no training: the checkpoint that is there is handed back untouched.
-    assert train_module.ensure_demo_model(tmp_path / "no-data", existing) == existing
+    assert ensure_demo_model(tmp_path / "no-data", existing) == existing
     assert existing.read_bytes() == b"already trained"
 
 

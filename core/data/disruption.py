@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def mask_words(text: str, fraction: float, rng: np.random.Generator, token: str 
 def disrupt_sample(sample: Sample, modality: Modality, kind: Kind, rng: np.random.Generator) -> Sample:
     """One sample with ``modality`` corrupted or discarded; the other modality is untouched."""
     if kind == "discard":
-        changes = {modality: None}
+        changes: dict[str, Any] = {modality: None}
         record = Disruption(modality, "discard")
     elif modality == "text":
         assert sample.text is not None
@@ -90,7 +90,9 @@ def _kinds(count: int, setting: Setting, rng: np.random.Generator) -> list[Kind]
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
     discards = {"C": 0, "D": count, "C+D": count // 2}[setting]
-    kinds: list[Kind] = ["discard"] * discards + ["corrupt"] * (count - discards)
+    discard: list[Kind] = ["discard"]
+    corrupt: list[Kind] = ["corrupt"]
+    kinds = discard * discards + corrupt * (count - discards)
     return [kinds[i] for i in rng.permutation(count)]
 
 

@@ -1,0 +1,53 @@
+"""The demo's model: a DRF head trained on part of the VADER demo set on first use, reused afterwards."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import save_checkpoint
+from core.data.records import Sample, stratified_split
+from core.data.vader import load_vader
+from core.features import CachedSource, encode_samples, feature_cache_for
+from core.model import create_model
+from core.train import CPU_DIM, CPU_QUEUE_SIZE, CPU_TRAIN, fit, one_thread
+
+log = logging.getLogger(__name__)
+
+#: Training and dev posts of the demo model (cold cache: a few minutes on 2 cores).
+DEMO_TRAIN_SAMPLES = 1200
+DEMO_DEV_SAMPLES = 300
+
+
+def _stratified_subset(samples: Sequence[Sample], size: int) -> list[Sample]:
+    """``size`` samples with the label proportions of ``samples`` (all of them if there are fewer)."""
+    if len(samples) <= size:
+        return list(samples)
+    return stratified_split(samples, {"keep": size, "rest": len(samples) - size}, seed=0)["keep"]
+
+
+def ensure_demo_model(data_dir: str | Path, out_path: str | Path, progress: bool = True) -> Path:
+    """The demo's checkpoint: reused when ``out_path`` exists, else trained on part of the VADER demo set.
+
+    Offline encoders, frozen, with features cached under ``data_dir/features`` (shared with ``postsense evaluate``,
+    so after an evaluation this only trains the head).
+    """
+    out = Path(out_path)
+    if out.is_file():
+        return out
+    dataset = load_vader(data_dir)
+    torch.manual_seed(0)
+    model = create_model("offline", dataset.label_names, dim=CPU_DIM, queue_size=CPU_QUEUE_SIZE)
+    cache = feature_cache_for(model, Path(data_dir) / "features")
+    train = encode_samples(model, _stratified_subset(dataset["train"], DEMO_TRAIN_SAMPLES), cache, progress=progress)
+    dev = encode_samples(model, _stratified_subset(dataset["dev"], DEMO_DEV_SAMPLES), cache, progress=progress)
+    config = replace(CPU_TRAIN, batch_size=32, epochs=10)
+    with one_thread():
+        result = fit(model, CachedSource(train), CachedSource(dev), config, progress=progress, description="demo model")
+    log.info("demo model: best dev accuracy %.1f%% at epoch %d", result.best_dev_accuracy, result.best_epoch)
+    save_checkpoint(model, out)
+    return out
