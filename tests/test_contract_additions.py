@@ -8,9 +8,9 @@ import pytest
 from stream_support import LABELS
 
 from connectors.metrics import Metrics
+from core.contracts import Invalid, Post, parse_post, validator
 from core.inference import Predictor
 from core.model import create_model
-from core.contracts import Invalid, Post, parse_post, validator
 from stream.processor import BatchProcessor, Record, validate
 from stream.settings import load_settings
 

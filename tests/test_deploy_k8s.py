@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-import tomllib
 import yaml
 
 from stream.settings import Settings, load_settings

@@ -17,16 +17,13 @@ import time
 import pytest
 from helpers import (
     Broker,
-    Endpoints,
     S3Server,
     as_client,
-    committed_eventually,
     proxied_broker,
     report_counts,
     wait_until,
 )
-from test_stream_support import (
-    LABELS,
+from stream_support import (
     Collector,
     Running,
     produce_posts,
@@ -38,17 +35,11 @@ from test_stream_support import (
 
 from connectors.kafka import committed_offsets, ensure_topics
 from connectors.metrics import Metrics
-from core.inference import Predictor
-from core.model import create_model
+from stream.local_services import Endpoints
 from stream.runtime import Service
 from stream.settings import Settings
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture(scope="module")
-def predictor() -> Predictor:
-    return Predictor.from_model(create_model("tiny", labels=LABELS))
 
 
 def merge_ends(ends: dict[int, int], more: dict[int, int]) -> dict[int, int]:
@@ -135,7 +126,7 @@ def test_memory_broker_restart_service_survives_reconnects_and_recreates_its_pro
             ensure_topics(k, [k.input_topic, k.output_topic, k.dead_letter_topic], partitions=4)
             ends = produce_posts(settings, after)
             assert collector.wait_for(len(before) + len(after), timeout_s=90), len(collector.documents)
-            assert committed_eventually(settings, ends, timeout_s=30) == ends
+            assert wait_committed(settings, ends, timeout_s=30) == ends
             assert running.thread.is_alive() and running.error is None
             republished = out_ids(settings, expect=len(after))
     finally:
@@ -172,7 +163,7 @@ def test_persistent_broker_restart_loses_nothing_acknowledged(services, names, p
         with Running(Service(settings, predictor, on_output=collector)) as running:
             assert collector.wait_for(8, timeout_s=60)
             broker.restart(sig=signal.SIGKILL if crash else signal.SIGTERM, down_s=1)  # mid-stream
-            assert committed_eventually(settings, ends, timeout_s=120) == ends
+            assert wait_committed(settings, ends, timeout_s=120) == ends
             assert running.thread.is_alive() and running.error is None
             final = out_ids(settings, expect=len(posts), timeout_s=60)
     finally:

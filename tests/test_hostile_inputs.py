@@ -24,13 +24,13 @@ import pytest
 from helpers import report_counts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from images import encode, grey_png, png_base64, solid_png_bomb
+from PIL import Image
 from stream_support import cli, produce, read_topic, stream_settings
 
 from connectors.metrics import Metrics
-from core.inference import Predictor
 from core.contracts import DEAD_LETTER_HEADER, Invalid, validator
+from core.inference import Predictor
 from stream.processor import OVERSIZED_PREFIX_BYTES, BatchProcessor, Record, validate
 from stream.settings import load_settings
 
@@ -122,12 +122,12 @@ class Trap(http.server.BaseHTTPRequestHandler):
 
     hits: list[str] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # the name http.server dispatches GET requests to
         Trap.hits.append(self.path)
         self.send_response(200)
         self.end_headers()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:  # silence: the test reads Trap.hits instead
         pass
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import sklearn.datasets
-from test_stream_support import LABELS, produce_posts, stream_settings, valid_posts
+from stream_support import LABELS, produce_posts, stream_settings, valid_posts
 
 from core.checkpoint import save_checkpoint
 from core.model import create_model

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from images import png_base64
+from PIL import Image
 from stream_support import LABELS
 
 from connectors.metrics import Metrics
+from core.contracts import Invalid, Post
 from core.inference import Predictor
 from core.model import create_model
-from core.contracts import Invalid, Post
 from stream.processor import BatchProcessor, Record, validate
 from stream.settings import load_settings
 

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from test_stream_support import read_topic, stream_settings
+from stream_support import read_topic, stream_settings
 
 from connectors.kafka import ensure_topics
 from connectors.metrics import Metrics

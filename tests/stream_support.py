@@ -2,53 +2,55 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
+from helpers import wait_until
+from images import png_base64
 from kafka import KafkaConsumer, TopicPartition
-from PIL import Image
+from kafka.errors import KafkaError
 
 from connectors.kafka import committed_offsets, ensure_topics, make_producer
+from stream.local_services import Endpoints, fresh_stream_settings
 from stream.runtime import Service
-from stream.settings import Settings, load_settings
+from stream.settings import Settings
 
 LABELS = ["negative", "neutral", "positive"]
 
 
-def stream_settings(services: Any, names: Callable[[str], str], partitions: int = 4, **sections: dict) -> Settings:
-    """Settings for one test: fresh topics and group, fast group joins (Tansu), small batches."""
-    flags: dict[str, dict[str, Any]] = {
-        "kafka": {
-            "bootstrap_servers": [services.bootstrap],
-            "group_id": names("group"),
-            "input_topic": names("posts"),
-            "output_topic": names("sentiment"),
-            "dead_letter_topic": names("dlq"),
-            "session_timeout_ms": 6000,
-            "heartbeat_interval_ms": 1000,
-            "produce_timeout_s": 10.0,
-        },
-        "batch": {"max_posts": 8, "max_wait_ms": 100, "decode_workers": 2},
-        "redis": {"url": services.redis_url, "key_prefix": names("q")},
-        "metrics": {"port": 0},
-    }
-    for section, fields in sections.items():
-        flags.setdefault(section, {}).update(fields)
-    settings = load_settings(None, flags)
+def stream_settings(
+    services: Endpoints, names: Callable[[str], str], partitions: int = 4, **sections: dict[str, Any]
+) -> Settings:
+    """Settings for one test (``fresh_stream_flags``: own topics and group, short group timings), small batches,
+    a short publish timeout; its three topics created with ``partitions`` partitions."""
+    sections["kafka"] = {"produce_timeout_s": 10.0, **sections.get("kafka", {})}
+    sections["batch"] = {"max_posts": 8, "max_wait_ms": 100, "decode_workers": 2, **sections.get("batch", {})}
+    settings = fresh_stream_settings(services, names, **sections)
     k = settings.kafka
     ensure_topics(k, [k.input_topic, k.output_topic, k.dead_letter_topic], partitions=partitions)
     return settings
 
 
-def png_base64(colour: tuple[int, int, int] = (220, 40, 40), size: tuple[int, int] = (40, 30)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+def cli(settings: Settings, *args: str, checkpoint: Path | None = None, metrics_port: int = 0) -> list[str]:
+    """The installed ``postsense`` console command with ``settings`` as global flags, then ``args``."""
+    k, b = settings.kafka, settings.batch
+    flags = [
+        "--bootstrap-servers", ",".join(k.bootstrap_servers), "--group-id", k.group_id,
+        "--input-topic", k.input_topic, "--output-topic", k.output_topic, "--dead-letter-topic", k.dead_letter_topic,
+        "--redis-url", settings.redis.url.get_secret_value(), "--metrics-port", str(metrics_port),
+        "--set", f"kafka.session_timeout_ms={k.session_timeout_ms}",
+        "--set", f"kafka.heartbeat_interval_ms={k.heartbeat_interval_ms}",
+        "--set", f"batch.max_posts={b.max_posts}", "--set", f"batch.max_wait_ms={b.max_wait_ms}",
+        "--set", f"redis.key_prefix={settings.redis.key_prefix}",
+    ]
+    if checkpoint is not None:
+        flags += ["--checkpoint", str(checkpoint)]
+    return [str(Path(sys.executable).parent / "postsense"), *flags, *args]
 
 
 def valid_posts(n: int, prefix: str = "p") -> list[dict[str, Any]]:
@@ -114,14 +116,19 @@ def read_topic(settings: Settings, topic: str, expect: int, timeout_s: float = 3
 
 
 def wait_committed(settings: Settings, ends: dict[int, int], timeout_s: float = 20.0) -> dict[int, int]:
-    """The group's committed offsets once they reach ``ends`` (or whatever they are at the timeout)."""
-    deadline = time.monotonic() + timeout_s
+    """The group's committed offsets once they reach ``ends`` (or whatever they are at the timeout), asking
+    again while the broker does not answer (a fault test's broker may still be coming back)."""
     committed: dict[int, int] = {}
-    while time.monotonic() < deadline:
-        committed = committed_offsets(settings.kafka, settings.kafka.input_topic)
-        if all(committed.get(p, 0) >= end for p, end in ends.items()):
-            break
-        time.sleep(0.3)
+
+    def reached() -> bool:
+        nonlocal committed
+        try:
+            committed = committed_offsets(settings.kafka, settings.kafka.input_topic)
+        except KafkaError:
+            return False
+        return all(committed.get(p, 0) >= end for p, end in ends.items())
+
+    wait_until(reached, timeout_s, interval_s=0.3)
     return committed
 
 
@@ -136,7 +143,7 @@ class Running:
     def _run(self) -> None:
         try:
             self.service.run()
-        except BaseException as exc:  # noqa: BLE001 (handed to the test)
+        except BaseException as exc:  # every error, KeyboardInterrupt included, is handed to the test
             self.error = exc
 
     def __enter__(self) -> Running:
