@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urljoin, urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from connectors.config import Section
 
@@ -86,7 +86,7 @@ class FetchPolicy:
 class MediaSettings(Section):
     """The ``media`` settings section: where image fields may be fetched from (see ``FetchPolicy``)."""
 
-    allowed_schemes: list[Literal["http", "https"]] = Field(default_factory=lambda: ["https", "http"])
+    allowed_schemes: list[Literal["http", "https"]] = ["https", "http"]  # pydantic copies list defaults
     allowed_hosts: list[str] | None = None  # None: any public host
     allow_private_addresses: bool = False
     # CIDRs exempt from the private-address refusal (an internal image store), e.g. ["10.20.0.0/16"].
@@ -96,13 +96,20 @@ class MediaSettings(Section):
     max_redirects: int = Field(3, ge=0, le=10)
     local_root: Path | None = None  # None: local image paths are refused
 
+    @field_validator("allowed_networks")
+    @classmethod
+    def _cidrs(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            ipaddress.ip_network(network)  # a bad CIDR fails at start-up, naming the field
+        return networks
+
     def policy(self) -> FetchPolicy:
-        """The fetch policy these settings describe (FetchPolicy parses and validates the CIDRs)."""
+        """The fetch policy these settings describe."""
         return FetchPolicy(
             allowed_schemes=tuple(self.allowed_schemes),
             allowed_hosts=None if self.allowed_hosts is None else tuple(self.allowed_hosts),
             allow_private_addresses=self.allow_private_addresses,
-            allowed_networks=tuple(self.allowed_networks),
+            allowed_networks=tuple(ipaddress.ip_network(n) for n in self.allowed_networks),
             timeout_s=self.fetch_timeout_s,
             max_redirects=self.max_redirects,
             local_root=self.local_root,
@@ -223,7 +230,7 @@ def _resolve(target: _Target, policy: FetchPolicy) -> list[tuple[Any, ...]]:
         infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise FetchError("fetch_dns_failed", target.host) from exc
-    refused = [info[4][0] for info in infos if not _address_permitted(info[4][0], policy)]
+    refused = [info[4][0] for info in infos if not _address_permitted(str(info[4][0]), policy)]
     if refused:  # one bad answer is enough: the attacker controls which one a retry would use
         raise FetchError("fetch_refused_private_address", f"{target.host} -> {refused[0]}")
     return infos

