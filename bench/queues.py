@@ -27,7 +27,8 @@ import numpy as np
 import redis
 
 from bench.common import base_parser, bench_predictor, print_table, spread, time_repeats, write_result
-from connectors.reference_queues import MODALITIES, RedisSettings, ReferenceQueues
+from connectors.reference_queues import RedisSettings, ReferenceQueues
+from core.contracts import MODALITIES
 
 QUEUE_SIZE = 512
 TEXTS = (

@@ -28,7 +28,7 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import Field
 
 from connectors.config import Section
-from core.contracts import ModalityState
+from core.contracts import MODALITIES, ModalityState
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ class MetricsSettings(Section):
 
 
 PREFIX = "postsense"
-MODALITIES = ("image", "text")
 #: Modality states, the output contract's words for both modalities.
 MODALITY_STATES = tuple(state.value for state in ModalityState)
 REBALANCE_EVENTS = ("assigned", "revoked", "lost")

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,6 +61,11 @@ class Invalid:
     reason: str
     error_class: str
     detail: str | None = None
+
+
+#: The two modalities of a post, in the order every per-modality table and metric uses.
+Modality = Literal["image", "text"]
+MODALITIES: tuple[Modality, ...] = ("image", "text")
 
 
 class ModalityState(str, Enum):

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from core.baselines import BASELINES, HEADS, BaselineHead, Router
+from core.contracts import MODALITIES
 from core.data import Dataset, load_dataset
-from core.data.disruption import DISRUPTION_RATIOS, MODALITIES, SETTINGS, Setting, disrupt_dataset
+from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, Setting, disrupt_dataset
 from core.drf import DEFAULT_VARIANT, MECHANISMS, VARIANTS
 from core.encoders import Encoders
 from core.features import CachedSource, FeatureCache, encode_padding, encode_samples, feature_cache_for

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.data.disruption import MODALITIES
+from core.contracts import MODALITIES
 from core.drf import VARIANTS
 
 if TYPE_CHECKING:  # core.evaluate writes its report through this module

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from core.data.records import Dataset, Disruption, Modality, Sample
+from core.contracts import MODALITIES, Modality
+from core.data.records import Dataset, Disruption, Sample
 
 Setting = Literal["C", "D", "C+D"]
 Kind = Literal["corrupt", "discard"]
@@ -34,7 +35,6 @@ SETTINGS: tuple[Setting, ...] = ("C", "D", "C+D")
 DISRUPTION_RATIOS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
 CORRUPT_RANGE = (0.4, 0.8)
 MASK_TOKEN = "[MASK]"
-MODALITIES: tuple[Modality, ...] = ("image", "text")
 
 
 @dataclass

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from core.contracts import Modality
+
 SENTIMENT_LABELS: tuple[str, ...] = ("positive", "neutral", "negative")
 """Label order of the 3-class sets, as in the CLMLF/PACL 10-fold files (0 positive, 1 neutral, 2 negative)."""
 
@@ -28,7 +30,6 @@ MAX_PROBLEMS = 20
 """How many example problem messages a report keeps (the counts are always complete)."""
 
 ImageSource = Path | bytes | Image.Image
-Modality = Literal["image", "text"]
 
 
 class DataFormatError(ValueError):
