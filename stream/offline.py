@@ -1,18 +1,8 @@
-"""Score posts from a file or a directory without Kafka (backfills, audits, shadow tests of a new checkpoint).
+"""Scoring a JSONL file or a directory of posts without Kafka: the library behind ``postsense score``.
 
-IN is a JSONL file of posts in the input contract, or a directory of ``<id>.jpg`` (or .jpeg/.png/.gif/.webp/.bmp)
-and ``<id>.txt`` pairs (either file may be absent: that modality is then missing). OUT receives one sentiment
-record per post, the same document ``serve`` publishes (core/schemas/sentiment.v1.json); its ``source`` is
-the input file (``topic``), 0 (``partition``) and the line number from 1 (``offset``; 0 for a directory's
-files). Records that are not posts go to ``OUT.rejected.jsonl`` with the dead-letter reason and the original
-line. Batching and decoding are the serve path's (``stream.processor.BatchProcessor``); quality is scored
-against the checkpoint's reference queues (Redis is not contacted).
-
-Interrupted? Run the same command again: lines already in OUT or in the rejected file are skipped, a torn
-last line is cut off. ``--compare CHECKPOINT`` scores every post with a second model too (the shadow test):
-each record gets ``shadow`` (that model's label, and whether it agrees) and the summary the agreement rate.
-The summary (also written to ``OUT.summary.json``) counts in = out + rejected + skipped (already done).
-Exit codes: 0 done, 2 unreadable input or model.
+The serve path's batching and decoding (``stream.processor.BatchProcessor``), the checkpoint's reference
+statistics (Redis is not contacted), resumable output; the command's help (``stream/commands/score.py``)
+says what a user gets.
 """
 
 from __future__ import annotations
