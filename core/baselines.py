@@ -61,7 +61,6 @@ class BaselineHead(nn.Module):
             raise ValueError("padding features must be vectors [D_v] and [D_t]")
         self.kind = kind
         self.labels = list(labels)
-        self.dim = dim
         self.register_buffer("padding_image", padding_image.detach().float().clone())
         self.register_buffer("padding_text", padding_text.detach().float().clone())
         self.uses_image = kind != "text_only"
@@ -72,9 +71,6 @@ class BaselineHead(nn.Module):
         width = dim * (self.uses_image + self.uses_text)
         self.fusion = mlp([width, dim, dim, dim], dropout)
         self.classifier = nn.Linear(dim, len(self.labels))
-
-    def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "labels": self.labels, "dim": self.dim}
 
     def parameter_groups(self, encoder_lr: float, head_lr: float) -> list[dict[str, Any]]:
         """One group at the head learning rate (the encoders are frozen and not part of a baseline)."""

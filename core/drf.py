@@ -1,4 +1,5 @@
 """The DRF head (paper sections 3.2-3.5): converters, quality-weighted fusion of three expanded samples, losses.
+Over ~400 lines on purpose: equations (3)-(16) of one head, checked against the paper side by side, stay together.
 
 It works on features already projected to the DRF width d; encoders and projections live in core/model.py.
 Names follow the paper: f^v, f^t features, lambda^v, lambda^t presence flags, C_{v->t}, C_{t->v} converters,
