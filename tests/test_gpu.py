@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_stream_support import LABELS, Running, produce_posts, read_topic, stream_settings, valid_posts
+from stream_support import LABELS, Running, produce_posts, read_topic, stream_settings, valid_posts
 
 from core.checkpoint import save_checkpoint
 from core.inference import OutOfMemoryAtOnePost, Predictor
@@ -90,7 +90,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of the configuration's model, its head trained briefly on CPU on other posts of the same
     sequence, so labels have real margins and the reference queues real contents (an untrained head's
     near-uniform probabilities would make any rounding flip labels). Every predictor below loads it."""
-    from core.train import CachedSource, FeatureTable, TrainConfig, fit
+    from core.features import CachedSource
+    from core.model import FeatureTable
+    from core.train import TrainConfig, fit
 
     torch.manual_seed(0)
     options = {"image_runtime": "torch"} if CONFIG == "offline" else {}
