@@ -19,14 +19,9 @@ from helpers import wait_until
 from prometheus_client import CollectorRegistry
 
 from connectors.metrics import Metrics
-from connectors.reference_queues import (
-    MODALITIES,
-    QueueStore,
-    RedisSettings,
-    ReferenceQueueError,
-    ReferenceQueues,
-    connect,
-)
+from connectors.queue_store import QueueStore, ReferenceQueueError
+from connectors.reference_queues import RedisSettings, ReferenceQueues, connect
+from core.contracts import MODALITIES
 from stream.local_services import LocalServices, free_port, redis_binary
 
 pytestmark = pytest.mark.services
@@ -310,8 +305,7 @@ def test_frozen_mode_never_writes(server, make_settings):
 WORKER = """
 import json, sys, time
 import numpy as np
-from connectors.reference_queues import ReferenceQueues
-from connectors.reference_queues import RedisSettings
+from connectors.reference_queues import RedisSettings, ReferenceQueues
 
 settings = RedisSettings.model_validate_json(sys.argv[1])
 mode = sys.argv[2]

@@ -12,8 +12,10 @@ import pytest
 import torch
 from pydantic import SecretStr
 
-from connectors.reference_queues import MODALITIES, QueueStore, ReferenceQueues, connect
+from connectors.queue_store import QueueStore
+from connectors.reference_queues import ReferenceQueues, connect
 from core.checkpoint import save_checkpoint
+from core.contracts import MODALITIES
 from core.model import create_model
 from stream.commands import queues as queues_cmd
 from stream.settings import Settings, load_settings

@@ -20,15 +20,9 @@ import numpy as np
 import redis
 import torch
 
-from connectors.reference_queues import (
-    MODALITIES,
-    ModalityState,
-    QueueStore,
-    ReferenceQueueError,
-    checkpoint_reference,
-    connect,
-    drift_sigmas,
-)
+from connectors.queue_store import QueueState, QueueStore, ReferenceQueueError
+from connectors.reference_queues import checkpoint_reference, connect, drift_sigmas
+from core.contracts import MODALITIES
 from core.distribution import queue_statistics
 from stream.settings import Settings
 
@@ -83,7 +77,7 @@ def _model_version(args: argparse.Namespace, settings: Settings) -> str:
     return args.model_version or _checkpoint(settings).model_version
 
 
-def _seeded(store: QueueStore, contents: bool = False) -> dict[str, ModalityState]:
+def _seeded(store: QueueStore, contents: bool = False) -> dict[str, QueueState]:
     states = store.read(contents=contents)
     if states is None:
         raise CommandError(f"no reference queues under {store.base}: run `postsense queues seed` first")
@@ -120,7 +114,7 @@ def seed(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def describe(states: dict[str, ModalityState]) -> dict[str, dict[str, Any]]:
+def describe(states: dict[str, QueueState]) -> dict[str, dict[str, Any]]:
     """Per modality: what inspect prints.  Live statistics are recomputed here when the stored ones are stale."""
     out = {}
     for m, state in states.items():
@@ -182,7 +176,7 @@ def reset(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def write_snapshot(path: Path, model_version: str, states: dict[str, ModalityState]) -> None:
+def write_snapshot(path: Path, model_version: str, states: dict[str, QueueState]) -> None:
     """Live contents and the checkpoint reference of every modality, with their versions, in one .npz file."""
     meta = {
         "format": SNAPSHOT_FORMAT,
