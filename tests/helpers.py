@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from connectors.metrics import PREFIX, Metrics
 from stream.local_services import free_port, kafka_answers, port_open, tansu_binary
 from stream.settings import Settings
 
@@ -44,6 +45,16 @@ def report_counts(name: str, posts_in: Iterable[str], out_ids: Iterable[str], de
     }
     print(f"\n[counts] {name}: " + " ".join(f"{k}={v}" for k, v in counts.items()))
     return counts
+
+
+def sample_value(metrics: Metrics, name: str, **labels: str) -> float:
+    """``postsense_<name>{labels}`` now, through the registry's public API (``get_sample_value``).
+
+    A labelled series never touched yet is absent from the registry; it reads as 0, like a counter that never
+    counted (which is what a test asking "how many lost partitions?" means).
+    """
+    value = metrics.registry.get_sample_value(f"{PREFIX}_{name}", labels)
+    return 0.0 if value is None else value
 
 
 def wait_until(check, timeout_s: float, interval_s: float = 0.1) -> bool:

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from helpers import wait_until
-from prometheus_client import CollectorRegistry
+from helpers import sample_value, wait_until
 
 from connectors.metrics import Metrics
 from connectors.queue_store import QueueStore, ReferenceQueueError
@@ -175,8 +174,8 @@ def test_propose_appends_accepted_rows_in_order_and_evicts_the_oldest(server, ma
 
 
 def test_worker_statistics_drift_and_metrics_follow_the_stream(server, make_settings):
-    registry = CollectorRegistry()
-    with ReferenceQueues(make_settings(server.url), "v1", metrics=Metrics(registry)) as queues:
+    metrics = Metrics()
+    with ReferenceQueues(make_settings(server.url), "v1", metrics=metrics) as queues:
         seed = features(0, L)
         queues.seed(seed, capacity=L)
         seeded = queues.stats()
@@ -196,15 +195,11 @@ def test_worker_statistics_drift_and_metrics_follow_the_stream(server, make_sett
             ref_mean, ref_sigma, _ = expected_stats(seed[m])
             drift = np.linalg.norm(contents.astype(np.float64).mean(axis=0) - ref_mean) / ref_sigma
             assert queues.drift()[m] == pytest.approx(drift, rel=1e-4)
-
-            def sample(name: str, m: str = m) -> float | None:
-                return registry.get_sample_value(f"postsense_{name}", {"modality": m})
-
-            assert sample("reference_drift_sigmas") == pytest.approx(drift, rel=1e-4)
-            assert sample("reference_acceptance_ratio") == pytest.approx(0.75)
-            assert sample("reference_accepted_total") == 3
-            assert sample("reference_queue_length") == L
-        assert registry.get_sample_value("postsense_redis_up") == 1
+            assert sample_value(metrics, "reference_drift_sigmas", modality=m) == pytest.approx(drift, rel=1e-4)
+            assert sample_value(metrics, "reference_acceptance_ratio", modality=m) == pytest.approx(0.75)
+            assert sample_value(metrics, "reference_accepted_total", modality=m) == 3
+            assert sample_value(metrics, "reference_queue_length", modality=m) == L
+        assert sample_value(metrics, "redis_up") == 1
 
 
 def test_cap_limits_accepted_features_per_interval_across_workers(server, make_settings):
@@ -402,9 +397,9 @@ def test_redis_restart_mid_stream_serves_cached_stats_and_resumes_updates(
     fresh_server, make_settings, caplog
 ):
     caplog.set_level(logging.INFO, logger="connectors.reference_queues")
-    registry = CollectorRegistry()
+    metrics = Metrics()
     settings = make_settings(fresh_server.url, refresh_interval_s=0.1)
-    with ReferenceQueues(settings, "v1", metrics=Metrics(registry)) as queues:
+    with ReferenceQueues(settings, "v1", metrics=metrics) as queues:
         seed = features(0, L)
         queues.seed(seed, capacity=L)
         for i in range(3):
@@ -418,13 +413,13 @@ def test_redis_restart_mid_stream_serves_cached_stats_and_resumes_updates(
             assert queues.stats() is cached
             time.sleep(0.02)  # the outage lasts a while: reconnect attempts happen meanwhile
         assert not queues.available and queues.dropped_updates >= 19 * 4
-        assert registry.get_sample_value("postsense_redis_up") == 0
+        assert sample_value(metrics, "redis_up") == 0
         outage_logs = [r for r in caplog.records if "unavailable" in r.getMessage()]
         assert len(outage_logs) == 1  # once per outage, not once per batch or per reconnect attempt
 
         fresh_server.start()  # an empty Redis: no persistence
         assert wait_until(lambda: queues.available, 15)
-        assert registry.get_sample_value("postsense_redis_up") == 1
+        assert sample_value(metrics, "redis_up") == 1
         state = queues.store.read(contents=True)  # re-seeded from the checkpoint queues
         np.testing.assert_array_equal(state["image"].features, seed["image"])
         assert wait_until(lambda: queues.stats() is not None and queues.stats()["image"].count == L, 15)
