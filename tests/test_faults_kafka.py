@@ -12,7 +12,6 @@ import json
 import logging
 import signal
 import threading
-import time
 
 import pytest
 from helpers import (
@@ -23,6 +22,7 @@ from helpers import (
     report_counts,
     wait_until,
 )
+from kafka import TopicPartition
 from stream_support import (
     Collector,
     Running,
@@ -54,6 +54,11 @@ def out_ids(settings: Settings, expect: int, timeout_s: float = 30.0) -> list[st
     return [r.key.decode() for r in records]
 
 
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """A metric's current value through the public registry API (0 for a labelled series never touched)."""
+    return metrics.registry.get_sample_value(f"postsense_{name}", labels) or 0.0
+
+
 def worker_threads(client_id: str) -> list[str]:
     """Live kafka-python I/O threads of a client id (they are named after it)."""
     return [t.name for t in threading.enumerate() if t.name.startswith(client_id)]
@@ -78,8 +83,9 @@ def test_produce_failing_commits_nothing_past_what_was_published_and_recovers(se
 
             proxy.refuse_produce_from = "postsense-worker"  # the output and dead-letter topics are now unreachable
             ends = merge_ends(first_ends, produce_posts(feeder, posts[16:]))
-            assert wait_until(lambda: metrics.publish_failures_total._value.get() >= 1, 20)
-            time.sleep(8)  # several produce timeouts and retries: the producer is recreated at the third
+            assert wait_until(lambda: sample(metrics, "publish_failures_total") >= 1, 20)
+            # Several produce timeouts and retries: the producer is recreated at the third failed attempt.
+            assert wait_until(lambda: sample(metrics, "producer_recreated_total") >= 1, 30)
             during = out_ids(settings, expect=10**6, timeout_s=2)
             committed_during = committed_offsets(settings.kafka, settings.kafka.input_topic)
             assert running.thread.is_alive() and running.error is None  # retrying, not crashed
@@ -99,7 +105,6 @@ def test_produce_failing_commits_nothing_past_what_was_published_and_recovers(se
     # Nothing past what was published is committed: the offsets stayed where the first 16 posts left them.
     assert committed_during == first_ends
     assert refused > 0
-    assert metrics.producer_recreated_total._value.get() >= 1
     assert counts["lost"] == 0 and counts["unexpected"] == 0
     assert counts["duplicated"] <= (settings.batch.max_inflight_batches + 1) * settings.batch.max_posts
     assert any("publishing failed" in r.getMessage() for r in caplog.records)
@@ -139,8 +144,8 @@ def test_memory_broker_restart_service_survives_reconnects_and_recreates_its_pro
     assert counts["duplicated"] <= (settings.batch.max_inflight_batches + 1) * settings.batch.max_posts
     assert set(republished) == {p["id"] for p in after}  # the new broker holds what came after
     # Reported: the broken idempotent producer was replaced, and the group membership was re-established.
-    assert metrics.producer_recreated_total._value.get() >= 1
-    assert metrics.rebalances_total.labels(event="assigned")._value.get() >= 2
+    assert sample(metrics, "producer_recreated_total") >= 1
+    assert sample(metrics, "rebalances_total", event="assigned") >= 2
     assert any("recreating the Kafka producer" in r.getMessage() for r in caplog.records)
 
 
@@ -198,29 +203,35 @@ def test_second_worker_joins_then_leaves_mid_stream_nothing_lost_or_doubled(serv
             chunk = valid_posts(4, f"r{len(sent)}-")
             ends.update(merge_ends(ends, produce_posts(settings, chunk)))
             sent.extend(p["id"] for p in chunk)
-            time.sleep(0.2)
+            stop_feeding.wait(0.2)  # pacing, not waiting for anything
 
     a_metrics, b_metrics = Metrics(), Metrics()
     a, b = Collector(), Collector()
     feeder = threading.Thread(target=feed, daemon=True)
-    with Running(Service(settings, predictor, metrics=a_metrics, on_output=a)):
+    every_partition = {TopicPartition(settings.kafka.input_topic, p) for p in range(4)}
+    with Running(Service(settings, predictor, metrics=a_metrics, on_output=a)) as first:
         feeder.start()
         assert a.wait_for(1)
         with Running(Service(settings, predictor, metrics=b_metrics, on_output=b)) as second:
             assert wait_until(second.service.ready, 30), "the second worker never got partitions"
             assert wait_until(lambda: len(b.documents) >= 8, 30), "the second worker scored nothing"
-        # The second worker has left (drained and committed); the first takes its partitions back.
-        assert wait_until(lambda: a_metrics.rebalances_total.labels(event="assigned")._value.get() >= 3, 30)
-        time.sleep(2)
+        # The second worker has left (drained and committed); the first takes every partition back. How many
+        # rebalances that takes depends on timing (a leave while the first member is still rejoining folds two
+        # into one), so wait for the ownership itself, not for a count of assignments. Bound: the leave is seen
+        # at the next heartbeat (1 s), a revoke may wait up to the session timeout (6 s) for the pipeline, and
+        # a join on Tansu takes about half the session timeout, twice when the leader's metadata changed.
+        assert wait_until(lambda: first.service.assignment() == every_partition, 60), first.service.assignment()
+        scored = len(a.documents)  # ...and it scores new posts of every partition, the second worker's included
+        assert wait_until(lambda: {d["source"]["partition"] for d in a.documents[scored:]} == {0, 1, 2, 3}, 30)
         stop_feeding.set()
         feeder.join(10)
         assert wait_committed(settings, ends, timeout_s=60) == ends
     final = out_ids(settings, expect=len(sent))
     counts = report_counts("second worker joined then left", sent, final)
     assert counts["lost"] == 0 and counts["unexpected"] == 0
-    # Graceful rebalances commit what was published before handing over (0 duplicates in practice); only a batch
-    # sealed while the revoke callback runs on kafka-python's IO thread can be read again.
-    assert counts["duplicated"] <= settings.batch.max_posts
-    assert a_metrics.rebalances_total.labels(event="revoked")._value.get() >= 1
+    # Graceful rebalances commit exactly what was published before handing a partition over, and drop what was
+    # read but not sealed: nothing is published twice.
+    assert counts["duplicated"] == 0
+    assert sample(a_metrics, "rebalances_total", event="revoked") >= 1
     for m in (a_metrics, b_metrics):
-        assert m.rebalances_total.labels(event="lost")._value.get() == 0
+        assert sample(m, "rebalances_total", event="lost") == 0

@@ -1,0 +1,97 @@
+"""Everything that depends on kafka-python's internals or on one broker's quirks, in one place.
+
+The rest of the service uses public kafka-python API only. Each function here says which kafka-python
+versions or which broker need it; ``tests/test_kafka_compat.py`` fails loudly if the pinned
+kafka-python (``>=3.0.12,<4``) stops providing what is used, so an upgrade cannot break it silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, Literal
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+log = logging.getLogger(__name__)
+
+IoSleep = Callable[[float], Awaitable[Any]]
+
+
+def io_sleep(consumer: KafkaConsumer) -> IoSleep:
+    """The consumer's IO-loop sleep, for an ``AsyncConsumerRebalanceListener`` that must wait without blocking.
+
+    kafka-python 3.x runs heartbeats and rebalance callbacks on its own event loop (``consumer._net``, a
+    private attribute; 2.x had neither that loop nor async listeners). Awaiting this sleep yields to the
+    loop, so heartbeats go on while a revoke waits; ``asyncio.sleep`` or ``time.sleep`` would not.
+    """
+    sleep: IoSleep = consumer._net.sleep
+    return sleep
+
+
+def abort_pending_sends(producer: KafkaProducer) -> None:
+    """Fail every record the producer still holds, so that ``close()`` can stop its I/O thread at once.
+
+    kafka-python (2.x and 3.x) has no public call for this: ``close()`` flushes first and, with records
+    still pending, raises before it stops the producer's thread, which would leak a thread and its
+    connections at every recreation. ``_sender.force_close()`` is what ``close(timeout=0)`` uses inside.
+    """
+    producer._sender.force_close()
+
+
+def start_at_committed(
+    consumer: KafkaConsumer,
+    partitions: Collection[TopicPartition],
+    polled: Mapping[TopicPartition, Sequence[Any]],
+    auto_offset_reset: Literal["earliest", "latest"],
+) -> set[TopicPartition]:
+    """After an assignment, start every partition at the group's committed offset; returns those moved.
+
+    kafka-python 3.x keeps the position of a partition that stays assigned across an (eager) rebalance,
+    but this member may have read records past the committed offset and dropped them on revoke. And a
+    broker that lost its data (Tansu's memory engine) forgets the commits. So positions must follow the
+    commits, as a fresh assignment's do. Blocking calls: run it on the consumer loop, never in a listener.
+    ``polled`` is the poll that completed the assignment: its records already moved the position.
+    """
+    moved: set[TopicPartition] = set()
+    for tp in partitions:
+        try:
+            committed = consumer.committed(tp)
+            if committed is None:
+                if auto_offset_reset != "earliest":
+                    continue
+                committed = consumer.beginning_offsets([tp])[tp]
+            position = polled[tp][0].offset if polled.get(tp) else consumer.position(tp)
+        except Exception as exc:  # broker unreachable: kafka-python's own offset reset still applies
+            log.debug("cannot verify the position of %s: %s", tp, exc)
+            continue
+        if position != committed:
+            consumer.seek(tp, committed)
+            moved.add(tp)
+            log.info("partition %s-%d: position %d moved to the committed offset %d", tp.topic, tp.partition,
+                     position, committed, extra={"topic": tp.topic, "partition": tp.partition, "offset": committed})
+    return moved
+
+
+def rewind_past_log_end(
+    consumer: KafkaConsumer, tp: TopicPartition, position: int, highwater: int,
+    auto_offset_reset: Literal["earliest", "latest"],
+) -> None:
+    """A position past the log end means the partition was recreated (a broker that lost its data).
+
+    Apache Kafka answers such a fetch with OFFSET_OUT_OF_RANGE and the client resets by itself; Tansu
+    (0.6, memory engine) returns nothing, so without this the member would wait at the old position and
+    skip the new records. Blocking calls: consumer loop only.
+    """
+    committed = consumer.committed(tp)
+    if committed is not None and committed <= highwater:
+        consumer.seek(tp, committed)
+        target: object = committed
+    elif auto_offset_reset == "earliest":
+        consumer.seek_to_beginning(tp)
+        target = auto_offset_reset
+    else:
+        consumer.seek_to_end(tp)
+        target = auto_offset_reset
+    log.warning("partition %s-%d: position %d is past the log end %d (topic recreated?); rewound to %s",
+                tp.topic, tp.partition, position, highwater, target)
