@@ -5,6 +5,11 @@ send's future says which. A batch therefore counts as published only when every 
 without an error, and only then may its offsets be committed. Records that failed are sent again
 (the ones already acknowledged are not), so nothing is lost and nothing is committed past an
 unpublished record; a retried send may at worst duplicate a record whose acknowledgement was lost.
+
+Only what can succeed is retried: an error kafka-python marks ``retriable`` (timeouts, lost
+connections, leader changes), or one a new producer cures. Anything else (a record larger than the
+broker accepts, an authorization failure, a bug) would fail forever: the batch fails at once with
+UnpublishableError, and the service stops with it.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from connectors.kafka import PRODUCER_FATAL_ERRORS, KafkaSettings, make_producer
+from connectors.kafka_compat import abort_pending_sends
 from connectors.metrics import Metrics
 from core.contracts import Limits
 from stream.processor import OutgoingRecord
@@ -34,6 +40,28 @@ ABORT_CLOSE_TIMEOUT_S = 2.0
 
 class PublishError(RuntimeError):
     """The batch could not be published before shutdown; its offsets are not committed."""
+
+
+class UnpublishableError(PublishError):
+    """The broker refused the batch with an error that no retry can cure; its offsets are not committed."""
+
+
+def cured_by_new_producer(error: BaseException) -> bool:
+    """The broker forgot this producer (``PRODUCER_FATAL_ERRORS``), or the producer entered a fatal state.
+
+    kafka-python 3 reports the latter as a bare KafkaError on every pending send, e.g. once InitProducerId
+    failed after a broker restart (Tansu answers UnknownError there): the producer never recovers by itself.
+    """
+    return isinstance(error, PRODUCER_FATAL_ERRORS) or type(error) is KafkaError
+
+
+def retriable(error: BaseException) -> bool:
+    """Whether sending again can succeed: kafka-python's ``retriable`` flag, or a fault a new producer cures."""
+    if cured_by_new_producer(error):
+        return True
+    if isinstance(error, KafkaError):
+        return bool(error.retriable)
+    return isinstance(error, OSError)  # a socket error kafka-python did not wrap
 
 
 class Publisher:
@@ -74,10 +102,14 @@ class Publisher:
             attempts += 1
             if attempts == 1:
                 self.metrics.publish_failures_total.inc()
+            if error is not None and not retriable(error):
+                raise UnpublishableError(
+                    f"{len(pending)} records cannot be published, not retrying: {type(error).__name__}: {error}"
+                ) from error
             if not self._failing:  # one line per state change, not per retry
                 log.warning("publishing failed (%s: %s); retrying %d records", type(error).__name__, error, len(pending))
                 self._failing = True
-            if isinstance(error, PRODUCER_FATAL_ERRORS) or attempts % RECREATE_AFTER_FAILED_ATTEMPTS == 0:
+            if (error is not None and cured_by_new_producer(error)) or attempts % RECREATE_AFTER_FAILED_ATTEMPTS == 0:
                 self.recreate(error)
             if stopping.is_set():
                 give_up_at = give_up_at or time.monotonic() + self.kafka.produce_timeout_s
@@ -89,7 +121,8 @@ class Publisher:
             self._failing = False
 
     def _attempt(self, records: list[OutgoingRecord]) -> tuple[list[OutgoingRecord], BaseException | None]:
-        """One round: send all, flush, check every future. Returns the failed records and the last error."""
+        """One round: send all, flush, check every future. Returns the failed records and an error among
+        theirs: one that cannot be retried if any, so that a single hopeless record is never retried."""
         deadline = time.monotonic() + self.kafka.produce_timeout_s
         sent = []
         failed: list[OutgoingRecord] = []
@@ -97,19 +130,20 @@ class Publisher:
         for index, record in enumerate(records):
             try:
                 future = self.producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
-            except Exception as exc:  # noqa: BLE001 (buffer full, metadata timeout, fenced producer...)
+            except Exception as exc:  # buffer full, metadata timeout, fenced producer, record too large...
                 return failed + records[index:], exc
             sent.append((record, future))
         try:
             self.producer.flush(timeout=max(0.0, deadline - time.monotonic()))
-        except Exception as exc:  # noqa: BLE001 (flush timing out still leaves each future to check)
+        except Exception as exc:  # flush timing out still leaves each future to check
             error = exc
         for record, future in sent:
             try:
                 future.get(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception as exc:  # noqa: BLE001 (any failed or unresolved send leaves the record pending)
+            except Exception as exc:  # any failed or unresolved send leaves the record pending
                 failed.append(record)
-                error = exc
+                if error is None or retriable(error):
+                    error = exc
         return failed, error
 
     def recreate(self, reason: BaseException | None) -> None:
@@ -127,9 +161,9 @@ class Publisher:
                 except KafkaTimeoutError:
                     # close() flushes first and, with records still pending, raises before it stops the
                     # producer's I/O thread: every recreation would leak a thread and its connections.
-                    # Those records are re-sent by the next producer or reported unpublished, so abort them
-                    # (kafka-python has no public call for this), after which close() returns at once.
-                    producer._sender.force_close()
+                    # Those records are re-sent by the next producer or reported unpublished, so abort them,
+                    # after which close() returns at once.
+                    abort_pending_sends(producer)
                     producer.close(timeout=ABORT_CLOSE_TIMEOUT_S)
-            except Exception as exc:  # noqa: BLE001 (closing a broken producer must not mask the real error)
+            except Exception as exc:  # closing a broken producer must not mask the real error
                 log.debug("closing the producer: %s", exc)
