@@ -39,17 +39,18 @@ def test_scoring_continues_while_redis_is_down_and_the_queues_return_with_it(ser
             with Running(Service(settings, predictor, metrics=metrics, queues=queues, on_output=collector)):
                 produce_posts(settings, posts[:10])
                 assert collector.wait_for(10)
-                assert metrics.redis_up._value.get() == 1
+                assert metrics.registry.get_sample_value("postsense_redis_up") == 1
 
                 local.stop("redis")
                 produce_posts(settings, posts[10:20])
                 assert collector.wait_for(20, timeout_s=30), "scoring stalled while Redis was down"
-                assert wait_until(lambda: metrics.redis_up._value.get() == 0, 10)
+                assert wait_until(lambda: metrics.registry.get_sample_value("postsense_redis_up") == 0, 10)
 
                 local.ensure_redis(url)  # back, and empty (no persistence)
                 produce_posts(settings, posts[20:])
                 assert collector.wait_for(30, timeout_s=30)
-                assert wait_until(lambda: metrics.redis_up._value.get() == 1, 15), "never reconnected"
+                up = wait_until(lambda: metrics.registry.get_sample_value("postsense_redis_up") == 1, 15)
+                assert up, "never reconnected"
                 # The worker re-seeded the empty Redis from the checkpoint's queues.
                 client = redis.Redis.from_url(url)
                 assert wait_until(lambda: client.keys(f"{settings.redis.key_prefix}:*"), 10)

@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from helpers import wait_until
 from stream_support import (
     LABELS,
     Collector,
@@ -23,9 +24,9 @@ from stream_support import (
 
 from connectors.kafka import ensure_topics
 from connectors.metrics import Metrics
+from core.contracts import validator
 from core.inference import Predictor
 from stream.breaker import CircuitBreakerOpen
-from core.contracts import validator
 from stream.runtime import Service
 
 pytestmark = pytest.mark.services
@@ -96,8 +97,9 @@ def test_valid_posts_published_once_invalid_dead_lettered_offsets_committed(serv
         assert not list(validator("dead_letter").iter_errors(meta))
         assert meta["source"]["topic"] == settings.kafka.input_topic
     assert committed == ends  # everything consumed is committed, as next-offsets
-    assert metrics.posts_consumed_total.labels(topic=settings.kafka.input_topic)._value.get() == len(values)
-    assert metrics.posts_dead_lettered_total.labels(reason="not_json")._value.get() == 1
+    consumed = {"topic": settings.kafka.input_topic}
+    assert metrics.registry.get_sample_value("postsense_posts_consumed_total", consumed) == len(values)
+    assert metrics.registry.get_sample_value("postsense_posts_dead_lettered_total", {"reason": "not_json"}) == 1
 
 
 def test_stopped_mid_stream_and_restarted_loses_nothing(services, names, predictor):
@@ -131,10 +133,7 @@ def test_two_consumers_split_partitions_and_outputs_are_complete(services, names
     with Running(Service(settings, SlowPredictor(predictor, 0.4), metrics=a_metrics, on_output=a)):
         assert a.wait_for(1)
         with Running(Service(settings, predictor, metrics=b_metrics, on_output=b)) as second:
-            deadline = time.monotonic() + 30
-            while not second.service.ready() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert second.service.ready(), "the second member never got partitions"
+            assert wait_until(second.service.ready, 30), "the second member never got partitions"
             assert len(a.documents) < 80, "the first member finished before the rebalance"
             ends.update({p: max(e, ends.get(p, 0)) for p, e in produce_posts(settings, posts[80:]).items()})
             out = read_topic(settings, settings.kafka.output_topic, expect=len(posts))
@@ -145,7 +144,7 @@ def test_two_consumers_split_partitions_and_outputs_are_complete(services, names
     assert max(ids(out).values()) == 1
     assert committed == ends
     for m in (a_metrics, b_metrics):
-        assert m.rebalances_total.labels(event="lost")._value.get() == 0
+        assert not m.registry.get_sample_value("postsense_rebalances_total", {"event": "lost"})
 
 
 def test_slow_worker_pauses_and_resumes_without_losing_membership(services, names, predictor, caplog):
@@ -167,8 +166,8 @@ def test_slow_worker_pauses_and_resumes_without_losing_membership(services, name
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("paused partitions") for m in messages)
     assert any(m.startswith("resumed partitions") for m in messages)
-    assert metrics.rebalances_total.labels(event="assigned")._value.get() == 1  # joined once, never rejoined
-    assert metrics.rebalances_total.labels(event="lost")._value.get() == 0
+    assert metrics.registry.get_sample_value("postsense_rebalances_total", {"event": "assigned"}) == 1  # never rejoined
+    assert not metrics.registry.get_sample_value("postsense_rebalances_total", {"event": "lost"})
     assert Counter(d["id"] for d in collector.documents) == Counter(p["id"] for p in posts)
     assert max(collector.batch_sizes) <= 4  # micro-batches never exceed batch.max_posts
     assert committed == ends
@@ -189,7 +188,7 @@ def test_circuit_breaker_stops_on_a_stream_of_garbage(services, names, predictor
         assert not running.thread.is_alive(), "the breaker did not stop the service"
     assert isinstance(running.error, CircuitBreakerOpen)
     assert "invalid records in a row" in str(running.error)
-    assert metrics.circuit_breaker_open._value.get() == 1
+    assert metrics.registry.get_sample_value("postsense_circuit_breaker_open") == 1
     dlq = read_topic(settings, settings.kafka.dead_letter_topic, expect=40, timeout_s=3)
     assert len(dlq) < 10  # stopped rather than dead-lettering the topic
     committed = wait_committed(settings, {0: 1}, timeout_s=5)
@@ -226,9 +225,7 @@ def test_broker_restart_mid_stream_the_service_recovers_and_scores_new_posts(ser
         ensure_topics(k, [k.input_topic, k.output_topic, k.dead_letter_topic], partitions=2)
         after = valid_posts(10, prefix="after")
         produce_posts(settings, after)
-        deadline = time.monotonic() + 90
-        while not {p["id"] for p in after} <= {d["id"] for d in out.documents} and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: {p["id"] for p in after} <= {d["id"] for d in out.documents}, 90)
         assert running.error is None
     assert {p["id"] for p in after} <= {d["id"] for d in out.documents}
     published = read_topic(settings, k.output_topic, expect=10, timeout_s=10)
