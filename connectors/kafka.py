@@ -220,7 +220,7 @@ def ensure_topics(
         try:
             admin = make_admin(kafka)
             break
-        except kafka_errors.NoBrokersAvailable:
+        except kafka_errors.KafkaTimeoutError:  # kafka-python 3 has no NoBrokersAvailable: bootstrap times out
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
@@ -248,12 +248,3 @@ def _wait_for_topics(admin: KafkaAdminClient, names: list[str], deadline: float)
             raise TimeoutError(f"topics not created in time: {', '.join(absent)}")
         time.sleep(0.2)
 
-
-def committed_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
-    """The group's committed next-offset per partition of ``topic`` (partitions never committed are absent)."""
-    admin = make_admin(kafka)
-    try:
-        offsets = admin.list_group_offsets({kafka.group_id: None}).get(kafka.group_id, {})
-    finally:
-        admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}

@@ -15,7 +15,7 @@ from images import png_base64
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from connectors.kafka import committed_offsets, ensure_topics, make_producer
+from connectors.kafka import KafkaSettings, ensure_topics, make_admin, make_producer
 from stream.local_services import Endpoints, fresh_stream_settings
 from stream.runtime import Service
 from stream.settings import Settings
@@ -113,6 +113,16 @@ def read_topic(settings: Settings, topic: str, expect: int, timeout_s: float = 3
         return records
     finally:
         consumer.close()
+
+
+def committed_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
+    """The group's committed next-offset per partition of ``topic`` (partitions never committed are absent)."""
+    admin = make_admin(kafka)
+    try:
+        offsets = admin.list_group_offsets({kafka.group_id: None}).get(kafka.group_id, {})
+    finally:
+        admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
 
 
 def wait_committed(settings: Settings, ends: dict[int, int], timeout_s: float = 20.0) -> dict[int, int]:

@@ -26,6 +26,7 @@ from kafka import TopicPartition
 from stream_support import (
     Collector,
     Running,
+    committed_offsets,
     produce_posts,
     read_topic,
     stream_settings,
@@ -33,7 +34,7 @@ from stream_support import (
     wait_committed,
 )
 
-from connectors.kafka import committed_offsets, ensure_topics
+from connectors.kafka import ensure_topics
 from connectors.metrics import Metrics
 from stream.local_services import Endpoints
 from stream.runtime import Service

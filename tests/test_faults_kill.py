@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers import report_counts, wait_until
-from stream_support import produce_posts, read_topic, stream_settings, valid_posts
-
-from connectors.kafka import committed_offsets
+from stream_support import committed_offsets, produce_posts, read_topic, stream_settings, valid_posts
 
 pytestmark = pytest.mark.services
 

@@ -29,13 +29,14 @@ from stream_support import (
     Collector,
     Running,
     cli,
+    committed_offsets,
     produce_posts,
     read_topic,
     stream_settings,
     valid_posts,
 )
 
-from connectors.kafka import committed_offsets, connection_config
+from connectors.kafka import connection_config
 from stream.local_services import Endpoints, free_port, kafka_answers, redis_binary
 from stream.runtime import Service
 from stream.settings import Settings, load_settings

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 from helpers import wait_until
 from prometheus_client.parser import text_string_to_metric_families
-from stream_support import cli, read_topic, stream_settings, valid_posts, wait_committed
+from stream_support import cli, committed_offsets, read_topic, stream_settings, valid_posts, wait_committed
 
-from connectors.kafka import committed_offsets
 from stream.local_services import free_port
 from stream.settings import Settings
 
