@@ -15,7 +15,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import SubscriptionState
 
-from connectors.kafka_compat import abort_pending_sends, io_sleep, start_at_committed
+from connectors.kafka_compat import abort_pending_sends, forget_highwater, io_sleep, start_at_committed
 
 NOWHERE = ["127.0.0.1:1"]  # nothing listens there; the tests never need an answer
 TP = TopicPartition("posts", 0)
@@ -48,15 +48,30 @@ def test_aborting_pending_sends_lets_close_stop_the_producer_thread():
     assert not any(t.name.startswith("compat-abort") and t.is_alive() for t in threading.enumerate())
 
 
-def test_kafka_python_keeps_the_position_of_a_partition_that_stays_assigned_across_a_rebalance():
-    # Why start_at_committed exists: a retained partition keeps its position, past records dropped on revoke.
-    # If this starts failing, kafka-python resets positions itself and the repair may be unnecessary.
+def test_kafka_python_keeps_the_position_and_log_end_of_a_partition_that_stays_assigned_across_a_rebalance():
+    # Why start_at_committed exists: a retained partition keeps its position (maybe past records dropped on
+    # revoke) and its cached log end (stale if another member consumed it meanwhile). If this starts failing,
+    # kafka-python resets them itself and the repair may be unnecessary.
     state = SubscriptionState()
     state.subscribe(topics=["posts"])
     state.assign_from_subscribed([TP, TopicPartition("posts", 1)])
     state.seek(TP, 42)
+    state.assignment[TP].highwater = 50
     state.assign_from_subscribed([TP])
     assert state.position(TP).offset == 42
+    assert state.assignment[TP].highwater == 50
+
+
+def test_forget_highwater_clears_what_consumer_highwater_reports():
+    consumer = KafkaConsumer(bootstrap_servers=NOWHERE, api_version=(2, 5))
+    try:
+        consumer.assign([TP])
+        consumer._subscription.assignment[TP].highwater = 25  # as a fetch response would have left it
+        assert consumer.highwater(TP) == 25
+        forget_highwater(consumer, TP)
+        assert consumer.highwater(TP) is None
+    finally:
+        consumer.close()
 
 
 class PositionedConsumer:
@@ -64,6 +79,7 @@ class PositionedConsumer:
 
     def __init__(self, committed: int | None, position: int) -> None:
         self._committed, self._position = committed, position
+        self._subscription = SimpleNamespace(assignment={})
         self.seeks: list[tuple[TopicPartition, int]] = []
 
     def committed(self, tp: TopicPartition) -> int | None:
