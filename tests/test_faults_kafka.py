@@ -20,6 +20,7 @@ from helpers import (
     as_client,
     proxied_broker,
     report_counts,
+    sample_value,
     wait_until,
 )
 from kafka import TopicPartition
@@ -55,11 +56,6 @@ def out_ids(settings: Settings, expect: int, timeout_s: float = 30.0) -> list[st
     return [r.key.decode() for r in records]
 
 
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    """A metric's current value through the public registry API (0 for a labelled series never touched)."""
-    return metrics.registry.get_sample_value(f"postsense_{name}", labels) or 0.0
-
-
 def worker_threads(client_id: str) -> list[str]:
     """Live kafka-python I/O threads of a client id (they are named after it)."""
     return [t.name for t in threading.enumerate() if t.name.startswith(client_id)]
@@ -84,9 +80,9 @@ def test_produce_failing_commits_nothing_past_what_was_published_and_recovers(se
 
             proxy.refuse_produce_from = "postsense-worker"  # the output and dead-letter topics are now unreachable
             ends = merge_ends(first_ends, produce_posts(feeder, posts[16:]))
-            assert wait_until(lambda: sample(metrics, "publish_failures_total") >= 1, 20)
+            assert wait_until(lambda: sample_value(metrics, "publish_failures_total") >= 1, 20)
             # Several produce timeouts and retries: the producer is recreated at the third failed attempt.
-            assert wait_until(lambda: sample(metrics, "producer_recreated_total") >= 1, 30)
+            assert wait_until(lambda: sample_value(metrics, "producer_recreated_total") >= 1, 30)
             during = out_ids(settings, expect=10**6, timeout_s=2)
             committed_during = committed_offsets(settings.kafka, settings.kafka.input_topic)
             assert running.thread.is_alive() and running.error is None  # retrying, not crashed
@@ -145,8 +141,8 @@ def test_memory_broker_restart_service_survives_reconnects_and_recreates_its_pro
     assert counts["duplicated"] <= (settings.batch.max_inflight_batches + 1) * settings.batch.max_posts
     assert set(republished) == {p["id"] for p in after}  # the new broker holds what came after
     # Reported: the broken idempotent producer was replaced, and the group membership was re-established.
-    assert sample(metrics, "producer_recreated_total") >= 1
-    assert sample(metrics, "rebalances_total", event="assigned") >= 2
+    assert sample_value(metrics, "producer_recreated_total") >= 1
+    assert sample_value(metrics, "rebalances_total", event="assigned") >= 2
     assert any("recreating the Kafka producer" in r.getMessage() for r in caplog.records)
 
 
@@ -233,6 +229,6 @@ def test_second_worker_joins_then_leaves_mid_stream_nothing_lost_or_doubled(serv
     # Graceful rebalances commit exactly what was published before handing a partition over, and drop what was
     # read but not sealed: nothing is published twice.
     assert counts["duplicated"] == 0
-    assert sample(a_metrics, "rebalances_total", event="revoked") >= 1
+    assert sample_value(a_metrics, "rebalances_total", event="revoked") >= 1
     for m in (a_metrics, b_metrics):
-        assert sample(m, "rebalances_total", event="lost") == 0
+        assert sample_value(m, "rebalances_total", event="lost") == 0
