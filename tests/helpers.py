@@ -164,7 +164,7 @@ class Broker:
 
     def restart(self, sig: int = signal.SIGTERM, down_s: float = 0.0) -> None:
         self.stop(sig)
-        time.sleep(down_s)
+        time.sleep(down_s)  # how long the outage lasts: the fault under test, not a wait
         self.start()
 
 

@@ -65,7 +65,7 @@ class Handler(BaseHTTPRequestHandler):
             for _ in range(count):
                 self.wfile.write(chunk)
                 self.wfile.flush()
-                time.sleep(pause_s)
+                time.sleep(pause_s)  # the slow server under test, not a wait
         except OSError:  # the client gave up, as it should
             pass
 
@@ -86,7 +86,7 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/loop":
             self._send(302, headers={"Location": "/loop"})
         elif url.path == "/sleep":
-            time.sleep(3)
+            time.sleep(3)  # a server slower than the fetch timeout: the behaviour under test
             self._send(200, PNG)
         elif url.path == "/trickle":  # a byte every 50 ms: no single read ever times out
             self._stream(b"x", 60, 0.05)
