@@ -390,6 +390,24 @@ def bench_predictor(config: str, device: str | None = None, precision: str | Non
     return Predictor.from_model(bench_model(config, precision), device=device, model_version=f"bench-{config}")
 
 
+def build_checkpoint(config: str, directory: Path, precision: str | None = None) -> Path:
+    """What a deployment's build step makes: a checkpoint of ``bench_model`` in ``directory`` and, when ONNX Runtime
+    serves its encoders, their exported files beside it (``python -m core.encoders``), so that the serving process
+    measured loads files and never runs the exporter."""
+    from core.checkpoint import save_checkpoint
+    from core.onnx_runtime import prepare_onnx, served_by_onnx
+
+    model = bench_model(config, precision)
+    checkpoint = directory / "model.ckpt"
+    save_checkpoint(model, checkpoint)
+    options = model.encoder_options
+    runtimes = (options.get("image_runtime", "torch"), options.get("text_runtime", "torch"))
+    precision = options.get("precision", "fp32")
+    if config == "offline" and any(served_by_onnx(runtime, precision) for runtime in runtimes):
+        prepare_onnx(checkpoint, precision)
+    return checkpoint
+
+
 @contextlib.contextmanager
 def local_services(args: argparse.Namespace | None = None) -> Iterator[Endpoints]:
     """The broker and Redis named in ``args`` (see ``service_options``), else private ones on free loopback

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             for config in (c for c in configs if c != "none"):
                 try:
                     dim, infer = measure_inference(config, args.batch_sizes, args.infer_repeats)
-                except Exception as exc:  # noqa: BLE001 - e.g. offline weights not installed: skip that model
+                except Exception as exc:  # e.g. offline weights not installed: skip that model
                     print(f"skipping {config}: {exc}")
                     continue
                 plans.append((config, dim, infer))

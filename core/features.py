@@ -27,8 +27,8 @@ from torch import Tensor
 
 from core.checkpoint import torch_save_atomically
 from core.data.records import Sample, load_image
-from core.encoders import ONNX_RECIPE
 from core.model import DRFModel, FeatureTable, PreparedBatch
+from core.onnx_runtime import ONNX_RECIPE
 from core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)

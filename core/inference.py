@@ -7,9 +7,12 @@ store (``set_reference_stats``) so all replicas score quality against the same d
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +20,9 @@ from PIL import Image
 
 from core.checkpoint import load_checkpoint
 from core.distribution import QueueStats
-from core.encoders import IMAGE_RUNTIMES
+from core.encoders import CpuServing, cpu_serving
 from core.model import DRFModel, PreparedBatch
+from core.onnx_runtime import configure_cpu_inference, cpu_threads, onnx_dir_for
 
 __all__ = ["BatchPrediction", "OutOfMemoryAtOnePost", "PreparedBatch", "Predictor", "resolve_device"]
 
@@ -48,10 +52,10 @@ class BatchPrediction:
     @classmethod
     def concat(cls, parts: list[BatchPrediction]) -> BatchPrediction:
         """The predictions of consecutive sub-batches as one, rows in order."""
-        joined = {}
+        joined: dict[str, Any] = {}
         for field in fields(cls):
             values = [getattr(part, field.name) for part in parts]
-            joined[field.name] = sum(values, []) if isinstance(values[0], list) else np.concatenate(values)
+            joined[field.name] = [row for v in values for row in v] if isinstance(values[0], list) else np.concatenate(values)
         return cls(**joined)
 
 
@@ -63,6 +67,15 @@ def _rows(batch: PreparedBatch, start: int, stop: int) -> PreparedBatch:
         text_inputs={k: v[start:stop] for k, v in batch.text_inputs.items()},
         text_present=batch.text_present[start:stop],
     )
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap pages a checkpoint load freed (its file's bytes, the encoder weights an inference-only load
+    only hashes) back to the OS: glibc keeps them otherwise, and they would count in the service's RSS for good."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -97,33 +110,44 @@ class Predictor:
         self.max_rows: int | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", mixed_precision: bool = True) -> Predictor:
-        """``mixed_precision`` applies on CUDA only (the CPU path always runs in float32)."""
-        checkpoint = load_checkpoint(path)
-        return cls(checkpoint.model, resolve_device(device), checkpoint.model_version, mixed_precision)
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        mixed_precision: bool = True,
+        *,
+        image_runtime: str | None = None,
+        text_runtime: str | None = None,
+        precision: str | None = None,
+    ) -> Predictor:
+        """``mixed_precision`` applies on CUDA only (the CPU path always runs in float32).
+
+        On CPU, ``image_runtime``/``text_runtime`` ("torch" or "onnxruntime") and ``precision`` ("fp32" or
+        "int8") switch how the encoders run without retraining (None: as the checkpoint says). An encoder ONNX
+        Runtime serves is loaded inference-only, from the file ``python -m core.encoders`` put beside the
+        checkpoint (or the ONNX cache): no torch copy of it in memory. A GPU ignores them: torch, autocast.
+        """
+        resolved = resolve_device(device)
+        if resolved.type != "cpu":
+            checkpoint = load_checkpoint(path)
+            return cls(checkpoint.model, resolved, checkpoint.model_version, mixed_precision)
+        if "OMP_NUM_THREADS" not in os.environ:  # torch's default is the node's cores, not the pod's CPU quota
+            torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))
+        with cpu_serving(CpuServing(image_runtime, text_runtime, precision, (onnx_dir_for(path),))):
+            checkpoint = load_checkpoint(path)
+        model = checkpoint.model
+        # The offline encoders took the settings when built; the others are switched (or refuse) here.
+        for encoder, runtime in ((model.image_encoder, image_runtime), (model.text_encoder, text_runtime)):
+            if runtime is not None or precision is not None:
+                configure_cpu_inference(encoder, runtime, precision)
+        _return_freed_heap()
+        return cls(model, resolved, checkpoint.model_version, mixed_precision)
 
     @classmethod
     def from_model(
         cls, model: DRFModel, device: str = "cpu", model_version: str = "unversioned"
     ) -> Predictor:
         return cls(model, resolve_device(device), model_version)
-
-    def use_image_runtime(self, runtime: str) -> None:
-        """Run the image encoder's CPU inference in ``torch`` or ``onnxruntime`` (outputs agree within ~1e-5).
-
-        The checkpoint records the runtime it was trained with; serving on CPU can switch without retraining.
-        """
-        encoder = self.model.image_encoder
-        if not hasattr(encoder, "runtime"):
-            raise ValueError(f"the {self.model.encoder_name!r} image encoder has no switchable runtime")
-        if runtime not in IMAGE_RUNTIMES:
-            raise ValueError(f"unknown image runtime {runtime!r}; choose one of {', '.join(IMAGE_RUNTIMES)}")
-        if runtime == "onnxruntime":
-            import importlib.util
-
-            if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
-                raise ValueError("image runtime 'onnxruntime' needs onnxruntime and onnx: pip install 'postsense[onnx]'")
-        encoder.runtime = runtime
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """[3, H, W] float tensor, the encoder's own resize/crop/normalisation; thread-safe."""

@@ -26,17 +26,10 @@ def load_predictor(settings: Settings, checkpoint: Path) -> Predictor:
     from core.inference import Predictor
 
     m = settings.model
-    predictor = Predictor.from_checkpoint(checkpoint, m.device, m.mixed_precision)
-    if m.image_runtime != "checkpoint":
-        predictor.use_image_runtime(m.image_runtime)
-    if predictor.device.type == "cpu" and (m.text_runtime, m.precision) != ("checkpoint", "checkpoint"):
-        from core.encoders import configure_cpu_inference
-
-        model = predictor.model
-        precision = None if m.precision == "checkpoint" else m.precision
-        configure_cpu_inference(model.text_encoder, None if m.text_runtime == "checkpoint" else m.text_runtime, precision)
-        configure_cpu_inference(model.image_encoder, None, precision)
-    return predictor
+    chosen = {"image_runtime": m.image_runtime, "text_runtime": m.text_runtime, "precision": m.precision}
+    return Predictor.from_checkpoint(
+        checkpoint, m.device, m.mixed_precision, **{k: v for k, v in chosen.items() if v != "checkpoint"}
+    )
 
 
 def open_reference_queues(settings: Settings, predictor: Predictor, metrics: Metrics) -> ReferenceQueues:

@@ -14,11 +14,8 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from core.encoders import (  # noqa: E402 - the offline switches must be set before transformers is imported
-    EncoderUnavailableError,
-    create_encoders,
-    efficientnet_lite0_state_for_timm,
-)
+from core.encoder_base import EncoderUnavailableError  # noqa: E402 - the offline switches first
+from core.encoders import create_encoders, efficientnet_lite0_state_for_timm  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.model import DRFModel, create_model  # noqa: E402
 

@@ -21,16 +21,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest.importorskip("onnxruntime")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-from core.encoders import (  # noqa: E402
-    ONNX_CACHE_ENV,
-    ImagePreprocessing,
-    TimmImageEncoder,
-    configure_cpu_inference,
-    create_encoders,
-    onnx_cache_dir,
-)
+from core.encoder_base import ImagePreprocessing  # noqa: E402
+from core.encoders import create_encoders  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.model import create_model  # noqa: E402
+from core.onnx_runtime import ONNX_CACHE_ENV, configure_cpu_inference, onnx_cache_dir  # noqa: E402
+from core.torch_encoders import TimmImageEncoder  # noqa: E402
 
 TOLERANCE = 1e-4  # float32 kernels differ in summation order; features are O(1)
 TEXT_TOLERANCE = 1e-5  # MiniLM's export, attention mask and pooling in the graph, matches to ~1e-6
@@ -143,10 +139,29 @@ def test_serving_settings_switch_a_torch_checkpoint_to_onnxruntime(tmp_path) -> 
     assert abs(results["checkpoint"].probabilities - results["onnxruntime"].probabilities).max() < 1e-4
 
 
-def test_tiny_encoders_refuse_a_runtime_switch_clearly() -> None:
-    predictor = Predictor.from_model(create_model("tiny", ["a", "b"]))
+def test_serving_without_the_built_files_exports_them_itself_and_says_so(tmp_path, caplog) -> None:
+    from core.checkpoint import save_checkpoint
+
+    model = create_model("offline", ["negative", "neutral", "positive"], dim=32).eval()
+    with torch.no_grad():
+        model.image_encoder.model.conv_stem.weight.mul_(1.01)  # weights no other test has exported
+    save_checkpoint(model, tmp_path / "offline.pt")
+    predictor = Predictor.from_checkpoint(tmp_path / "offline.pt", "cpu", image_runtime="onnxruntime")
+    assert "exporting in this process" in caplog.text
+    encoder = predictor.model.image_encoder
+    assert encoder.model is None  # the torch copy built for the export is gone again
+    photo = Image.fromarray(sklearn_datasets.load_sample_image("flower.jpg"))
+    pixels = encoder.preprocess(photo).unsqueeze(0)
+    with torch.inference_mode():
+        assert torch.allclose(encoder(pixels), model.image_encoder.model(pixels), atol=TOLERANCE, rtol=0)
+
+
+def test_tiny_encoders_refuse_a_runtime_switch_clearly(tmp_path) -> None:
+    from core.checkpoint import save_checkpoint
+
+    save_checkpoint(create_model("tiny", ["a", "b"]), tmp_path / "tiny.pt")
     with pytest.raises(ValueError, match="no switchable runtime"):
-        predictor.use_image_runtime("onnxruntime")
+        Predictor.from_checkpoint(tmp_path / "tiny.pt", "cpu", image_runtime="onnxruntime")
 
 
 TEXTS = [

@@ -19,16 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sklearn.datasets")
 
-from core.encoders import (  # noqa: E402
-    ONNX_CACHE_ENV,
-    ImagePreprocessing,
-    TimmImageEncoder,
-    calibration_images,
-    configure_cpu_inference,
-    create_encoders,
-    onnx_cache_dir,
-)
+from core.encoder_base import ImagePreprocessing  # noqa: E402
+from core.encoders import create_encoders  # noqa: E402
 from core.model import create_model  # noqa: E402
+from core.onnx_runtime import ONNX_CACHE_ENV, configure_cpu_inference, onnx_cache_dir, onnx_dir_for  # noqa: E402
+from core.quantise import calibration_images  # noqa: E402
+from core.torch_encoders import TimmImageEncoder  # noqa: E402
 
 TWEETS = [
     "what a lovely day at the beach with friends #summer",
@@ -137,13 +133,56 @@ def test_tiny_encoders_refuse_int8_clearly() -> None:
 
 
 def test_prepare_onnx_warms_the_cache_for_a_checkpoint(tmp_path) -> None:
-    """The build-time step: after it, serving loads files instead of exporting."""
+    """The build-time step writes the files beside the checkpoint; the second time it finds them."""
     from core.checkpoint import save_checkpoint
-    from core.encoders import prepare_onnx
+    from core.onnx_runtime import prepare_onnx
 
     path = tmp_path / "offline.pt"
     save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
     files = prepare_onnx(path, "fp32")
     assert [f.name.split("-")[:2] for f in files] == [["image", "fp32"], ["text", "fp32"]]
-    assert all(f.is_file() and f.parent == onnx_cache_dir() for f in files)
-    assert prepare_onnx(path, "fp32") == files  # the second time: found, not exported
+    assert all(f.is_file() and f.parent == onnx_dir_for(path) for f in files)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert prepare_onnx(path, "fp32") == files
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # found, not exported again
+
+
+def test_serving_int8_loads_the_built_files_without_torch_encoders(tmp_path) -> None:
+    """What ``serve`` does on CPU after the build step: the encoders come from the files beside the checkpoint, with
+    no torch copy of their weights (the memory target) and nothing exported, and predict exactly what the torch
+    encoders switched to the same int8 files predict."""
+    import shutil
+
+    import numpy as np
+
+    from core.checkpoint import load_checkpoint, save_checkpoint
+    from core.inference import Predictor
+    from core.onnx_runtime import prepare_onnx
+
+    path = tmp_path / "offline.pt"
+    torch.manual_seed(3)
+    save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
+    files = prepare_onnx(path, "int8")
+    cached = set(onnx_cache_dir().glob("*.onnx"))
+    served = Predictor.from_checkpoint(path, "cpu", precision="int8")
+    model = served.model
+    for encoder, file in zip((model.image_encoder, model.text_encoder), files, strict=True):
+        assert encoder.model is None and not list(encoder.parameters())
+        assert encoder._session is not None and encoder._session.path == file
+    assert set(onnx_cache_dir().glob("*.onnx")) == cached  # the serving process exported nothing
+    with pytest.raises(RuntimeError, match="no torch weights"):
+        model.state_dict()
+
+    for file in files:  # the same names in the cache: the switch finds them instead of exporting again
+        shutil.copy(file, onnx_cache_dir() / file.name)
+    switched = Predictor.from_model(load_checkpoint(path).model)
+    for encoder in (switched.model.image_encoder, switched.model.text_encoder):
+        configure_cpu_inference(encoder, precision="int8")
+    photo = calibration_images(count=1)[0]
+    results = [
+        p.predict(p.prepare([p.preprocess_image(photo), None, p.preprocess_image(photo)], [*TWEETS[:2], None]))
+        for p in (served, switched)
+    ]
+    assert results[0].labels == results[1].labels
+    np.testing.assert_array_equal(results[0].probabilities, results[1].probabilities)
+    np.testing.assert_array_equal(results[0].image_features, results[1].image_features)

@@ -21,7 +21,8 @@ from core.data import SPEC_HELP, DataFormatError, load_dataset
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
 from core.distribution import DEFAULT_QUEUE_SIZE
 from core.drf import DEFAULT_VARIANT, VARIANTS
-from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
+from core.encoder_base import EncoderUnavailableError
+from core.encoders import ENCODER_CONFIGS
 from core.features import CachedSource, SampleSource, encode_samples, feature_cache_for
 from core.inference import resolve_device
 from core.model import ABLATIONS, create_model
