@@ -11,6 +11,7 @@ burst of load on the shared CPU hits them alike.  The head's share is median(hea
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -52,11 +53,9 @@ def bench_config(config: str, batch_sizes: list[int], repeats: int) -> list[dict
             v, t = model.encode_batch(batch)
             ms = interleaved_ms(
                 {
-                    "total": lambda b=batch: model(b),
-                    "encoders": lambda b=batch: model.encode_batch(b),
-                    "head": lambda b=batch, v=v, t=t: model.forward_features(
-                        FeatureTable(v, t, b.image_present, b.text_present)
-                    ),
+                    "total": partial(model, batch),
+                    "encoders": partial(model.encode_batch, batch),
+                    "head": partial(model.forward_features, FeatureTable(v, t, batch.image_present, batch.text_present)),
                 },
                 repeats,
             )

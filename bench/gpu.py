@@ -20,8 +20,9 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.common import (
     DEVICE_ENV,
@@ -40,6 +41,9 @@ from bench.common import (
     tweet_texts,
     write_result,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 #: Full-run sizes, chosen so the whole GPU check (install, tests, these) stays within 8 minutes.
 FULL = {
@@ -111,14 +115,14 @@ def pinned_lever(config: str, device: str, batch: int, repeats: int) -> list[dic
     """Host-to-device copy and whole predict of one batch from pageable vs page-locked host memory."""
     predictor = bench_predictor(config, device)
     photos = [predictor.preprocess_image(p) for p in sample_photos()]
-    texts = list(tweet_texts()[:batch])
-    images = [photos[i % len(photos)] for i in range(batch)]
+    texts: list[str | None] = list(tweet_texts()[:batch])
+    images: list[torch.Tensor | None] = [photos[i % len(photos)] for i in range(batch)]
     rows = []
     for pinned in ([False, True] if device != "cpu" else [False]):
         predictor.pin_memory = pinned
         prepared = predictor.prepare(images, texts)
-        copy = spread([1e3 * s for s in time_repeats(lambda b=prepared: b.to(device), repeats)])
-        predict = spread([1e3 * s for s in time_repeats(lambda b=prepared: predictor.predict(b), repeats)])
+        copy = spread([1e3 * s for s in time_repeats(partial(prepared.to, device), repeats)])
+        predict = spread([1e3 * s for s in time_repeats(partial(predictor.predict, prepared), repeats)])
         rows.append({"config": config, "batch": batch, "pinned": pinned, "copy_ms": copy, "predict_ms": predict})
     return rows
 

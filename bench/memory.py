@@ -47,6 +47,7 @@ def measure(checkpoint: Path, batch: int, batches: int) -> tuple[list[tuple[str,
     steps.append(("Predictor.from_checkpoint (model + ONNX Runtime sessions)", rss_mib()))
     photos = [predictor.preprocess_image(photo) for photo in sample_photos()]
     texts = list(tweet_texts())
+    steps.append(("the benchmark's photos and tweets loaded (scikit-learn; not serving)", rss_mib()))
     for i in range(batches):
         rows = range(i * batch, (i + 1) * batch)
         predictor.predict(predictor.prepare([photos[r % len(photos)] for r in rows], [texts[r] for r in rows]))

@@ -40,7 +40,7 @@ MIN_QUALITY_RHO = 0.95
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation (Pearson on ranks; ties, rare in float scores, are ranked in order)."""
     ranks = [np.argsort(np.argsort(x)).astype(np.float64) for x in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
+    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
 
 
 def head_outputs(model: Any, table: Any) -> dict[str, np.ndarray]:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         encoders[precision] = Encoders(base.encoder_name, base.image_encoder, base.text_encoder, base.encoder_options)
         print(f"{precision}: features in {cache.directory} ({timings[f'encode_{precision}_seconds']:.0f} s)", flush=True)
 
-    per_seed = []
+    per_seed: list[dict[str, Any]] = []
     for seed in config.seeds:
         trained = {}
         for precision in ("fp32", "int8"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,11 @@ def measure_queue(url: str, dim: int, batch: int, repeats: int, seed: int = 0) -
             overwrite=True,
             capacity=QUEUE_SIZE,
         )
-        batches = [
+        batches: list[dict[str, np.ndarray]] = [
             {m: rng.normal(size=(batch, dim)).astype(np.float32) for m in MODALITIES}
             for _ in range(repeats + 1)
         ]
-        accepted = {m: np.ones(batch, dtype=bool) for m in MODALITIES}
+        accepted: dict[str, np.ndarray] = {m: np.ones(batch, dtype=bool) for m in MODALITIES}
         queues.propose(batches.pop(), accepted)  # warm-up: loads the script into Redis (NOSCRIPT once)
         feed = iter(batches)
         admin.config_resetstat()
@@ -123,7 +124,7 @@ def measure_inference(config: str, batch_sizes: list[int], repeats: int) -> tupl
             [photos[i % len(photos)] for i in range(batch)], [TEXTS[i % len(TEXTS)] for i in range(batch)]
         )
         times[batch] = spread(
-            [t * 1e3 for t in time_repeats(lambda p=prepared: predictor.predict(p), repeats)]
+            [t * 1e3 for t in time_repeats(partial(predictor.predict, prepared), repeats)]
         )
     return dim, times
 

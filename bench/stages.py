@@ -146,7 +146,8 @@ def run_stages(endpoints: Endpoints, config: str, batch: int, batches: int, seed
         timers.wrap(batch, "to", "h2d")
         return batch
 
-    predictor.prepare = prepare_with_timed_copy  # removed with the "tokenise" wrapper below, which wraps it
+    # A timing wrapper, removed with the "tokenise" wrapper below, which wraps it.
+    predictor.prepare = prepare_with_timed_copy  # type: ignore[method-assign]  # instance patch, undone below
     undo = [
         timers.wrap(predictor, "prepare", "tokenise"),
         timers.wrap(predictor, "predict", "predict_total"),

@@ -16,6 +16,7 @@ for ONNX Runtime serving (``core.onnx_runtime.main``).
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,7 +30,13 @@ from torch import Tensor, nn
 
 from core.encoder_base import EncoderUnavailableError, ImageEncoder, ImagePreprocessing, TextEncoder
 from core.onnx_runtime import OnnxOnly, require_onnxruntime, served_by_onnx
-from core.torch_encoders import HFTextEncoder, TimmImageEncoder, TinyImageEncoder, TinyTextEncoder
+from core.torch_encoders import (
+    FastTokenizer,
+    HFTextEncoder,
+    TimmImageEncoder,
+    TinyImageEncoder,
+    TinyTextEncoder,
+)
 
 ENCODER_CONFIGS = ("offline", "paper", "tiny")
 
@@ -164,22 +171,21 @@ def _hf_text(
     directory: Path, pretrained: bool, max_length: int, source: str, runtime: str = "torch",
     precision: str = "fp32", serving: CpuServing | None = None,
 ) -> HFTextEncoder:
-    from transformers import AutoConfig, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    tokenizer = FastTokenizer(directory, max_length)
+    # config.json read directly: an inference-only encoder never imports transformers.
+    dim = int(json.loads((directory / "config.json").read_text())["hidden_size"])
 
     def network(pretrained: bool = False) -> nn.Module:
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         if pretrained:
             return AutoModel.from_pretrained(directory, local_files_only=True)
-        return AutoModel.from_config(config)
+        return AutoModel.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
 
     only = _inference_only(serving, runtime, precision, network)
     return HFTextEncoder(
         None if only else network(pretrained), tokenizer, max_length=max_length, source=source, runtime=runtime,
-        precision=precision, onnx_only=only, dim=int(config.hidden_size),
+        precision=precision, onnx_only=only, dim=dim,
     )
 
 
@@ -296,7 +302,8 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
     ``pretrained=False`` builds the architecture only (a checkpoint then supplies the weights).  Options:
     offline: max_length, image_runtime and text_runtime ("torch" or "onnxruntime": CPU inference through an ONNX
     Runtime export, same features within ~1e-5), precision ("fp32" or "int8": CPU inference through ONNX Runtime
-    int8 models of both encoders), int8_calibration (a directory of images for the int8 image model); paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
+    int8 models of both encoders), int8_calibration (a directory of images for the int8 image model);
+    paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
     """
     builders: dict[str, Callable[..., Encoders]] = {"offline": _offline, "paper": _paper, "tiny": _tiny}
     if name not in builders:

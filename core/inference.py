@@ -55,7 +55,8 @@ class BatchPrediction:
         joined: dict[str, Any] = {}
         for field in fields(cls):
             values = [getattr(part, field.name) for part in parts]
-            joined[field.name] = [row for v in values for row in v] if isinstance(values[0], list) else np.concatenate(values)
+            lists = isinstance(values[0], list)
+            joined[field.name] = [row for v in values for row in v] if lists else np.concatenate(values)
         return cls(**joined)
 
 

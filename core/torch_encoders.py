@@ -8,9 +8,9 @@ all-MiniLM-L6-v2 was trained with).
 from __future__ import annotations
 
 import re
-import threading
 import zlib
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,9 @@ from core.onnx_runtime import OnnxExport, OnnxOnly, OnnxSwitch
 #: gains nothing from larger calls: int8, 32 texts + 28 images per batch took the same time in calls of 1, 2, 4 or
 #: 8 images, while the process grew by 75, 99, 144 and 234 MiB (2 threads; without the arena: 95 MiB, 1.5x slower).
 ONNX_IMAGE_CHUNK = 2
+#: Texts per ONNX Runtime call, each call cut to its own longest text. Same reason: 32 texts up to 128 tokens grew
+#: the process by 140 MiB in one call, 97 in calls of 16, 48 in calls of 8; 16 was as fast as 32.
+ONNX_TEXT_CHUNK = 16
 
 
 class TimmImageEncoder(OnnxSwitch, ImageEncoder):
@@ -111,6 +114,45 @@ class _PooledText(nn.Module):
         return masked_mean(hidden, attention_mask)
 
 
+class FastTokenizer:
+    """A Hugging Face fast tokenizer driven directly (the Rust ``tokenizers`` library): dynamic padding to the
+    longest text, truncation to ``max_length``, the same ids as ``AutoTokenizer(..., padding=True,
+    truncation=True)``. Read from the directory's tokenizer.json it needs no transformers import, which is ~40 MiB
+    of a serving process; a directory without one goes through AutoTokenizer's conversion.
+    """
+
+    def __init__(self, directory: Path, max_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        if (directory / "tokenizer.json").is_file():
+            backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        else:
+            from transformers import AutoTokenizer
+
+            backend = AutoTokenizer.from_pretrained(directory, local_files_only=True).backend_tokenizer
+        # The file's own settings may pad every text to a fixed length: pad to the batch's longest instead.
+        padding = backend.padding or {}
+        backend.enable_padding(
+            pad_id=padding.get("pad_id", 0), pad_type_id=padding.get("pad_type_id", 0),
+            pad_token=padding.get("pad_token", "[PAD]"),
+        )
+        backend.enable_truncation(max_length)
+        self.backend = backend
+        self.directory = directory
+
+    def __len__(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def __call__(self, texts: list[str]) -> dict[str, Tensor]:
+        """input_ids, attention_mask, token_type_ids [B, longest] int64; thread-safe (settings fixed at init)."""
+        encodings = self.backend.encode_batch(list(texts))
+        return {
+            "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.long),
+            "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.long),
+            "token_type_ids": torch.tensor([e.type_ids for e in encodings], dtype=torch.long),
+        }
+
+
 class HFTextEncoder(OnnxSwitch, TextEncoder):
     """A Hugging Face encoder-only transformer with its tokenizer; features are masked-mean token states.
 
@@ -122,8 +164,8 @@ class HFTextEncoder(OnnxSwitch, TextEncoder):
     onnx_kind = "text"
 
     def __init__(
-        self, model: nn.Module | None, tokenizer: Any, max_length: int, source: str, runtime: str = "torch",
-        precision: str = "fp32", onnx_only: OnnxOnly | None = None, *, dim: int,
+        self, model: nn.Module | None, tokenizer: FastTokenizer, max_length: int, source: str,
+        runtime: str = "torch", precision: str = "fp32", onnx_only: OnnxOnly | None = None, *, dim: int,
     ) -> None:
         super().__init__()
         self._init_switch(runtime, precision, onnx_only)
@@ -132,21 +174,19 @@ class HFTextEncoder(OnnxSwitch, TextEncoder):
         self.dim = dim
         self.max_length = max_length
         self.source = source
-        # Fast tokenizers mutate their padding/truncation state per call: serialise calls from worker threads.
-        self._lock = threading.Lock()
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        with self._lock:
-            encoded = self.tokenizer(
-                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-        return {
-            key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded
-        }
+        return self.tokenizer(texts)
 
     def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
         if self._takes_onnx(text_inputs["input_ids"]):
-            return self.onnx_session()(text_inputs)
+            session, rows = self.onnx_session(), len(text_inputs["input_ids"])
+            chunks = []
+            for start in range(0, rows, ONNX_TEXT_CHUNK):
+                chunk = {k: v[start : start + ONNX_TEXT_CHUNK] for k, v in text_inputs.items()}
+                width = max(1, int(chunk["attention_mask"].sum(dim=1).max()))
+                chunks.append(session({k: v[:, :width] for k, v in chunk.items()}))
+            return torch.cat(chunks)
         assert self.model is not None
         hidden = self.model(**text_inputs).last_hidden_state
         return masked_mean(hidden, text_inputs["attention_mask"])

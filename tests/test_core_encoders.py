@@ -98,6 +98,20 @@ def test_offline_text_encoder_pads_dynamically_and_truncates(offline) -> None:
     )  # real sentence embeddings: a paraphrase beats an unrelated tweet
 
 
+def test_offline_tokenizer_gives_the_ids_of_the_transformers_tokenizer(offline) -> None:
+    """Serving tokenises without transformers (its import is ~40 MiB); checkpoints rely on the same ids."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(offline.text.tokenizer.directory, local_files_only=True)
+    texts = [*TWEETS, "", "   ", "Ünïcödé ÀÉ 中文 😀 http://t.co/x #tag @user", "word " * 1000]
+    want = reference(texts, padding=True, truncation=True, max_length=offline.text.max_length, return_tensors="pt")
+    got = offline.text.tokenize(texts)
+    assert set(got) == {"input_ids", "attention_mask", "token_type_ids"}
+    for key, value in got.items():
+        assert torch.equal(value, want[key]), key
+    assert len(offline.text.tokenizer) == len(reference)
+
+
 def test_offline_model_runs_on_real_pictures_and_tweets(offline) -> None:
     model = DRFModel(offline, ["negative", "neutral", "positive"], queue_size=16)
     predictor = Predictor.from_model(model)
