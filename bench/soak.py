@@ -89,7 +89,9 @@ def run_soak(
     warmup_s: float,
     sample_s: float,
     backlog: int,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
+    """``checkpoint``: serve this one (its ONNX files built already) instead of building the benchmark's."""
     from connectors.kafka import ensure_topics, make_producer
     from stream.local_services import free_port
     from stream.settings import load_settings
@@ -104,7 +106,7 @@ def run_soak(
     records = make_posts(1000, seed=3)
     producer = make_producer(k, settings.limits)
     with tempfile.TemporaryDirectory(prefix="postsense-soak-") as tmp:
-        checkpoint = build_checkpoint(config, Path(tmp))
+        checkpoint = checkpoint or build_checkpoint(config, Path(tmp))
         flags["model"] = {"checkpoint": str(checkpoint), "device": "cpu"}
         config_file = Path(tmp) / "settings.json"
         config_file.write_text(json.dumps(flags))
@@ -275,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-minutes", type=float, default=2.0)
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--backlog", type=int, default=256, help="posts kept waiting ahead of the service")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None,
+        help="serve this checkpoint, its ONNX files built beside it (default: build the benchmark's, as a deployment "
+        "would); e.g. to measure another interpreter, such as one with CPU-only torch, that cannot build",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         config, seconds, warmup_s, sample_s, backlog = args.config or "tiny", 15.0, 5.0, 1.0, 64
@@ -284,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if seconds <= warmup_s or sample_s <= 0 or args.batch < 1:
         parser.error("--minutes must exceed --warmup-minutes; --sample-s and --batch must be positive")
     with local_services(args) as endpoints:
-        result = run_soak(endpoints, config, args.batch, seconds, warmup_s, sample_s, backlog)
+        result = run_soak(endpoints, config, args.batch, seconds, warmup_s, sample_s, backlog, args.checkpoint)
     redis = result["redis"]
     print_table(
         f"Soak: postsense serve for {result['duration_s'] / 60:.1f} min at full load ({config}, batch {args.batch})",

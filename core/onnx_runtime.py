@@ -106,10 +106,15 @@ class OnnxExport:
 
 
 def onnx_file_name(kind: str, precision: str, calibration_id: str, weights: Mapping[str, Tensor]) -> str:
-    """``<kind>-<precision>-<key>.onnx``, the key a hash of the weights' names and bytes, the recipe and versions."""
+    """``<kind>-<precision>-<key>.onnx``, the key a hash of the weights' names and bytes, the recipe (with the
+    calibration set) and ONNX Runtime's release, whose quantiser makes the int8 files.
+
+    Not torch's version: a file is the same network whichever torch traced it (the export arguments are the
+    recipe's), so files made on a training machine's CUDA torch serve under the CPU image's torch.
+    """
     onnxruntime = require_onnxruntime(f"the {kind} encoder's ONNX Runtime path")
     digest = hashlib.sha256(
-        json.dumps([ONNX_RECIPE, kind, precision, calibration_id, torch.__version__, onnxruntime.__version__]).encode()
+        json.dumps([ONNX_RECIPE, kind, precision, calibration_id, onnxruntime.__version__]).encode()
     )
     for name in sorted(weights):
         digest.update(name.encode())
