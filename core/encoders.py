@@ -132,7 +132,9 @@ def _lite0_network(pretrained: bool) -> nn.Module:
     return model
 
 
-def _inference_only(serving: CpuServing | None, runtime: str, precision: str, network: Any) -> OnnxOnly | None:
+def _inference_only(
+    serving: CpuServing | None, runtime: str, precision: str, network: Callable[[], nn.Module]
+) -> OnnxOnly | None:
     """The ``OnnxOnly`` of an encoder ONNX Runtime serves in a ``cpu_serving`` load, else None (torch encoder)."""
     if serving is None or not served_by_onnx(runtime, precision):
         return None

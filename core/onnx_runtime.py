@@ -296,8 +296,8 @@ class OnnxSwitch:
 def configure_cpu_inference(encoder: nn.Module, runtime: str | None = None, precision: str | None = None) -> None:
     """Switch an encoder's CPU inference runtime and/or precision (serving a checkpoint without retraining).
 
-    The one place runtime and precision names are checked. An inference-only encoder runs the file it was loaded
-    with: it accepts only its own settings.
+    Names are checked in one place, ``OnnxSwitch._init_switch``; ONNX Runtime's presence here, when it is asked
+    for. An inference-only encoder runs the file it was loaded with: it accepts only its own settings.
     """
     if not isinstance(encoder, OnnxSwitch):
         raise ValueError(f"the {type(encoder).__name__} encoder has no switchable runtime")
