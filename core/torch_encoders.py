@@ -23,10 +23,10 @@ from core.onnx_runtime import OnnxExport, OnnxOnly, OnnxSwitch
 #: Images per ONNX Runtime call. ONNX Runtime's arena keeps the largest call's activations for good, and a CPU
 #: gains nothing from larger calls: int8, 32 texts + 28 images per batch took the same time in calls of 1, 2, 4 or
 #: 8 images, while the process grew by 75, 99, 144 and 234 MiB (2 threads; without the arena: 95 MiB, 1.5x slower).
-ONNX_IMAGE_CHUNK = 2
+ONNX_IMAGE_CHUNK = 1
 #: Texts per ONNX Runtime call, each call cut to its own longest text. Same reason: 32 texts up to 128 tokens grew
-#: the process by 140 MiB in one call, 97 in calls of 16, 48 in calls of 8; 16 was as fast as 32.
-ONNX_TEXT_CHUNK = 16
+#: the process by 140 MiB in one call, 97 in calls of 16, 48 in calls of 8, within the noise of one speed.
+ONNX_TEXT_CHUNK = 8
 
 
 class TimmImageEncoder(OnnxSwitch, ImageEncoder):
