@@ -152,6 +152,11 @@ class Endpoint:
     started: bool  # True when this module started it (and will stop it)
     pid: int | None = None
 
+    def describe(self) -> str:
+        """One line for a person: where it listens and whether it was started here (already running: not ours)."""
+        how = f"started here (pid {self.pid})" if self.started else "already running, not ours"
+        return f"{self.name:6s} {self.host}:{self.port}  {how}"
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -272,6 +277,17 @@ class LocalServices:
     def ensure(self, bootstrap: str, redis_url: str) -> tuple[Endpoint, Endpoint]:
         """The broker and Redis the settings name, each started here only if it does not answer."""
         return self.ensure_broker(bootstrap), self.ensure_redis(redis_url)
+
+    def ensure_and_report(self, settings: Settings, command: str) -> tuple[Endpoint, Endpoint] | None:
+        """``ensure`` for a command: prints each endpoint, or the reason and None when one cannot be had."""
+        try:
+            endpoints = self.ensure(settings.kafka.bootstrap_servers[0], settings.redis.url.get_secret_value())
+        except ServiceError as exc:
+            print(f"postsense {command}: {exc}")
+            return None
+        for endpoint in endpoints:
+            print(endpoint.describe())
+        return endpoints
 
     # -- stop --------------------------------------------------------------------------------
     def stop(self, name: str, timeout_s: float = 10.0, sig: int = signal.SIGTERM) -> bool:

@@ -24,7 +24,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-from stream.local_services import LocalServices, ServiceError
+from stream.local_services import LocalServices
 from stream.settings import Settings
 
 log = logging.getLogger("stream.commands.demo")
@@ -60,13 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     services = LocalServices(args.state_dir)
-    try:
-        broker, redis = services.ensure(settings.kafka.bootstrap_servers[0], settings.redis.url.get_secret_value())
-    except ServiceError as exc:
-        print(f"postsense demo: {exc}")
+    endpoints = services.ensure_and_report(settings, "demo")
+    if endpoints is None:
         return 1
-    for ep in (broker, redis):
-        print(f"{ep.name}: {ep.host}:{ep.port} ({'started here' if ep.started else 'already running'})")
+    broker, redis = endpoints
     if not args.plain:  # INFO lines would tear the live table; warnings, errors and progress still show
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
         logging.getLogger("postsense.progress").setLevel(logging.INFO)

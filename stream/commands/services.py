@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from stream.local_services import LocalServices, ServiceError
+from stream.local_services import LocalServices
 from stream.settings import Settings
 
 
@@ -27,12 +27,4 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "status":
         print(json.dumps(services.status(), indent=2))
         return 0
-    try:
-        broker, redis = services.ensure(settings.kafka.bootstrap_servers[0], settings.redis.url.get_secret_value())
-    except ServiceError as exc:
-        print(f"postsense services: {exc}")
-        return 1
-    for ep in (broker, redis):
-        how = f"started (pid {ep.pid})" if ep.started else "already running, not ours"
-        print(f"{ep.name:6s} {ep.host}:{ep.port}  {how}")
-    return 0
+    return 0 if services.ensure_and_report(settings, "services") else 1

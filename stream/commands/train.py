@@ -13,6 +13,7 @@ import logging
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ from core.encoders import ENCODER_CONFIGS
 from core.features import CachedSource, SampleSource, encode_samples, feature_cache_for
 from core.inference import resolve_device
 from core.model import ABLATIONS, create_model
-from core.train import TrainConfig, TrainingError, fit, one_thread, score
+from core.train import FeatureSource, TrainConfig, TrainingError, fit, one_thread, score
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,14 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     if args.modality_random is not None:
         dataset, _ = disrupt_dataset(dataset, "random", args.setting, args.disruption_seed, dr=args.modality_random)
     torch.manual_seed(args.seed)
+    ablated: dict[str, Any] = dict.fromkeys(args.ablate, False)
     model = create_model(
         args.encoders, dataset.label_names, dim=args.dim, queue_size=args.queue_size,
-        freeze_encoders=not args.fine_tune, variant=args.variant, **{name: False for name in args.ablate},
+        freeze_encoders=not args.fine_tune, variant=args.variant, **ablated,
     ).to(device)
+    train: FeatureSource
+    dev: FeatureSource
+    test: FeatureSource
     if args.fine_tune:
         train, dev, test = (SampleSource(model, dataset[s]) for s in ("train", "dev", "test"))
     else:
