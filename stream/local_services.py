@@ -154,7 +154,7 @@ class Endpoint:
 
     def describe(self) -> str:
         """One line for a person: where it listens and whether it was started here (already running: not ours)."""
-        how = f"started here (pid {self.pid})" if self.started else "already running, not ours"
+        how = f"started (pid {self.pid})" if self.started else "already running, not ours"
         return f"{self.name:6s} {self.host}:{self.port}  {how}"
 
 
