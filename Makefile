@@ -5,5 +5,5 @@ test:   ## install what the tests need, start their services, run them
 	scripts/test
 bench:  ## run the benchmark suite (writes bench/results/*.json and prints tables)
 	scripts/bootstrap && .venv/bin/python -m bench
-lint:
-	.venv/bin/ruff check core stream connectors tests bench
+lint:   ## the static checks of the test command, alone
+	.venv/bin/ruff format --check . && .venv/bin/ruff check . && .venv/bin/mypy

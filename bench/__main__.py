@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [n for n in (args.only or BENCHMARKS) if n not in args.skip]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    for value, name in ((args.image_runtime, IMAGE_RUNTIME_ENV), (args.text_runtime, TEXT_RUNTIME_ENV),
-                        (args.precision, PRECISION_ENV)):
+    for value, name in (
+        (args.image_runtime, IMAGE_RUNTIME_ENV),
+        (args.text_runtime, TEXT_RUNTIME_ENV),
+        (args.precision, PRECISION_ENV),
+    ):
         if value:
             env[name] = value
     outcomes = []

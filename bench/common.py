@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -100,7 +100,7 @@ def write_result(name: str, results: dict[str, Any], *, smoke: bool, out_dir: Pa
     document = {
         "benchmark": name,
         "smoke": smoke,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command_line(),
         "machine": machine(),
         "versions": versions(),
@@ -387,7 +387,9 @@ def bench_predictor(config: str, device: str | None = None, precision: str | Non
     from core.inference import Predictor
 
     device = device or os.environ.get(DEVICE_ENV, "cpu")
-    return Predictor.from_model(bench_model(config, precision), device=device, model_version=f"bench-{config}")
+    return Predictor.from_model(
+        bench_model(config, precision), device=device, model_version=f"bench-{config}"
+    )
 
 
 def build_checkpoint(config: str, directory: Path, precision: str | None = None) -> Path:

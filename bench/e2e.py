@@ -120,7 +120,9 @@ def start(settings: Settings, predictor: Any, outputs: Outputs) -> tuple[Service
     return service, thread
 
 
-def throughput_run(endpoints: Endpoints, predictor: Any, batch: int, posts: int, workers: int) -> dict[str, Any]:
+def throughput_run(
+    endpoints: Endpoints, predictor: Any, batch: int, posts: int, workers: int
+) -> dict[str, Any]:
     settings = run_settings(endpoints, batch, workers)
     records = make_posts(posts, seed=1)
     expected = valid_count(records)
@@ -175,11 +177,15 @@ def latency_run(
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     service_options(parser)
-    parser.add_argument("--config", choices=["offline", "paper", "tiny"], default=None, help="encoders (default offline)")
+    parser.add_argument(
+        "--config", choices=["offline", "paper", "tiny"], default=None, help="encoders (default offline)"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--posts", type=int, default=None, help="backlog size of the throughput run")
     parser.add_argument("--latency-seconds", type=float, default=None)
-    parser.add_argument("--rate-fraction", type=float, default=0.5, help="latency run rate, share of throughput")
+    parser.add_argument(
+        "--rate-fraction", type=float, default=0.5, help="latency run rate, share of throughput"
+    )
     parser.add_argument("--decode-workers", type=int, default=2)
     args = parser.parse_args()
     config = args.config or ("tiny" if args.smoke else "offline")
@@ -196,8 +202,11 @@ def main() -> None:
             rate = max(1.0, tp["posts_per_s"] * args.rate_fraction)
             lat = latency_run(endpoints, predictor, batch, rate, seconds, args.decode_workers)
             rows.append({"throughput": tp, "latency": lat})
-            print(f"batch {batch}: {tp['posts_per_s']:.1f} posts/s; at {rate:.1f}/s p50 "
-                  f"{lat['latency_p50_s']}, p99 {lat['latency_p99_s']}", flush=True)
+            print(
+                f"batch {batch}: {tp['posts_per_s']:.1f} posts/s; at {rate:.1f}/s p50 "
+                f"{lat['latency_p50_s']}, p99 {lat['latency_p99_s']}",
+                flush=True,
+            )
     print_table(
         f"serve end to end ({config} encoders, {PARTITIONS} partitions, decode workers {args.decode_workers})",
         ["batch", "posts/s (backlog)", "backlog done", "paced rate /s", "p50 ms", "p99 ms", "paced done"],
@@ -216,8 +225,13 @@ def main() -> None:
     )
     path = write_result(
         "e2e",
-        {"config": config, "partitions": PARTITIONS, "decode_workers": args.decode_workers,
-         "rate_fraction": args.rate_fraction, "rows": rows},
+        {
+            "config": config,
+            "partitions": PARTITIONS,
+            "decode_workers": args.decode_workers,
+            "rate_fraction": args.rate_fraction,
+            "rows": rows,
+        },
         smoke=args.smoke,
         out_dir=args.out,
     )

@@ -55,7 +55,9 @@ def bench_config(config: str, batch_sizes: list[int], repeats: int) -> list[dict
                 {
                     "total": partial(model, batch),
                     "encoders": partial(model.encode_batch, batch),
-                    "head": partial(model.forward_features, FeatureTable(v, t, batch.image_present, batch.text_present)),
+                    "head": partial(
+                        model.forward_features, FeatureTable(v, t, batch.image_present, batch.text_present)
+                    ),
                 },
                 repeats,
             )

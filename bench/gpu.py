@@ -48,8 +48,18 @@ if TYPE_CHECKING:
 #: Full-run sizes, chosen so the whole GPU check (install, tests, these) stays within 8 minutes.
 FULL = {
     "forward": ["--batch-sizes", "1", "8", "32", "64", "128", "--repeats", "10"],
-    "e2e": ["--batch-sizes", "8", "32", "128", "--posts", "1536", "--latency-seconds", "5",
-            "--decode-workers", "8"],
+    "e2e": [
+        "--batch-sizes",
+        "8",
+        "32",
+        "128",
+        "--posts",
+        "1536",
+        "--latency-seconds",
+        "5",
+        "--decode-workers",
+        "8",
+    ],
     "naive": ["--posts", "200"],
     "stages": ["--batch", "64", "--batches", "5"],
 }
@@ -87,9 +97,15 @@ class UtilisationSampler:
         smi = shutil.which("nvidia-smi")
         if smi:
             self.proc = subprocess.Popen(
-                [smi, "--query-gpu=timestamp,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 "-lms", "200"],
-                stdout=self.path.open("wb"), stderr=subprocess.DEVNULL,
+                [
+                    smi,
+                    "--query-gpu=timestamp,utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                ],
+                stdout=self.path.open("wb"),
+                stderr=subprocess.DEVNULL,
             )
         return self
 
@@ -106,9 +122,13 @@ class UtilisationSampler:
         util = [float(r[1]) for r in rows if r[1].strip().replace(".", "").isdigit()]
         busy = [u for u in util if u > 0] or [0.0]
         memory = [float(r[2]) for r in rows if r[2].strip().replace(".", "").isdigit()]
-        return {"samples": len(util), "busy_samples": len(busy), "util_median_busy_pct": statistics.median(busy),
-                "util_mean_pct": statistics.fmean(util) if util else None,
-                "memory_max_mib": max(memory) if memory else None}
+        return {
+            "samples": len(util),
+            "busy_samples": len(busy),
+            "util_median_busy_pct": statistics.median(busy),
+            "util_mean_pct": statistics.fmean(util) if util else None,
+            "memory_max_mib": max(memory) if memory else None,
+        }
 
 
 def pinned_lever(config: str, device: str, batch: int, repeats: int) -> list[dict[str, Any]]:
@@ -118,12 +138,14 @@ def pinned_lever(config: str, device: str, batch: int, repeats: int) -> list[dic
     texts: list[str | None] = list(tweet_texts()[:batch])
     images: list[torch.Tensor | None] = [photos[i % len(photos)] for i in range(batch)]
     rows = []
-    for pinned in ([False, True] if device != "cpu" else [False]):
+    for pinned in [False, True] if device != "cpu" else [False]:
         predictor.pin_memory = pinned
         prepared = predictor.prepare(images, texts)
         copy = spread([1e3 * s for s in time_repeats(partial(prepared.to, device), repeats)])
         predict = spread([1e3 * s for s in time_repeats(partial(predictor.predict, prepared), repeats)])
-        rows.append({"config": config, "batch": batch, "pinned": pinned, "copy_ms": copy, "predict_ms": predict})
+        rows.append(
+            {"config": config, "batch": batch, "pinned": pinned, "copy_ms": copy, "predict_ms": predict}
+        )
     return rows
 
 
@@ -136,9 +158,13 @@ def judge(out: Path, configs: list[str], smoke: bool, util: dict[str, Any]) -> d
     verdicts = {}
     for config in configs:
         forward = {r["batch_size"]: r["posts_per_s"] for r in load(out, config, "forward", smoke)["rows"]}
-        serve = {r["throughput"]["batch"]: r["throughput"]["posts_per_s"]
-                 for r in load(out, config, "e2e", smoke)["rows"]}
-        naive = next(r["posts_per_s"] for r in load(out, config, "naive", smoke)["runs"] if r["config"] == config)
+        serve = {
+            r["throughput"]["batch"]: r["throughput"]["posts_per_s"]
+            for r in load(out, config, "e2e", smoke)["rows"]
+        }
+        naive = next(
+            r["posts_per_s"] for r in load(out, config, "naive", smoke)["runs"] if r["config"] == config
+        )
         best_batch = max(serve, key=lambda b: serve[b])
         verdicts[config] = {
             "serve_vs_forward": {b: serve[b] / forward[b] for b in sorted(serve) if b in forward},
@@ -155,8 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     service_options(parser)
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
-    parser.add_argument("--configs", nargs="+", choices=["offline", "paper", "tiny"], default=None,
-                        help="default offline paper (tiny with --smoke)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=["offline", "paper", "tiny"],
+        default=None,
+        help="default offline paper (tiny with --smoke)",
+    )
     args = parser.parse_args(argv)
     out: Path = args.out or RESULTS_DIR / "gpu"
     configs = args.configs or (["tiny"] if args.smoke else ["offline", "paper"])
@@ -174,16 +205,22 @@ def main(argv: list[str] | None = None) -> int:
             common += ["--out", str(folder)]
             sizes = SMOKE if args.smoke else FULL
             seconds[f"{config}/forward"] = run_child(
-                "forward", [*common, "--configs", config, *sizes["forward"]], env)
+                "forward", [*common, "--configs", config, *sizes["forward"]], env
+            )
             with UtilisationSampler(folder / "gpu_util.csv") as sampler:
                 seconds[f"{config}/e2e"] = run_child(
-                    "e2e", [*common, "--config", config, *services, *sizes["e2e"]], env)
+                    "e2e", [*common, "--config", config, *services, *sizes["e2e"]], env
+                )
             util[config] = sampler.summary()
             seconds[f"{config}/naive"] = run_child(
-                "naive", [*common, "--config", config, *services, *sizes["naive"]], env)
+                "naive", [*common, "--config", config, *services, *sizes["naive"]], env
+            )
             seconds[f"{config}/stages"] = run_child(
-                "stages", [*common, "--config", config, *services, *sizes["stages"]], env)
-            levers += pinned_lever(config, args.device, batch=4 if args.smoke else 64, repeats=2 if args.smoke else 20)
+                "stages", [*common, "--config", config, *services, *sizes["stages"]], env
+            )
+            levers += pinned_lever(
+                config, args.device, batch=4 if args.smoke else 64, repeats=2 if args.smoke else 20
+            )
 
     verdicts = judge(out, configs, args.smoke, util)
     print_table(
@@ -193,21 +230,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_table(
         f"GPU targets ({args.device}): serve >= {TARGET_E2E_VS_FORWARD}x forward, >= {TARGET_E2E_VS_NAIVE}x naive",
-        ["config", "serve/forward by batch", "best serve posts/s", "naive posts/s", "serve/naive", "GPU util %"],
         [
-            [c, " ".join(f"{b}:{r:.2f}" for b, r in v["serve_vs_forward"].items()), v["serve_best_posts_per_s"],
-             v["naive_posts_per_s"], v["serve_vs_naive"],
-             (v["gpu_utilisation_during_serve"] or {}).get("util_median_busy_pct", "n/a")]
+            "config",
+            "serve/forward by batch",
+            "best serve posts/s",
+            "naive posts/s",
+            "serve/naive",
+            "GPU util %",
+        ],
+        [
+            [
+                c,
+                " ".join(f"{b}:{r:.2f}" for b, r in v["serve_vs_forward"].items()),
+                v["serve_best_posts_per_s"],
+                v["naive_posts_per_s"],
+                v["serve_vs_naive"],
+                (v["gpu_utilisation_during_serve"] or {}).get("util_median_busy_pct", "n/a"),
+            ]
             for c, v in verdicts.items()
         ],
     )
     path = write_result(
         "gpu",
-        {"device": args.device, "configs": configs, "verdicts": verdicts, "pinned_lever": levers,
-         "seconds": seconds,
-         "notes": "paper = ViT-B/16 + BERT-base with random-init weights (speed does not depend on them); "
-                  "serve/forward compares serve's backlog throughput with the bare forward at the same batch "
-                  "size; serve/naive uses serve's best batch size"},
+        {
+            "device": args.device,
+            "configs": configs,
+            "verdicts": verdicts,
+            "pinned_lever": levers,
+            "seconds": seconds,
+            "notes": "paper = ViT-B/16 + BERT-base with random-init weights (speed does not depend on them); "
+            "serve/forward compares serve's backlog throughput with the bare forward at the same batch "
+            "size; serve/naive uses serve's best batch size",
+        },
         smoke=args.smoke,
         out_dir=out,
     )

@@ -184,7 +184,9 @@ def text_levers(predictor: Any, batch_sizes: list[int], repeats: int, quick: boo
         chunk = texts[:batch]
         dynamic = encoder.tokenize(chunk)
         # Padded (or cut) to 64 tokens; a cut text loses its [SEP], which only moves the difference column.
-        fixed = {k: torch.nn.functional.pad(v[:, :64], (0, max(0, 64 - v.shape[1]))) for k, v in dynamic.items()}
+        fixed = {
+            k: torch.nn.functional.pad(v[:, :64], (0, max(0, 64 - v.shape[1]))) for k, v in dynamic.items()
+        }
         with torch.inference_mode(), threads(thread_counts[0]):  # variants without a count use the first
             reference = encoder(dynamic)
             for n in thread_counts:

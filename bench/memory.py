@@ -32,7 +32,9 @@ def rss_mib() -> dict[str, float]:
     return fields
 
 
-def measure(checkpoint: Path, batch: int, batches: int) -> tuple[list[tuple[str, dict[str, float]]], dict[str, Any]]:
+def measure(
+    checkpoint: Path, batch: int, batches: int
+) -> tuple[list[tuple[str, dict[str, float]]], dict[str, Any]]:
     """RSS after each step of serving ``checkpoint`` on CPU, and its encoder options; call in a fresh process
     (imports are steps)."""
     steps = [("start", rss_mib())]
@@ -50,7 +52,9 @@ def measure(checkpoint: Path, batch: int, batches: int) -> tuple[list[tuple[str,
     steps.append(("the benchmark's photos and tweets loaded (scikit-learn; not serving)", rss_mib()))
     for i in range(batches):
         rows = range(i * batch, (i + 1) * batch)
-        predictor.predict(predictor.prepare([photos[r % len(photos)] for r in rows], [texts[r] for r in rows]))
+        predictor.predict(
+            predictor.prepare([photos[r % len(photos)] for r in rows], [texts[r] for r in rows])
+        )
         if i in (0, batches - 1):
             steps.append((f"after {i + 1} batch{'es' if i else ''} of {batch}", rss_mib()))
     return steps, predictor.model.encoder_options
@@ -61,7 +65,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "int8"], default=None, help="default: the run's")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="measure this checkpoint (default: build one)")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="measure this checkpoint (default: build one)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = "tiny" if args.smoke else "offline"
@@ -69,8 +75,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="postsense-memory-") as tmp:
             checkpoint = build_checkpoint(config, Path(tmp), args.precision)
             # A fresh process measures, so neither the build nor its imports are counted.
-            raise SystemExit(subprocess.run([sys.executable, "-m", "bench.memory", *sys.argv[1:],
-                                             "--checkpoint", str(checkpoint)], check=False).returncode)
+            raise SystemExit(
+                subprocess.run(
+                    [sys.executable, "-m", "bench.memory", *sys.argv[1:], "--checkpoint", str(checkpoint)],
+                    check=False,
+                ).returncode
+            )
     batches = 2 if args.smoke else args.batches
     steps, encoder_options = measure(args.checkpoint, args.batch, batches)
     import torch
@@ -82,8 +92,12 @@ def main() -> None:
     )
     path = write_result(
         "memory",
-        {"config": config, "encoder_options": encoder_options, "batch": args.batch,
-         "steps": [{"step": name, **m} for name, m in steps]},
+        {
+            "config": config,
+            "encoder_options": encoder_options,
+            "batch": args.batch,
+            "steps": [{"step": name, **m} for name, m in steps],
+        },
         smoke=args.smoke,
         out_dir=args.out,
     )

@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     service_options(parser)
     parser.add_argument(
-        "--config", action="append", choices=["offline", "paper", "tiny"], help="repeatable; default offline and tiny"
+        "--config",
+        action="append",
+        choices=["offline", "paper", "tiny"],
+        help="repeatable; default offline and tiny",
     )
     parser.add_argument("--posts", type=int, help="posts per configuration (default 300 offline / 1000 tiny)")
     args = parser.parse_args(argv)

@@ -107,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         tables[precision] = {name: encode_samples(base, samples, cache) for name, samples in splits.items()}
         timings[f"encode_{precision}_seconds"] = time.monotonic() - started
-        encoders[precision] = Encoders(base.encoder_name, base.image_encoder, base.text_encoder, base.encoder_options)
-        print(f"{precision}: features in {cache.directory} ({timings[f'encode_{precision}_seconds']:.0f} s)", flush=True)
+        encoders[precision] = Encoders(
+            base.encoder_name, base.image_encoder, base.text_encoder, base.encoder_options
+        )
+        print(
+            f"{precision}: features in {cache.directory} ({timings[f'encode_{precision}_seconds']:.0f} s)",
+            flush=True,
+        )
 
     per_seed: list[dict[str, Any]] = []
     for seed in config.seeds:
@@ -117,21 +122,31 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(seed)
             model = DRFModel(encoders[precision], labels, dim=config.dim, queue_size=config.queue_size)
             with one_thread():
-                fit(model, CachedSource(tables[precision]["train"]), CachedSource(tables[precision]["dev"]),
-                    config.train_config(seed))
+                fit(
+                    model,
+                    CachedSource(tables[precision]["train"]),
+                    CachedSource(tables[precision]["dev"]),
+                    config.train_config(seed),
+                )
             trained[precision] = model
         test32, test8 = tables["fp32"]["test"], tables["int8"]["test"]
         reference = head_outputs(trained["fp32"], test32)
         # Which encoder moves labels: the fp32 head with one modality's features int8 and the other's fp32.
         image_only = replace(test32, image=test8.image)
         text_only = replace(test32, text=test8.text)
-        per_seed.append({
-            "seed": seed,
-            "retrained": compare(reference, head_outputs(trained["int8"], test8), test32),
-            "fp32_head": compare(reference, head_outputs(trained["fp32"], test8), test32),
-            "fp32_head_int8_image_only": compare(reference, head_outputs(trained["fp32"], image_only), test32),
-            "fp32_head_int8_text_only": compare(reference, head_outputs(trained["fp32"], text_only), test32),
-        })
+        per_seed.append(
+            {
+                "seed": seed,
+                "retrained": compare(reference, head_outputs(trained["int8"], test8), test32),
+                "fp32_head": compare(reference, head_outputs(trained["fp32"], test8), test32),
+                "fp32_head_int8_image_only": compare(
+                    reference, head_outputs(trained["fp32"], image_only), test32
+                ),
+                "fp32_head_int8_text_only": compare(
+                    reference, head_outputs(trained["fp32"], text_only), test32
+                ),
+            }
+        )
 
     variants = [k for k in per_seed[0] if k != "seed"]
     summary = {}
@@ -147,12 +162,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary[variant] = mean
     rows = [
-        [variant, s["seed"], f"{r['accuracy_fp32']:.2f}", f"{r['accuracy_int8']:.2f}", f"{r['agreement']:.1f}",
-         f"{r['rho_quality_image']:.4f}", f"{r['rho_quality_text']:.4f}"]
-        for variant in variants for s in per_seed for r in [s[variant]]
+        [
+            variant,
+            s["seed"],
+            f"{r['accuracy_fp32']:.2f}",
+            f"{r['accuracy_int8']:.2f}",
+            f"{r['agreement']:.1f}",
+            f"{r['rho_quality_image']:.4f}",
+            f"{r['rho_quality_text']:.4f}",
+        ]
+        for variant in variants
+        for s in per_seed
+        for r in [s[variant]]
     ] + [
-        [variant, "mean", f"{m['accuracy_fp32']:.2f}", f"{m['accuracy_int8']:.2f}", f"{m['agreement']:.1f}",
-         f"{m['rho_quality_image']:.4f}", f"{m['rho_quality_text']:.4f}"]
+        [
+            variant,
+            "mean",
+            f"{m['accuracy_fp32']:.2f}",
+            f"{m['accuracy_int8']:.2f}",
+            f"{m['agreement']:.1f}",
+            f"{m['rho_quality_image']:.4f}",
+            f"{m['rho_quality_text']:.4f}",
+        ]
         for variant, m in summary.items()
     ]
     print_table(
@@ -161,13 +192,23 @@ def main(argv: list[str] | None = None) -> int:
         rows,
     )
     for variant, m in summary.items():
-        print(f"{variant}: accuracy drop {m['accuracy_drop']:+.2f} points, parity {'holds' if m['parity'] else 'FAILS'}")
+        print(
+            f"{variant}: accuracy drop {m['accuracy_drop']:+.2f} points, parity {'holds' if m['parity'] else 'FAILS'}"
+        )
     results = {
-        "data": args.data, "test_posts": len(splits["test"]), "seeds": list(config.seeds),
+        "data": args.data,
+        "test_posts": len(splits["test"]),
+        "seeds": list(config.seeds),
         "config": {"dim": config.dim, "queue_size": config.queue_size, **config.train_config(0).to_dict()},
-        "int8_options": int8_options, "gate": {"max_accuracy_drop": MAX_ACCURACY_DROP, "min_agreement": MIN_AGREEMENT,
-                                               "min_quality_rho": MIN_QUALITY_RHO},
-        "per_seed": per_seed, "summary": summary, "timings": timings,
+        "int8_options": int8_options,
+        "gate": {
+            "max_accuracy_drop": MAX_ACCURACY_DROP,
+            "min_agreement": MIN_AGREEMENT,
+            "min_quality_rho": MIN_QUALITY_RHO,
+        },
+        "per_seed": per_seed,
+        "summary": summary,
+        "timings": timings,
     }
     path = write_result("parity", results, smoke=args.smoke, out_dir=args.out)
     print(f"wrote {path}")

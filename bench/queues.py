@@ -123,9 +123,7 @@ def measure_inference(config: str, batch_sizes: list[int], repeats: int) -> tupl
         prepared = predictor.prepare(
             [photos[i % len(photos)] for i in range(batch)], [TEXTS[i % len(TEXTS)] for i in range(batch)]
         )
-        times[batch] = spread(
-            [t * 1e3 for t in time_repeats(partial(predictor.predict, prepared), repeats)]
-        )
+        times[batch] = spread([t * 1e3 for t in time_repeats(partial(predictor.predict, prepared), repeats)])
     return dim, times
 
 

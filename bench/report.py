@@ -95,7 +95,14 @@ def targets(results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
     else:
         rows.append(_missing("DRF head / encoders, Redis round trips", "stages"))
     if soak:
-        rows.append(_row("steady RSS of serve, MiB (soak median)", soak["steady_rss_mib"]["median"], STEADY_RSS_MIB, "<="))
+        rows.append(
+            _row(
+                "steady RSS of serve, MiB (soak median)",
+                soak["steady_rss_mib"]["median"],
+                STEADY_RSS_MIB,
+                "<=",
+            )
+        )
     elif e2e:
         rss = max(r["throughput"].get("rss_mib", float("nan")) for r in e2e["rows"])
         rows.append(_row("RSS of the end-to-end process after its backlogs, MiB", rss, STEADY_RSS_MIB, "<="))

@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--backlog", type=int, default=256, help="posts kept waiting ahead of the service")
     parser.add_argument(
-        "--checkpoint", type=Path, default=None,
+        "--checkpoint",
+        type=Path,
+        default=None,
         help="serve this checkpoint, its ONNX files built beside it (default: build the benchmark's, as a deployment "
         "would); e.g. to measure another interpreter, such as one with CPU-only torch, that cannot build",
     )
@@ -291,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     if seconds <= warmup_s or sample_s <= 0 or args.batch < 1:
         parser.error("--minutes must exceed --warmup-minutes; --sample-s and --batch must be positive")
     with local_services(args) as endpoints:
-        result = run_soak(endpoints, config, args.batch, seconds, warmup_s, sample_s, backlog, args.checkpoint)
+        result = run_soak(
+            endpoints, config, args.batch, seconds, warmup_s, sample_s, backlog, args.checkpoint
+        )
     redis = result["redis"]
     print_table(
         f"Soak: postsense serve for {result['duration_s'] / 60:.1f} min at full load ({config}, batch {args.batch})",

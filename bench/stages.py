@@ -206,7 +206,9 @@ def run_stages(endpoints: Endpoints, config: str, batch: int, batches: int, seed
             with timers.time("commit"):
                 consumer.commit(offsets)
             t = timers.batch
-            t["predict_rest"] = t["predict_total"] - t["h2d"] - t["image_encoder"] - t["text_encoder"] - t["head"]
+            t["predict_rest"] = (
+                t["predict_total"] - t["h2d"] - t["image_encoder"] - t["text_encoder"] - t["head"]
+            )
             t["outputs"] = t["process_total"] - t["tokenise"] - t["predict_total"] - t["redis"]
             if index > 0:
                 rows.append(dict(t))
@@ -272,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     service_options(parser)
     parser.add_argument(
-        "--config", action="append", choices=["offline", "paper", "tiny"], help="repeatable; default offline and tiny"
+        "--config",
+        action="append",
+        choices=["offline", "paper", "tiny"],
+        help="repeatable; default offline and tiny",
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=10, help="measured batches (after one warm-up batch)")

@@ -117,7 +117,6 @@ class MediaSettings(Section):
         )
 
 
-
 class FetchError(Exception):
     """A refused or failed fetch. `reason` is the short machine string the media layer reports."""
 

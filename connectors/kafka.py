@@ -112,12 +112,15 @@ PRODUCER_FATAL_ERRORS: tuple[type[Exception], ...] = (
     kafka_errors.IllegalStateError,
 )
 
+
 class _RedactPasswords(logging.Filter):
     """kafka-python's admin client logs its whole configuration at DEBUG, SASL and SSL passwords included."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, Mapping):
-            record.args = {k: "***" if "password" in str(k) and v is not None else v for k, v in record.args.items()}
+            record.args = {
+                k: "***" if "password" in str(k) and v is not None else v for k, v in record.args.items()
+            }
         return True
 
 
@@ -220,7 +223,9 @@ def ensure_topics(
         try:
             admin = make_admin(kafka)
             break
-        except kafka_errors.KafkaTimeoutError:  # kafka-python 3 has no NoBrokersAvailable: bootstrap times out
+        except (
+            kafka_errors.KafkaTimeoutError
+        ):  # kafka-python 3 has no NoBrokersAvailable: bootstrap times out
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
@@ -229,7 +234,10 @@ def ensure_topics(
         missing = [name for name in names if name not in existing]
         if missing:
             admin.create_topics(
-                {name: {"num_partitions": partitions, "replication_factor": replication_factor} for name in missing},
+                {
+                    name: {"num_partitions": partitions, "replication_factor": replication_factor}
+                    for name in missing
+                },
                 raise_errors=False,
             )
         _wait_for_topics(admin, names, deadline)
@@ -247,4 +255,3 @@ def _wait_for_topics(admin: KafkaAdminClient, names: list[str], deadline: float)
         if time.monotonic() > deadline:
             raise TimeoutError(f"topics not created in time: {', '.join(absent)}")
         time.sleep(0.2)
-

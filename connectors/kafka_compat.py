@@ -71,8 +71,14 @@ def start_at_committed(
         if position != committed:
             consumer.seek(tp, committed)
             moved.add(tp)
-            log.info("partition %s-%d: position %d moved to the committed offset %d", tp.topic, tp.partition,
-                     position, committed, extra={"topic": tp.topic, "partition": tp.partition, "offset": committed})
+            log.info(
+                "partition %s-%d: position %d moved to the committed offset %d",
+                tp.topic,
+                tp.partition,
+                position,
+                committed,
+                extra={"topic": tp.topic, "partition": tp.partition, "offset": committed},
+            )
     return moved
 
 
@@ -90,7 +96,10 @@ def forget_highwater(consumer: KafkaConsumer, tp: TopicPartition) -> None:
 
 
 def rewind_past_log_end(
-    consumer: KafkaConsumer, tp: TopicPartition, position: int, highwater: int,
+    consumer: KafkaConsumer,
+    tp: TopicPartition,
+    position: int,
+    highwater: int,
     auto_offset_reset: Literal["earliest", "latest"],
 ) -> None:
     """A position past the log end means the partition was recreated (a broker that lost its data).
@@ -109,5 +118,11 @@ def rewind_past_log_end(
     else:
         consumer.seek_to_end(tp)
         target = auto_offset_reset
-    log.warning("partition %s-%d: position %d is past the log end %d (topic recreated?); rewound to %s",
-                tp.topic, tp.partition, position, highwater, target)
+    log.warning(
+        "partition %s-%d: position %d is past the log end %d (topic recreated?); rewound to %s",
+        tp.topic,
+        tp.partition,
+        position,
+        highwater,
+        target,
+    )

@@ -15,7 +15,15 @@ from connectors.config import Section
 #: Fields a call site can attach with ``extra={...}``; JSON logs carry them as keys next to the message, so a
 #: log shipper can filter on a partition, an offset or a reason instead of parsing prose.
 STRUCTURED_FIELDS = (
-    "topic", "partition", "offset", "partitions", "group_id", "batch_id", "records", "post_id", "reason",
+    "topic",
+    "partition",
+    "offset",
+    "partitions",
+    "group_id",
+    "batch_id",
+    "records",
+    "post_id",
+    "reason",
     "error_class",
 )
 
@@ -46,7 +54,9 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "INFO", json_logs: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        JsonFormatter()
+        if json_logs
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # stores those as separate series, doubling the series count for no dashboard use.
 prometheus_client.disable_created_metrics()
 
+
 class MetricsSettings(Section):
     host: str = "0.0.0.0"
     port: int = Field(9400, ge=0, le=65535)  # 0 = pick a free port (tests)
@@ -110,86 +111,181 @@ class Metrics:
 
         # Flow through the service.
         self.posts_consumed_total = Counter(
-            "posts_consumed_total", "Records read from the input topic (valid or not).", ["topic"],
-            namespace=ns, registry=r)
+            "posts_consumed_total",
+            "Records read from the input topic (valid or not).",
+            ["topic"],
+            namespace=ns,
+            registry=r,
+        )
         self.posts_published_total = Counter(
-            "posts_published_total", "Sentiment records acknowledged by the broker.", ["topic"],
-            namespace=ns, registry=r)
+            "posts_published_total",
+            "Sentiment records acknowledged by the broker.",
+            ["topic"],
+            namespace=ns,
+            registry=r,
+        )
         self.posts_dead_lettered_total = Counter(
-            "posts_dead_lettered_total", "Input records sent to the dead-letter topic, by reason.", ["reason"],
-            namespace=ns, registry=r)
+            "posts_dead_lettered_total",
+            "Input records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
         self.batch_size_posts = Histogram(
-            "batch_size_posts", "Posts per micro-batch.", buckets=BATCH_SIZE_BUCKETS, namespace=ns, registry=r)
+            "batch_size_posts", "Posts per micro-batch.", buckets=BATCH_SIZE_BUCKETS, namespace=ns, registry=r
+        )
         self.inference_seconds = Histogram(
-            "inference_seconds", "Model time per batch (prepare + predict).", buckets=INFERENCE_BUCKETS,
-            namespace=ns, registry=r)
+            "inference_seconds",
+            "Model time per batch (prepare + predict).",
+            buckets=INFERENCE_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
         self.decode_seconds = Histogram(
-            "decode_seconds", "Time to validate and decode one batch (images and texts) in the worker pool.",
-            buckets=DECODE_BUCKETS, namespace=ns, registry=r)
+            "decode_seconds",
+            "Time to validate and decode one batch (images and texts) in the worker pool.",
+            buckets=DECODE_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
         self.end_to_end_seconds = Histogram(
-            "end_to_end_seconds", "Post created_at to its sentiment record being acknowledged.",
-            buckets=END_TO_END_BUCKETS, namespace=ns, registry=r)
+            "end_to_end_seconds",
+            "Post created_at to its sentiment record being acknowledged.",
+            buckets=END_TO_END_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
         self.commit_seconds = Histogram(
-            "commit_seconds", "Offset commit time per batch.", buckets=COMMIT_BUCKETS, namespace=ns, registry=r)
+            "commit_seconds",
+            "Offset commit time per batch.",
+            buckets=COMMIT_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
 
         # Consumer-group state.
         self.rebalances_total = Counter(
-            "rebalances_total", "Partition assignment changes seen by this member.", ["event"],
-            namespace=ns, registry=r)
+            "rebalances_total",
+            "Partition assignment changes seen by this member.",
+            ["event"],
+            namespace=ns,
+            registry=r,
+        )
         self.paused = Gauge(
-            "paused", "1 while the assigned partitions are paused for back-pressure.", namespace=ns, registry=r)
+            "paused",
+            "1 while the assigned partitions are paused for back-pressure.",
+            namespace=ns,
+            registry=r,
+        )
         self.consumer_lag_messages = Gauge(
-            "consumer_lag_messages", "Highwater minus position per assigned partition (this member's view).",
-            ["topic", "partition"], namespace=ns, registry=r)
+            "consumer_lag_messages",
+            "Highwater minus position per assigned partition (this member's view).",
+            ["topic", "partition"],
+            namespace=ns,
+            registry=r,
+        )
 
         # What the model saw and said.
         self.modality_state_total = Counter(
-            "modality_state_total", "Posts by modality and its state (ok, missing, empty, undecodable).",
-            ["modality", "state"], namespace=ns, registry=r)
+            "modality_state_total",
+            "Posts by modality and its state (ok, missing, empty, undecodable).",
+            ["modality", "state"],
+            namespace=ns,
+            registry=r,
+        )
         self.modality_quality = Histogram(
-            "modality_quality", "Quality score q in (0, 1] of each present modality.", ["modality"],
-            buckets=QUALITY_BUCKETS, namespace=ns, registry=r)
+            "modality_quality",
+            "Quality score q in (0, 1] of each present modality.",
+            ["modality"],
+            buckets=QUALITY_BUCKETS,
+            namespace=ns,
+            registry=r,
+        )
         self.recovered_total = Counter(
-            "recovered_total", "Posts whose modality was recovered by a DRF converter.", ["modality"],
-            namespace=ns, registry=r)
+            "recovered_total",
+            "Posts whose modality was recovered by a DRF converter.",
+            ["modality"],
+            namespace=ns,
+            registry=r,
+        )
         self.predictions_total = Counter(
-            "predictions_total", "Published predictions by label.", ["label"], namespace=ns, registry=r)
+            "predictions_total", "Published predictions by label.", ["label"], namespace=ns, registry=r
+        )
         self.text_truncated_total = Counter(
-            "text_truncated_total", "Posts whose text was cut at limits.max_text_chars (text_truncated in the record).",
-            namespace=ns, registry=r)
+            "text_truncated_total",
+            "Posts whose text was cut at limits.max_text_chars (text_truncated in the record).",
+            namespace=ns,
+            registry=r,
+        )
         self.abstained_total = Counter(
-            "abstained_total", "Posts with neither modality usable (published with label null).",
-            namespace=ns, registry=r)
+            "abstained_total",
+            "Posts with neither modality usable (published with label null).",
+            namespace=ns,
+            registry=r,
+        )
 
         # Reference queues (Redis).
         self.reference_queue_length = Gauge(
-            "reference_queue_length", "Features in the reference queue.", ["modality"], namespace=ns, registry=r)
+            "reference_queue_length",
+            "Features in the reference queue.",
+            ["modality"],
+            namespace=ns,
+            registry=r,
+        )
         self.reference_drift_sigmas = Gauge(
-            "reference_drift_sigmas", "Distance of the live reference mean from the checkpoint's, in checkpoint sigmas.",
-            ["modality"], namespace=ns, registry=r)
+            "reference_drift_sigmas",
+            "Distance of the live reference mean from the checkpoint's, in checkpoint sigmas.",
+            ["modality"],
+            namespace=ns,
+            registry=r,
+        )
         self.reference_acceptance_ratio = Gauge(
-            "reference_acceptance_ratio", "Share of proposed features the queue admission rule accepted, last batch.",
-            ["modality"], namespace=ns, registry=r)
+            "reference_acceptance_ratio",
+            "Share of proposed features the queue admission rule accepted, last batch.",
+            ["modality"],
+            namespace=ns,
+            registry=r,
+        )
         self.reference_accepted_total = Counter(
-            "reference_accepted_total", "Features accepted into the reference queue.", ["modality"],
-            namespace=ns, registry=r)
+            "reference_accepted_total",
+            "Features accepted into the reference queue.",
+            ["modality"],
+            namespace=ns,
+            registry=r,
+        )
         self.redis_up = Gauge(
-            "redis_up", "1 while Redis answers; 0 while the service runs on cached statistics.",
-            namespace=ns, registry=r)
+            "redis_up",
+            "1 while Redis answers; 0 while the service runs on cached statistics.",
+            namespace=ns,
+            registry=r,
+        )
 
         # Publishing health.
         self.producer_recreated_total = Counter(
-            "producer_recreated_total", "Kafka producers closed and recreated after the broker refused them.",
-            namespace=ns, registry=r)
+            "producer_recreated_total",
+            "Kafka producers closed and recreated after the broker refused them.",
+            namespace=ns,
+            registry=r,
+        )
         self.publish_failures_total = Counter(
-            "publish_failures_total", "Batches whose records were not all acknowledged (not committed).",
-            namespace=ns, registry=r)
+            "publish_failures_total",
+            "Batches whose records were not all acknowledged (not committed).",
+            namespace=ns,
+            registry=r,
+        )
         self.circuit_breaker_open = Gauge(
-            "circuit_breaker_open", "1 once the dead-letter circuit breaker has stopped consumption.",
-            namespace=ns, registry=r)
+            "circuit_breaker_open",
+            "1 once the dead-letter circuit breaker has stopped consumption.",
+            namespace=ns,
+            registry=r,
+        )
         self.build_info = Gauge(
-            "build_info", "Always 1; the labels say what runs.", ["version", "model_name", "model_version", "device"],
-            namespace=ns, registry=r)
+            "build_info",
+            "Always 1; the labels say what runs.",
+            ["version", "model_name", "model_version", "device"],
+            namespace=ns,
+            registry=r,
+        )
 
         # RSS, CPU, open files, start time (restarts) and garbage collections of this process: the standard
         # process_* and python_gc_* families, so memory and restarts show without a node exporter.
@@ -204,8 +300,9 @@ class Metrics:
     def set_build_info(self, version: str, model_name: str, model_version: str, device: str) -> None:
         """Record what runs; replaces any earlier value so exactly one series remains."""
         self.build_info.clear()
-        self.build_info.labels(version=version, model_name=model_name, model_version=model_version,
-                               device=device).set(1)
+        self.build_info.labels(
+            version=version, model_name=model_name, model_version=model_version, device=device
+        ).set(1)
 
     def observe_modality_states(self, modality: str, states: Iterable[str | Enum]) -> None:
         """Count one state per post (strings or ``ModalityState`` members); one increment per distinct state."""
@@ -259,7 +356,9 @@ class Metrics:
     def record_rebalance(self, event: str) -> None:
         """Count one assignment change (a listener callback); ``event`` is assigned, revoked or lost."""
         if event not in REBALANCE_EVENTS:
-            raise ValueError(f"unknown rebalance event {event!r}; expected one of {', '.join(REBALANCE_EVENTS)}")
+            raise ValueError(
+                f"unknown rebalance event {event!r}; expected one of {', '.join(REBALANCE_EVENTS)}"
+            )
         self.rebalances_total.labels(event=event).inc()
 
     def set_reference(
@@ -331,8 +430,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], metrics: Metrics, ready: Callable[[], bool],
-                 alive: Callable[[], bool]) -> None:
+    def __init__(
+        self, address: tuple[str, int], metrics: Metrics, ready: Callable[[], bool], alive: Callable[[], bool]
+    ) -> None:
         super().__init__(address, _Handler)
         self.metrics = metrics
         self.ready = ready

@@ -351,7 +351,9 @@ class QueueStore:
                             pipe.rpush(self.key(m, "features"), *references[m])
                         pipe.hset(self.key(m, "meta"), mapping={"version": version, "generation": generation})
                         stored: dict[FieldT, EncodableT] = {
-                            k[4:]: v for k, v in meta.items() if isinstance(k, bytes) and k.startswith(b"ref_")
+                            k[4:]: v
+                            for k, v in meta.items()
+                            if isinstance(k, bytes) and k.startswith(b"ref_")
                         }
                         pipe.hset(
                             self.key(m, "stats"),

@@ -72,7 +72,9 @@ class RedisSettings(Section):
             object.__setattr__(self, "url", secret)
         scheme = urlsplit(self.url.get_secret_value()).scheme
         if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"redis url must start with redis://, rediss:// or unix:// (got {scheme or 'none'}://)")
+            raise ValueError(
+                f"redis url must start with redis://, rediss:// or unix:// (got {scheme or 'none'}://)"
+            )
         return self
 
     def redacted_url(self) -> str:
@@ -219,9 +221,7 @@ class ReferenceQueues:
         for m, value in features.items():
             if m not in MODALITIES:
                 raise ValueError(f"unknown modality {m!r} (expected one of {MODALITIES})")
-            rows = as_feature_matrix(
-                value, f"features[{m!r}]", None if cache is None else cache.stats[m].dim
-            )
+            rows = as_feature_matrix(value, f"features[{m!r}]", None if cache is None else cache.stats[m].dim)
             mask = self._mask(accepted, m, rows.shape[0], "accepted")
             shown = (
                 rows.any(axis=1) if present is None or m not in present else self._mask(present, m, len(rows))
@@ -357,7 +357,9 @@ class ReferenceQueues:
                 stats, {m: s.reference for m, s in states.items()}, {m: s.tag for m, s in states.items()}
             )
         with self._lock:
-            ratios: dict[str, float] = {m: self._proposed[m] / self._present[m] for m in MODALITIES if self._present[m]}
+            ratios: dict[str, float] = {
+                m: self._proposed[m] / self._present[m] for m in MODALITIES if self._present[m]
+            }
             self._proposed = dict.fromkeys(MODALITIES, 0)
             self._present = dict.fromkeys(MODALITIES, 0)
         drift = self.drift()

@@ -81,7 +81,9 @@ class BaselineHead(nn.Module):
         parts = []
         image_present, text_present = features.image_present, features.text_present
         if self.training and self.modality_dropout:
-            image_present, text_present = _drop_one_modality(image_present, text_present, self.modality_dropout)
+            image_present, text_present = _drop_one_modality(
+                image_present, text_present, self.modality_dropout
+            )
         if self.image_projection is not None:
             present = image_present.to(torch.bool)[:, None]
             parts.append(self.image_projection(torch.where(present, features.image, self.padding_image)))
@@ -96,7 +98,9 @@ class BaselineHead(nn.Module):
 def _drop_one_modality(image_present: Tensor, text_present: Tensor, rate: float) -> tuple[Tensor, Tensor]:
     """Presence flags with one modality removed from a ``rate`` share of the rows that have both."""
     image_present, text_present = image_present.to(torch.bool), text_present.to(torch.bool)
-    drop = (torch.rand(image_present.shape, device=image_present.device) < rate) & image_present & text_present
+    drop = (
+        (torch.rand(image_present.shape, device=image_present.device) < rate) & image_present & text_present
+    )
     drop_image = drop & (torch.rand(image_present.shape, device=image_present.device) < 0.5)
     return image_present & ~drop_image, text_present & ~(drop & ~drop_image)
 
@@ -114,7 +118,10 @@ class Router(nn.Module):
     def forward_features(self, features: FeatureTable, labels: Tensor | None = None) -> BaselineOutput:
         if labels is not None:
             raise ValueError("a router is composed of trained heads; train those instead")
-        image_present, text_present = features.image_present.to(torch.bool), features.text_present.to(torch.bool)
+        image_present, text_present = (
+            features.image_present.to(torch.bool),
+            features.text_present.to(torch.bool),
+        )
         logits = self.concat.forward_features(features).logits
         only_text = (text_present & ~image_present)[:, None]
         only_image = (image_present & ~text_present)[:, None]

@@ -22,7 +22,11 @@ from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
-SCHEMA_FILES = {"post": "post.v1.json", "sentiment": "sentiment.v1.json", "dead_letter": "dead_letter.v1.json"}
+SCHEMA_FILES = {
+    "post": "post.v1.json",
+    "sentiment": "sentiment.v1.json",
+    "dead_letter": "dead_letter.v1.json",
+}
 DEAD_LETTER_HEADER = "postsense.dlq"
 
 
@@ -38,7 +42,9 @@ def validator(name: str) -> Draft202012Validator:
     checker = Draft202012Validator.FORMAT_CHECKER
     # jsonschema drops a format whose optional checker is not installed, silently accepting anything for it.
     if "date-time" not in checker.checkers:
-        raise ImportError("format date-time is not enforced: install rfc3339-validator (a postsense dependency)")
+        raise ImportError(
+            "format date-time is not enforced: install rfc3339-validator (a postsense dependency)"
+        )
     return Draft202012Validator(schema(name), format_checker=checker)
 
 
@@ -127,7 +133,9 @@ def parse_post(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Post | Inv
     if len(raw) > limits.max_record_bytes:
         return Invalid("too_large", "RecordTooLarge", f"{len(raw)} bytes > limit {limits.max_record_bytes}")
     try:
-        text = raw.decode("utf-8")  # RFC 8259: JSON between systems is UTF-8 (json.loads would guess UTF-16/32)
+        text = raw.decode(
+            "utf-8"
+        )  # RFC 8259: JSON between systems is UTF-8 (json.loads would guess UTF-16/32)
     except UnicodeDecodeError as exc:
         return Invalid("not_utf8", type(exc).__name__, str(exc)[:200])
     try:
@@ -137,13 +145,23 @@ def parse_post(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Post | Inv
     except ValueError as exc:
         return Invalid("not_json", type(exc).__name__, str(exc)[:200])
     if not isinstance(doc, dict):
-        return Invalid("schema_invalid", "ValidationError", f"top level is {type(doc).__name__}, expected object")
+        return Invalid(
+            "schema_invalid", "ValidationError", f"top level is {type(doc).__name__}, expected object"
+        )
     metadata = doc.get("metadata")
     if metadata is not None:
         if _depth(metadata, limits.max_metadata_depth) > limits.max_metadata_depth:
-            return Invalid("metadata_too_deep", "ValidationError", f"metadata nested deeper than {limits.max_metadata_depth}")
+            return Invalid(
+                "metadata_too_deep",
+                "ValidationError",
+                f"metadata nested deeper than {limits.max_metadata_depth}",
+            )
         if len(json.dumps(metadata)) > limits.max_metadata_bytes:
-            return Invalid("metadata_too_large", "ValidationError", f"metadata larger than {limits.max_metadata_bytes} bytes")
+            return Invalid(
+                "metadata_too_large",
+                "ValidationError",
+                f"metadata larger than {limits.max_metadata_bytes} bytes",
+            )
     error = next(iter(sorted(validator("post").iter_errors(doc), key=lambda e: list(e.path))), None)
     if error is not None:
         where = "/".join(str(p) for p in error.path) or "(root)"
@@ -151,7 +169,11 @@ def parse_post(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Post | Inv
     for name in ("id", "text"):  # the two strings the service encodes (record key, tokenizer)
         value = doc.get(name)
         if isinstance(value, str) and not _utf8_encodable(value):
-            return Invalid("not_utf8", "UnicodeEncodeError", f"{name} holds an unpaired surrogate escape (\\ud800-\\udfff)")
+            return Invalid(
+                "not_utf8",
+                "UnicodeEncodeError",
+                f"{name} holds an unpaired surrogate escape (\\ud800-\\udfff)",
+            )
     post_text = doc.get("text")
     truncated = False
     if post_text is not None and len(post_text) > limits.max_text_chars:
@@ -219,7 +241,11 @@ class ModalityReport:
     def document(self) -> dict[str, Any]:
         # A quality is published only for a present modality: q is a probability density, capped at 1.
         ok = self.state is ModalityState.ok and math.isfinite(self.quality) and self.quality > 0
-        return {"state": self.state.value, "reason": self.reason, "quality": min(self.quality, 1.0) if ok else None}
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "quality": min(self.quality, 1.0) if ok else None,
+        }
 
 
 def sentiment_document(

@@ -43,11 +43,17 @@ def ensure_demo_model(data_dir: str | Path, out_path: str | Path, progress: bool
     torch.manual_seed(0)
     model = create_model("offline", dataset.label_names, dim=CPU_DIM, queue_size=CPU_QUEUE_SIZE)
     cache = feature_cache_for(model, Path(data_dir) / "features")
-    train = encode_samples(model, _stratified_subset(dataset["train"], DEMO_TRAIN_SAMPLES), cache, progress=progress)
-    dev = encode_samples(model, _stratified_subset(dataset["dev"], DEMO_DEV_SAMPLES), cache, progress=progress)
+    train = encode_samples(
+        model, _stratified_subset(dataset["train"], DEMO_TRAIN_SAMPLES), cache, progress=progress
+    )
+    dev = encode_samples(
+        model, _stratified_subset(dataset["dev"], DEMO_DEV_SAMPLES), cache, progress=progress
+    )
     config = replace(CPU_TRAIN, batch_size=32, epochs=10)
     with one_thread():
-        result = fit(model, CachedSource(train), CachedSource(dev), config, progress=progress, description="demo model")
+        result = fit(
+            model, CachedSource(train), CachedSource(dev), config, progress=progress, description="demo model"
+        )
     log.info("demo model: best dev accuracy %.1f%% at epoch %d", result.best_dev_accuracy, result.best_epoch)
     save_checkpoint(model, out)
     return out

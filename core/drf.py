@@ -79,7 +79,9 @@ class DRFConfig:
     # Mechanisms where the robust variant departs from the paper (VARIANTS); the defaults are the robust ones.
     admission: str = "floor"  # queue admission: "floor" or the paper's "rule13" (core/distribution.py)
     admission_floor: float = DEFAULT_ADMISSION_FLOOR  # log q floor of the "floor" rule
-    fusion: str = "softmax"  # weights of (12): "softmax" over present terms, or the paper's "product" lambda q q
+    fusion: str = (
+        "softmax"  # weights of (12): "softmax" over present terms, or the paper's "product" lambda q q
+    )
     temperature: float = 1.0  # of the softmax: larger = qualities count less
     detach_targets: bool = True  # (4) pulls the converter towards a detached target
     detach_quality: bool = True  # the weights of (12) pass no gradient into the features they judge
@@ -91,7 +93,9 @@ class DRFConfig:
     quality_space: str = "encoder"
     image_dim: int = 0  # width of the image feature space of the queues and converters (0 = dim)
     text_dim: int = 0
-    normalise_image: bool = True  # L2-normalise image features before everything (docs/evaluation.md: quality AUROC)
+    normalise_image: bool = (
+        True  # L2-normalise image features before everything (docs/evaluation.md: quality AUROC)
+    )
     normalise_text: bool = False
 
     def __post_init__(self) -> None:
@@ -106,7 +110,9 @@ class DRFConfig:
         if self.quality_space not in QUALITY_SPACES:
             raise ValueError(f"quality_space must be one of {QUALITY_SPACES}, got {self.quality_space!r}")
         if not self.temperature > 0 or self.term_loss < 0:
-            raise ValueError(f"temperature must be > 0 and term_loss >= 0, got {self.temperature}, {self.term_loss}")
+            raise ValueError(
+                f"temperature must be > 0 and term_loss >= 0, got {self.temperature}, {self.term_loss}"
+            )
 
     def to_dict(self) -> dict[str, int | float | bool | str]:
         return asdict(self)
@@ -120,14 +126,26 @@ class DRFConfig:
 #: Named settings of the mechanisms above.  A checkpoint written before they existed was trained as ``paper``.
 VARIANTS: dict[str, dict[str, str | float | bool]] = {
     "robust": {
-        "admission": "floor", "fusion": "softmax", "detach_targets": True, "detach_quality": True, "cap_recovered": True,
+        "admission": "floor",
+        "fusion": "softmax",
+        "detach_targets": True,
+        "detach_quality": True,
+        "cap_recovered": True,
         "term_loss": 1.0,
-        "quality_space": "encoder", "normalise_image": True, "normalise_text": False,
+        "quality_space": "encoder",
+        "normalise_image": True,
+        "normalise_text": False,
     },
     "paper": {
-        "admission": "rule13", "fusion": "product", "detach_targets": False, "detach_quality": False, "cap_recovered": False,
+        "admission": "rule13",
+        "fusion": "product",
+        "detach_targets": False,
+        "detach_quality": False,
+        "cap_recovered": False,
         "term_loss": 0.0,
-        "quality_space": "projected", "normalise_image": False, "normalise_text": False,
+        "quality_space": "projected",
+        "normalise_image": False,
+        "normalise_text": False,
     },
 }
 DEFAULT_VARIANT = "robust"
@@ -344,7 +362,9 @@ class DRFHead(nn.Module):
         fused = terms.sum(dim=0)
         with torch.autocast(fused.device.type, enabled=False):
             logits = self.classifier(fused)
-            term_logits = self.classifier(fused_pairs.float()) if labels is not None and cfg.term_loss else None
+            term_logits = (
+                self.classifier(fused_pairs.float()) if labels is not None and cfg.term_loss else None
+            )
 
         out = DRFOutput(
             logits=logits,
@@ -386,7 +406,9 @@ class DRFHead(nn.Module):
         lam_v, lam_t = out.image_present.float(), out.text_present.float()
         f_v, f_t = out.image_features.float(), out.text_features.float()
         loss_dis = (
-            distribution_constraint(projected[0].float(), projected[1].float(), lam_v, lam_t, *projected_means)
+            distribution_constraint(
+                projected[0].float(), projected[1].float(), lam_v, lam_t, *projected_means
+            )
             if cfg.distribution_constraint
             else zero
         )

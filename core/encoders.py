@@ -149,8 +149,14 @@ def _offline_image(
     preprocessing = ImagePreprocessing(size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
     only = _inference_only(serving, runtime, precision, lambda: _lite0_network(pretrained=False))
     return TimmImageEncoder(
-        None if only else _lite0_network(pretrained), preprocessing, channels_last=True, runtime=runtime,
-        precision=precision, calibration=calibration, onnx_only=only, dim=LITE0_FEATURES,
+        None if only else _lite0_network(pretrained),
+        preprocessing,
+        channels_last=True,
+        runtime=runtime,
+        precision=precision,
+        calibration=calibration,
+        onnx_only=only,
+        dim=LITE0_FEATURES,
     )
 
 
@@ -170,8 +176,13 @@ def _minilm_dir() -> Path:
 
 
 def _hf_text(
-    directory: Path, pretrained: bool, max_length: int, source: str, runtime: str = "torch",
-    precision: str = "fp32", serving: CpuServing | None = None,
+    directory: Path,
+    pretrained: bool,
+    max_length: int,
+    source: str,
+    runtime: str = "torch",
+    precision: str = "fp32",
+    serving: CpuServing | None = None,
 ) -> HFTextEncoder:
     tokenizer = FastTokenizer(directory, max_length)
     # config.json read directly: an inference-only encoder never imports transformers.
@@ -186,8 +197,14 @@ def _hf_text(
 
     only = _inference_only(serving, runtime, precision, network)
     return HFTextEncoder(
-        None if only else network(pretrained), tokenizer, max_length=max_length, source=source, runtime=runtime,
-        precision=precision, onnx_only=only, dim=dim,
+        None if only else network(pretrained),
+        tokenizer,
+        max_length=max_length,
+        source=source,
+        runtime=runtime,
+        precision=precision,
+        onnx_only=only,
+        dim=dim,
     )
 
 
@@ -204,7 +221,9 @@ def _offline(
         image_runtime = serving.image_runtime or image_runtime
         text_runtime = serving.text_runtime or text_runtime
         precision = serving.precision or precision
-    text = _hf_text(_minilm_dir(), pretrained, max_length, "all-MiniLM-L6-v2", text_runtime, precision, serving)
+    text = _hf_text(
+        _minilm_dir(), pretrained, max_length, "all-MiniLM-L6-v2", text_runtime, precision, serving
+    )
     image = _offline_image(pretrained, image_runtime, precision, int8_calibration, serving)
     # Options beyond these two are recorded only when they differ from the default, so the fingerprints of
     # existing checkpoints and feature caches (core/train.py) stay what they were.

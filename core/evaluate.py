@@ -107,10 +107,14 @@ class EvalConfig:
                 problems.append(f"{name}: unknown {unknown}; known: {list(known)}")
         if self.variant not in VARIANTS:
             problems.append(f"variant: unknown {self.variant!r}; known: {list(VARIANTS)}")
-        if "router" in (*self.baselines, *self.random_methods) and not {"concat", "text_only", "image_only"} <= set(
-            self.baselines
-        ):
-            problems.append("the router baseline is composed of the concat, text_only and image_only baselines")
+        if "router" in (*self.baselines, *self.random_methods) and not {
+            "concat",
+            "text_only",
+            "image_only",
+        } <= set(self.baselines):
+            problems.append(
+                "the router baseline is composed of the concat, text_only and image_only baselines"
+            )
         if any(not 0 < r <= 1 for r in self.ratios):
             problems.append(f"ratios must lie in (0, 1], got {self.ratios}")
         if problems:
@@ -119,8 +123,12 @@ class EvalConfig:
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, encoder_lr=self.encoder_lr, head_lr=self.head_lr,
-            min_lr=self.min_lr, seed=seed,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            encoder_lr=self.encoder_lr,
+            head_lr=self.head_lr,
+            min_lr=self.min_lr,
+            seed=seed,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +155,10 @@ class Evaluation:
         self.dataset: Dataset = load_dataset(config.data)
         self.labels = list(self.dataset.label_names)
         self.base = create_model(
-            config.encoders, self.labels, dim=config.dim, queue_size=config.queue_size,
+            config.encoders,
+            self.labels,
+            dim=config.dim,
+            queue_size=config.queue_size,
             encoder_options=config.encoder_options,
         )
         self.encoders = Encoders(
@@ -185,10 +196,16 @@ class Evaluation:
 
     def random_conditions(self, setting: Setting, dr: float) -> Conditions:
         """Every split disrupted with ratio ``dr`` (training, model selection and test alike)."""
-        disrupted, stats = disrupt_dataset(self.dataset, "random", setting, self.config.disruption_seed, dr=dr)
-        self.disruption_stats[f"random {setting} dr={dr:g}"] = {k: dict(v.disrupted) for k, v in stats.items()}
+        disrupted, stats = disrupt_dataset(
+            self.dataset, "random", setting, self.config.disruption_seed, dr=dr
+        )
+        self.disruption_stats[f"random {setting} dr={dr:g}"] = {
+            k: dict(v.disrupted) for k, v in stats.items()
+        }
         return Conditions(
-            self._encode(disrupted, "train"), self._encode(disrupted, "dev"), {"test": self._encode(disrupted, "test")}
+            self._encode(disrupted, "train"),
+            self._encode(disrupted, "dev"),
+            {"test": self._encode(disrupted, "test")},
         )
 
     # -- models
@@ -206,25 +223,36 @@ class Evaluation:
             options[mechanism] = VARIANTS["paper"][mechanism]
         elif method not in ("drf", "drf-paper"):
             raise ValueError(f"unknown method {method!r}")
-        return DRFModel(self.encoders, self.labels, dim=self.config.dim, queue_size=self.config.queue_size, **options)
+        return DRFModel(
+            self.encoders, self.labels, dim=self.config.dim, queue_size=self.config.queue_size, **options
+        )
 
-    def trained(self, method: str, seed: int, regime: str, conditions: Conditions) -> tuple[Scorable, dict[str, Any]]:
+    def trained(
+        self, method: str, seed: int, regime: str, conditions: Conditions
+    ) -> tuple[Scorable, dict[str, Any]]:
         """The model of ``method`` trained on ``conditions`` (baseline heads are kept: the router reuses them)."""
         key = (method, seed, regime)
         if key in self._models:
             return self._models[key]
         if method == "router":
-            parts = [self.trained(m, seed, regime, conditions)[0] for m in ("concat", "text_only", "image_only")]
+            parts = [
+                self.trained(m, seed, regime, conditions)[0] for m in ("concat", "text_only", "image_only")
+            ]
             heads = [part for part in parts if isinstance(part, BaselineHead)]
             return Router(*heads), {"best_epoch": 0, "best_dev_accuracy": float("nan"), "train_seconds": 0.0}
         model = self.build(method, seed)
         with one_thread():  # encoding keeps every thread; heads train faster on one
             result = fit(
-                model, CachedSource(conditions.train), CachedSource(conditions.dev), self.config.train_config(seed)
+                model,
+                CachedSource(conditions.train),
+                CachedSource(conditions.dev),
+                self.config.train_config(seed),
             )
         info = {
-            "best_epoch": result.best_epoch, "best_dev_accuracy": result.best_dev_accuracy,
-            "train_seconds": result.seconds, "history": result.history,
+            "best_epoch": result.best_epoch,
+            "best_dev_accuracy": result.best_dev_accuracy,
+            "train_seconds": result.seconds,
+            "history": result.history,
         }
         if method in HEADS:
             self._models[key] = (model, info)
@@ -236,22 +264,31 @@ class Evaluation:
             test = CachedSource(table)
             predicted = predict_probabilities(model, test).argmax(-1)
             scores = classification_scores(test.labels.numpy(), predicted, len(self.labels))
-            self.results.append({"method": method, "seed": seed, "regime": regime, "test": test_name, **scores, **info})
+            self.results.append(
+                {"method": method, "seed": seed, "regime": regime, "test": test_name, **scores, **info}
+            )
         if isinstance(model, DRFModel) and {"clean", "image/C", "text/C"} <= set(conditions.tests):
-            self.quality_auroc.append({"method": method, "seed": seed, **quality_auroc(model, conditions.tests)})
+            self.quality_auroc.append(
+                {"method": method, "seed": seed, **quality_auroc(model, conditions.tests)}
+            )
 
     def methods_clean(self) -> list[str]:
         paper = ["drf-paper"] if self.config.compare_paper and self.config.variant != "paper" else []
         return [
-            "drf", *paper, *(f"drf-paper-{m}" for m in self.config.mechanisms),
-            *(f"drf-no-{a}" for a in self.config.ablations), *self.config.baselines,
+            "drf",
+            *paper,
+            *(f"drf-paper-{m}" for m in self.config.mechanisms),
+            *(f"drf-no-{a}" for a in self.config.ablations),
+            *self.config.baselines,
         ]
 
     def execute(self) -> None:
         cfg = self.config
         started = time.monotonic()
         clean = self.clean_conditions()
-        total = len(cfg.seeds) * (len(self.methods_clean()) + len(cfg.random_settings) * len(cfg.ratios) * len(cfg.random_methods))
+        total = len(cfg.seeds) * (
+            len(self.methods_clean()) + len(cfg.random_settings) * len(cfg.ratios) * len(cfg.random_methods)
+        )
         bar = progress_bar(total=total, desc="evaluation runs", unit="run", disable=not self.progress)
         for method in self.methods_clean():
             for seed in cfg.seeds:
@@ -276,15 +313,22 @@ class Evaluation:
         ds = self.dataset
         return {
             "data": {
-                "spec": self.config.data, "name": ds.name, "sizes": ds.sizes(),
-                "label_counts": {s: ds.label_counts(s) for s in ds.splits}, "attribution": ds.meta.get("attribution"),
+                "spec": self.config.data,
+                "name": ds.name,
+                "sizes": ds.sizes(),
+                "label_counts": {s: ds.label_counts(s) for s in ds.splits},
+                "attribution": ds.meta.get("attribution"),
             },
             "encoders": ENCODER_DESCRIPTIONS.get(self.config.encoders, self.config.encoders),
             "config": self.config.to_dict(),
             "disruption": self.disruption_stats,
             "timings": self.timings,
-            "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads()},
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
@@ -331,7 +375,9 @@ def quality_auroc(model: DRFModel, tests: dict[str, FeatureTable]) -> dict[str, 
     return {m: auroc(clean[m], log_q(tests[f"{m}/C"])[m]) for m in MODALITIES}
 
 
-def run_evaluation(config: EvalConfig, out_dir: str | Path, cache_root: str | Path, progress: bool = True) -> dict[str, Path]:
+def run_evaluation(
+    config: EvalConfig, out_dir: str | Path, cache_root: str | Path, progress: bool = True
+) -> dict[str, Path]:
     """Run every configured experiment and write the report."""
     evaluation = Evaluation(config, cache_root, progress=progress)
     evaluation.execute()

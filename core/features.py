@@ -93,7 +93,9 @@ def encoder_fingerprint(model: DRFModel) -> str:
         "preprocessing": model.preprocessing,
         "image_load_size": IMAGE_LOAD_SIZE,
     }
-    if model.encoder_options.get("precision") == "int8":  # int8 features depend on the quantisation recipe too
+    if (
+        model.encoder_options.get("precision") == "int8"
+    ):  # int8 features depend on the quantisation recipe too
         described["onnx_recipe"] = ONNX_RECIPE
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     for prefix, encoder in (("image", model.image_encoder), ("text", model.text_encoder)):
@@ -184,7 +186,7 @@ def _encode_missing_images(
     todo = cache.missing("image", list(keyed))
     if not todo:
         return
-    run = (_ort_image_runner(model) if len(todo) >= ORT_MIN_IMAGES and model.freeze_encoders else None)
+    run = _ort_image_runner(model) if len(todo) >= ORT_MIN_IMAGES and model.freeze_encoders else None
     run = run or _torch_image_runner(model)
     bar = progress_bar(total=len(todo), desc="encode images", unit="img", disable=not progress, leave=False)
     # Decoding and masking overlap with encoding: PIL releases the GIL.
@@ -193,7 +195,10 @@ def _encode_missing_images(
         for start in range(0, len(todo), batch_size):
             keys = todo[start : start + batch_size]
             pixels = torch.stack([f.result() for f in pending])
-            pending = [pool.submit(_load_pixels, model, keyed[k]) for k in todo[start + batch_size : start + 2 * batch_size]]
+            pending = [
+                pool.submit(_load_pixels, model, keyed[k])
+                for k in todo[start + batch_size : start + 2 * batch_size]
+            ]
             cache.put("image", keys, run(pixels))
             bar.update(len(keys))
     bar.close()
@@ -218,7 +223,11 @@ def _encode_missing_texts(
 
 
 def encode_samples(
-    model: DRFModel, samples: Sequence[Sample], cache: FeatureCache, batch_size: int = 32, progress: bool = False
+    model: DRFModel,
+    samples: Sequence[Sample],
+    cache: FeatureCache,
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> FeatureTable:
     """Features of ``samples`` (disruptions applied), encoding only what the cache lacks."""
     if not samples:
@@ -293,4 +302,6 @@ class SampleSource:
         device = next(model.parameters()).device
         batch = batch.to(device)
         image, text = model.encode_batch(batch)
-        return FeatureTable(image, text, batch.image_present, batch.text_present, self.labels[index].to(device))
+        return FeatureTable(
+            image, text, batch.image_present, batch.text_present, self.labels[index].to(device)
+        )

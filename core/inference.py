@@ -46,7 +46,9 @@ class BatchPrediction:
     abstained: np.ndarray  # [B] bool: no usable modality
     image_features: np.ndarray  # [B, d_v] float32, zeros where absent (proposals for the reference queues)
     text_features: np.ndarray  # [B, d_t]
-    image_accepted: np.ndarray  # [B] bool: present and admitted by the head's queue rule against the current stats
+    image_accepted: (
+        np.ndarray
+    )  # [B] bool: present and admitted by the head's queue rule against the current stats
     text_accepted: np.ndarray  # [B] bool
 
     @classmethod
@@ -132,7 +134,9 @@ class Predictor:
         if resolved.type != "cpu":
             checkpoint = load_checkpoint(path)
             return cls(checkpoint.model, resolved, checkpoint.model_version, mixed_precision)
-        if "OMP_NUM_THREADS" not in os.environ:  # torch's default is the node's cores, not the pod's CPU quota
+        if (
+            "OMP_NUM_THREADS" not in os.environ
+        ):  # torch's default is the node's cores, not the pod's CPU quota
             torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))
         with cpu_serving(CpuServing(image_runtime, text_runtime, precision, (onnx_dir_for(path),))):
             checkpoint = load_checkpoint(path)
@@ -216,8 +220,12 @@ class Predictor:
                     f"out of memory on {self.device} for a single post: the model does not fit ({exc})"
                 ) from exc
             self.max_rows = size // 2
-            log.warning("out of memory on %s at a batch of %d posts: split; batches now at most %d",
-                        self.device, size, self.max_rows)
+            log.warning(
+                "out of memory on %s at a batch of %d posts: split; batches now at most %d",
+                self.device,
+                size,
+                self.max_rows,
+            )
             return self.predict(batch)
 
     @torch.inference_mode()

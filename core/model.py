@@ -45,13 +45,19 @@ class FeatureTable:
 
     def rows(self, index: Tensor) -> FeatureTable:
         return FeatureTable(
-            self.image[index], self.text[index], self.image_present[index], self.text_present[index],
+            self.image[index],
+            self.text[index],
+            self.image_present[index],
+            self.text_present[index],
             None if self.labels is None else self.labels[index],
         )
 
     def to(self, device: torch.device | str) -> FeatureTable:
         return FeatureTable(
-            self.image.to(device), self.text.to(device), self.image_present.to(device), self.text_present.to(device),
+            self.image.to(device),
+            self.text.to(device),
+            self.image_present.to(device),
+            self.text_present.to(device),
             None if self.labels is None else self.labels.to(device),
         )
 
@@ -107,7 +113,13 @@ class DRFModel(nn.Module):
             or not all(isinstance(x, str) and x for x in labels)
         ):
             raise ValueError(f"labels must be at least two distinct non-empty strings, got {labels}")
-        known = {f.name for f in fields(DRFConfig)} - {"num_classes", "dim", "queue_size", "image_dim", "text_dim"}
+        known = {f.name for f in fields(DRFConfig)} - {
+            "num_classes",
+            "dim",
+            "queue_size",
+            "image_dim",
+            "text_dim",
+        }
         unknown = set(head_options) - known
         if unknown:
             raise ValueError(f"unknown DRF options {sorted(unknown)}; known: {sorted(known)}")
@@ -123,8 +135,11 @@ class DRFModel(nn.Module):
         encoder_space = head_options.get("quality_space", DRFConfig.quality_space) == "encoder"
         self.head = DRFHead(
             DRFConfig(
-                num_classes=len(labels), dim=dim, queue_size=queue_size,
-                image_dim=encoders.image.dim if encoder_space else 0, text_dim=encoders.text.dim if encoder_space else 0,
+                num_classes=len(labels),
+                dim=dim,
+                queue_size=queue_size,
+                image_dim=encoders.image.dim if encoder_space else 0,
+                text_dim=encoders.text.dim if encoder_space else 0,
                 **head_options,
             )
         )
@@ -211,7 +226,12 @@ class DRFModel(nn.Module):
             text_features = F.normalize(text_features, dim=-1)
         if cfg.quality_space == "encoder":
             return self.head(
-                image_features, text_features, image_present, text_present, labels=labels, stats=stats,
+                image_features,
+                text_features,
+                image_present,
+                text_present,
+                labels=labels,
+                stats=stats,
                 projections=(self.image_projection, self.text_projection),
             )
         f_v = self.image_projection(image_features)
@@ -283,6 +303,10 @@ def create_model(
     if dim is None:
         dim = encoders.image.dim if name == "tiny" else DEFAULT_DIM
     return DRFModel(
-        encoders, labels, dim=dim, queue_size=queue_size, freeze_encoders=freeze_encoders,
+        encoders,
+        labels,
+        dim=dim,
+        queue_size=queue_size,
+        freeze_encoders=freeze_encoders,
         **{**VARIANTS[variant], **head_options},
     )

@@ -119,7 +119,9 @@ def onnx_file_name(kind: str, precision: str, calibration_id: str, weights: Mapp
     )
     for name in sorted(weights):
         digest.update(name.encode())
-        digest.update(weights[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            weights[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     return f"{kind}-{precision}-{digest.hexdigest()[:20]}.onnx"
 
 
@@ -129,7 +131,9 @@ def onnx_model_file(spec: OnnxExport, precision: str, directory: Path | None = N
     Written atomically, so concurrent processes at worst export twice.
     """
     require_onnxruntime(f"the {spec.kind} encoder's ONNX export", export=True)
-    path = (directory or onnx_cache_dir()) / onnx_file_name(spec.kind, precision, spec.calibration_id, spec.weights)
+    path = (directory or onnx_cache_dir()) / onnx_file_name(
+        spec.kind, precision, spec.calibration_id, spec.weights
+    )
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,8 +168,12 @@ _arena_lock = threading.Lock()
 @functools.cache
 def _register_shared_arena() -> None:
     onnxruntime = require_onnxruntime("ONNX Runtime inference")
-    cpu = onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, onnxruntime.OrtMemType.DEFAULT)
-    onnxruntime.create_and_register_allocator(cpu, onnxruntime.OrtArenaCfg(0, -1, -1, -1))  # ONNX Runtime's defaults
+    cpu = onnxruntime.OrtMemoryInfo(
+        "Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, onnxruntime.OrtMemType.DEFAULT
+    )
+    onnxruntime.create_and_register_allocator(
+        cpu, onnxruntime.OrtArenaCfg(0, -1, -1, -1)
+    )  # ONNX Runtime's defaults
 
 
 def shared_cpu_arena() -> None:
@@ -260,14 +268,24 @@ class OnnxSwitch:
         with self._session_lock:
             if self.onnx_only is not None:
                 if self._session is None:
-                    raise RuntimeError("an inference-only encoder gets its session by loading weights (a checkpoint)")
+                    raise RuntimeError(
+                        "an inference-only encoder gets its session by loading weights (a checkpoint)"
+                    )
             elif self._session is None or self._session.precision != self.precision:
-                self._session = OnnxSession(onnx_model_file(self.onnx_export(), self.precision), self.precision)
+                self._session = OnnxSession(
+                    onnx_model_file(self.onnx_export(), self.precision), self.precision
+                )
             return self._session
 
     def _load_from_state_dict(
-        self, state_dict: Mapping[str, Tensor], prefix: str, local_metadata: Any, strict: bool,
-        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+        self,
+        state_dict: Mapping[str, Tensor],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
         self._session = None  # new weights: another file
         if self.onnx_only is None:
@@ -291,7 +309,9 @@ class OnnxSwitch:
         log.warning(
             "no exported %s encoder (%s) for these weights: exporting in this process, which costs it time and "
             "memory; run `python -m core.encoders CHECKPOINT --precision %s` where the checkpoint is built",
-            self.onnx_kind, name, self.precision,
+            self.onnx_kind,
+            name,
+            self.precision,
         )
         network = self.onnx_only.network()
         network.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()})
@@ -303,7 +323,9 @@ class OnnxSwitch:
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         if self.onnx_only is not None and self.model is None:
-            raise RuntimeError("an inference-only encoder holds no torch weights to save; load the checkpoint anew")
+            raise RuntimeError(
+                "an inference-only encoder holds no torch weights to save; load the checkpoint anew"
+            )
         super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -315,7 +337,9 @@ class OnnxSwitch:
         self._session_lock = threading.Lock()
 
 
-def configure_cpu_inference(encoder: nn.Module, runtime: str | None = None, precision: str | None = None) -> None:
+def configure_cpu_inference(
+    encoder: nn.Module, runtime: str | None = None, precision: str | None = None
+) -> None:
     """Switch an encoder's CPU inference runtime and/or precision (serving a checkpoint without retraining).
 
     Names are checked in one place, ``OnnxSwitch._init_switch``; ONNX Runtime's presence here, when it is asked
@@ -326,7 +350,9 @@ def configure_cpu_inference(encoder: nn.Module, runtime: str | None = None, prec
     runtime, precision = runtime or encoder.runtime, precision or encoder.precision
     if encoder.onnx_only is not None:
         if (runtime, precision) != (encoder.runtime, encoder.precision):
-            raise ValueError("an inference-only encoder cannot switch runtime or precision; load the checkpoint anew")
+            raise ValueError(
+                "an inference-only encoder cannot switch runtime or precision; load the checkpoint anew"
+            )
         return
     if served_by_onnx(runtime, precision):
         require_onnxruntime(f"runtime {runtime!r} at precision {precision!r}")
@@ -360,7 +386,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--out", type=Path, default=None, help="default: CHECKPOINT.onnx/ beside the checkpoint")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: CHECKPOINT.onnx/ beside the checkpoint"
+    )
     args = parser.parse_args(argv)
     for path in prepare_onnx(args.checkpoint, args.precision, args.out):
         print(path)

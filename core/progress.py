@@ -59,6 +59,15 @@ def progress(
     if is_terminal(stream):
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave, file=stream)
     return tqdm(
-        iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave,
-        file=_LogWriter(logger or log), mininterval=interval_s, maxinterval=interval_s, ascii=True, ncols=100,
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=disable,
+        leave=leave,
+        file=_LogWriter(logger or log),
+        mininterval=interval_s,
+        maxinterval=interval_s,
+        ascii=True,
+        ncols=100,
     )

@@ -62,10 +62,16 @@ def quantise(fp32: Path, spec: OnnxExport) -> Path:
         # dynamic int8 range per tensor crushes (min cosine to fp32 0.95 -> 0.98 on tweets; bench/parity.py).
         graph = onnx.load(fp32, load_external_data=False).graph
         outliers = [
-            n.name for n in graph.node if n.op_type == "MatMul" and re.search(r"/layer\.\d+/output/dense/", n.name)
+            n.name
+            for n in graph.node
+            if n.op_type == "MatMul" and re.search(r"/layer\.\d+/output/dense/", n.name)
         ]
         q.quantize_dynamic(
-            fp32, out, per_channel=True, weight_type=q.QuantType.QInt8, op_types_to_quantize=["MatMul"],
+            fp32,
+            out,
+            per_channel=True,
+            weight_type=q.QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
             nodes_to_exclude=outliers,
         )
         return out
@@ -76,7 +82,9 @@ def quantise(fp32: Path, spec: OnnxExport) -> Path:
     # (Shape, Div, Ceil, Clip...): quantising those shifts the padding, which cost 0.1 in feature cosine.
     graph = onnx.load(prepared).graph
     produced_by = {out: node.op_type for node in graph.node for out in node.output}
-    not_activations = [n.name for n in graph.node if n.op_type == "Clip" and produced_by.get(n.input[0]) != "Conv"]
+    not_activations = [
+        n.name for n in graph.node if n.op_type == "Clip" and produced_by.get(n.input[0]) != "Conv"
+    ]
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:

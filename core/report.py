@@ -37,7 +37,9 @@ METHOD_NAMES = {
 }
 
 
-def aggregate(results: Sequence[dict[str, Any]], method: str, regime: str, test: str) -> dict[str, float] | None:
+def aggregate(
+    results: Sequence[dict[str, Any]], method: str, regime: str, test: str
+) -> dict[str, float] | None:
     """Mean and sample standard deviation over seeds of one (method, regime, test) cell; None if not run."""
     rows = [r for r in results if (r["method"], r["regime"], r["test"]) == (method, regime, test)]
     if not rows:
@@ -53,8 +55,10 @@ def aggregate(results: Sequence[dict[str, Any]], method: str, regime: str, test:
 def _cell(agg: dict[str, float] | None) -> str:
     if agg is None:
         return "–"
-    return (f"{agg['accuracy']:.1f} ± {agg['accuracy_sd']:.1f} / {agg['weighted_f1']:.1f} ± "
-            f"{agg['weighted_f1_sd']:.1f}")
+    return (
+        f"{agg['accuracy']:.1f} ± {agg['accuracy_sd']:.1f} / {agg['weighted_f1']:.1f} ± "
+        f"{agg['weighted_f1_sd']:.1f}"
+    )
 
 
 def _method_name(method: str) -> str:
@@ -78,7 +82,9 @@ def _caption(describe: dict[str, Any], split_note: str) -> str:
     )
 
 
-def fixed_table(results: Sequence[dict[str, Any]], methods: Sequence[str], settings: Sequence[str]) -> list[str]:
+def fixed_table(
+    results: Sequence[dict[str, Any]], methods: Sequence[str], settings: Sequence[str]
+) -> list[str]:
     lines = ["| Disrupted | Method | " + " | ".join(settings) + " |", "|---|---|" + "---|" * len(settings)]
     for modality in MODALITIES:
         for method in methods:
@@ -125,9 +131,14 @@ def mechanism_section(
         return []
     tests = ["clean", *(f"{m}/{s}" for m in MODALITIES for s in config.fixed_settings)]
     header = "| Method | " + " | ".join(tests) + " | AUROC image | AUROC text |"
-    lines = [f"## Mechanisms of the {config.variant} variant, one at a time back to the paper's", "",
-             "Trained clean; accuracy in %, mean ± sample std over seeds.", "", header,
-             "|---|" + "---|" * (len(tests) + 2)]
+    lines = [
+        f"## Mechanisms of the {config.variant} variant, one at a time back to the paper's",
+        "",
+        "Trained clean; accuracy in %, mean ± sample std over seeds.",
+        "",
+        header,
+        "|---|" + "---|" * (len(tests) + 2),
+    ]
     for method in ["drf", *(f"drf-paper-{m}" for m in config.mechanisms)]:
         cells = []
         for test in tests:
@@ -176,10 +187,16 @@ DIAGNOSTICS = (
 def diagnostics_table(results: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
     """The training diagnostics (core.drf.output_diagnostics on dev) at the first and the last epoch of each
     DRF variant trained clean, mean over seeds: how the queues and the fusion weights evolve."""
-    lines = ["| Method | epoch | " + " | ".join(h for _, h in DIAGNOSTICS) + " |", "|---|---|" + "---|" * len(DIAGNOSTICS)]
+    lines = [
+        "| Method | epoch | " + " | ".join(h for _, h in DIAGNOSTICS) + " |",
+        "|---|---|" + "---|" * len(DIAGNOSTICS),
+    ]
     for method in methods:
-        runs = {r["seed"]: r["history"] for r in results
-                if r["method"] == method and r["regime"] == "clean" and r.get("history")}
+        runs = {
+            r["seed"]: r["history"]
+            for r in results
+            if r["method"] == method and r["regime"] == "clean" and r.get("history")
+        }
         if not runs:
             continue
         for label, pick in (("first", 0), ("last", -1)):
@@ -188,11 +205,15 @@ def diagnostics_table(results: Sequence[dict[str, Any]], methods: Sequence[str])
             for key, _ in DIAGNOSTICS:
                 values = [r[key] for r in records if key in r]
                 cells.append(f"{statistics.fmean(values):.3g}" if values else "–")
-            lines.append(f"| {_method_name(method)} | {label} ({records[0]['epoch']}) | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {_method_name(method)} | {label} ({records[0]['epoch']}) | " + " | ".join(cells) + " |"
+            )
     return lines
 
 
-def targets(results: Sequence[dict[str, Any]], auroc_rows: Sequence[dict[str, Any]], ratios: Sequence[float]) -> list[dict[str, Any]]:
+def targets(
+    results: Sequence[dict[str, Any]], auroc_rows: Sequence[dict[str, Any]], ratios: Sequence[float]
+) -> list[dict[str, Any]]:
     """The acceptance targets of the model (issue 12), each with the numbers it was judged on (accuracy means)."""
 
     def acc(method: str, test: str, regime: str = "clean") -> float | None:
@@ -201,15 +222,25 @@ def targets(results: Sequence[dict[str, Any]], auroc_rows: Sequence[dict[str, An
 
     checks: list[dict[str, Any]] = []
 
-    def check(name: str, value: float | None, bound: float | None, margin: float = 0.0, at_most: bool = False) -> None:
+    def check(
+        name: str, value: float | None, bound: float | None, margin: float = 0.0, at_most: bool = False
+    ) -> None:
         """``value >= bound + margin`` (``at_most``: ``value <= bound``); skipped when a number is missing."""
         if value is None or bound is None:
             return
         limit = bound + margin
-        checks.append({"target": name, "drf": round(value, 2), "bound": round(limit, 2),
-                       "met": value <= limit if at_most else value >= limit})
+        checks.append(
+            {
+                "target": name,
+                "drf": round(value, 2),
+                "bound": round(limit, 2),
+                "met": value <= limit if at_most else value >= limit,
+            }
+        )
 
-    clean_baselines = [a for m in ("concat", "concat_dropout", "router") if (a := acc(m, "clean")) is not None]
+    clean_baselines = [
+        a for m in ("concat", "concat_dropout", "router") if (a := acc(m, "clean")) is not None
+    ]
     best = max(clean_baselines, default=None)
     check("clean ≥ best baseline − 0.5", acc("drf", "clean"), best, -0.5)
     check("clean ≥ 70 %", acc("drf", "clean"), 70.0)
@@ -231,18 +262,28 @@ def targets(results: Sequence[dict[str, Any]], auroc_rows: Sequence[dict[str, An
     for modality in MODALITIES:
         values = [row[modality] for row in auroc_rows if row["method"] == "drf"]
         if values:
-            checks.append({"target": f"quality AUROC {modality} ≥ 0.9", "drf": round(statistics.fmean(values), 3),
-                           "bound": 0.9, "met": statistics.fmean(values) >= 0.9})
+            checks.append(
+                {
+                    "target": f"quality AUROC {modality} ≥ 0.9",
+                    "drf": round(statistics.fmean(values), 3),
+                    "bound": 0.9,
+                    "met": statistics.fmean(values) >= 0.9,
+                }
+            )
     return checks
 
 
 def targets_table(checks: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["| Target | DRF | bound | met |", "|---|---|---|---|"]
-    lines += [f"| {c['target']} | {c['drf']} | {c['bound']} | {'yes' if c['met'] else '**no**'} |" for c in checks]
+    lines += [
+        f"| {c['target']} | {c['drf']} | {c['bound']} | {'yes' if c['met'] else '**no**'} |" for c in checks
+    ]
     return lines
 
 
-def plot_random(results: Sequence[dict[str, Any]], config: EvalConfig, describe: dict[str, Any], path: Path) -> None:
+def plot_random(
+    results: Sequence[dict[str, Any]], config: EvalConfig, describe: dict[str, Any], path: Path
+) -> None:
     """Figure 5: accuracy against dr, one panel per setting, error bars = sample std over seeds."""
     import matplotlib
 
@@ -253,10 +294,16 @@ def plot_random(results: Sequence[dict[str, Any]], config: EvalConfig, describe:
     fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
         for method in config.random_methods:
-            points = [(r, a) for r, a in random_curve(results, method, setting, config.ratios) if a is not None]
+            points = [
+                (r, a) for r, a in random_curve(results, method, setting, config.ratios) if a is not None
+            ]
             ax.errorbar(
-                [r for r, _ in points], [a["accuracy"] for _, a in points], yerr=[a["accuracy_sd"] for _, a in points],
-                marker="o", capsize=3, label=_method_name(method),
+                [r for r, _ in points],
+                [a["accuracy"] for _, a in points],
+                yerr=[a["accuracy_sd"] for _, a in points],
+                marker="o",
+                capsize=3,
+                label=_method_name(method),
             )
         ax.set_title(f"modality-random, {setting}")
         ax.set_xlabel("disruption ratio dr")
@@ -264,7 +311,9 @@ def plot_random(results: Sequence[dict[str, Any]], config: EvalConfig, describe:
         ax.grid(alpha=0.3)
         ax.legend()
     seeds = ",".join(str(s) for s in config.seeds)
-    fig.suptitle(f"{describe['data']['name']} test split, seeds {seeds}, encoders {config.encoders}", fontsize=9)
+    fig.suptitle(
+        f"{describe['data']['name']} test split, seeds {seeds}, encoders {config.encoders}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -280,8 +329,11 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
     paths = {"json": out / "results.json", "markdown": out / "report.md"}
     checks = targets(results, evaluation.quality_auroc, cfg.ratios)
     paths["json"].write_text(
-        json.dumps({**describe, "targets": checks, "quality_auroc": evaluation.quality_auroc, "results": results},
-                   indent=1) + "\n",
+        json.dumps(
+            {**describe, "targets": checks, "quality_auroc": evaluation.quality_auroc, "results": results},
+            indent=1,
+        )
+        + "\n",
         encoding="utf-8",
     )
     drf_methods = [m for m in evaluation.methods_clean() if m.startswith("drf")]
@@ -341,6 +393,13 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
         ]
         for setting in cfg.random_settings:
             lines += [*random_table(results, cfg.random_methods, setting, cfg.ratios), ""]
-    lines += ["## Targets", "", "Accuracy means over seeds (AUROC for quality).", "", *targets_table(checks), ""]
+    lines += [
+        "## Targets",
+        "",
+        "Accuracy means over seeds (AUROC for quality).",
+        "",
+        *targets_table(checks),
+        "",
+    ]
     paths["markdown"].write_text("\n".join(lines), encoding="utf-8")
     return paths

@@ -64,7 +64,9 @@ class TimmImageEncoder(OnnxSwitch, ImageEncoder):
     def forward(self, pixel_values: Tensor) -> Tensor:
         if self._takes_onnx(pixel_values):
             session = self.onnx_session()
-            return torch.cat([session({"pixel_values": c}) for c in pixel_values.float().split(ONNX_IMAGE_CHUNK)])
+            return torch.cat(
+                [session({"pixel_values": c}) for c in pixel_values.float().split(ONNX_IMAGE_CHUNK)]
+            )
         assert self.model is not None
         if self.channels_last:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
@@ -107,7 +109,9 @@ class _PooledText(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None
+    ) -> Tensor:
         hidden = self.model(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
@@ -133,7 +137,8 @@ class FastTokenizer:
         # The file's own settings may pad every text to a fixed length: pad to the batch's longest instead.
         padding = backend.padding or {}
         backend.enable_padding(
-            pad_id=padding.get("pad_id", 0), pad_type_id=padding.get("pad_type_id", 0),
+            pad_id=padding.get("pad_id", 0),
+            pad_type_id=padding.get("pad_type_id", 0),
             pad_token=padding.get("pad_token", "[PAD]"),
         )
         backend.enable_truncation(max_length)
@@ -164,8 +169,16 @@ class HFTextEncoder(OnnxSwitch, TextEncoder):
     onnx_kind = "text"
 
     def __init__(
-        self, model: nn.Module | None, tokenizer: FastTokenizer, max_length: int, source: str,
-        runtime: str = "torch", precision: str = "fp32", onnx_only: OnnxOnly | None = None, *, dim: int,
+        self,
+        model: nn.Module | None,
+        tokenizer: FastTokenizer,
+        max_length: int,
+        source: str,
+        runtime: str = "torch",
+        precision: str = "fp32",
+        onnx_only: OnnxOnly | None = None,
+        *,
+        dim: int,
     ) -> None:
         super().__init__()
         self._init_switch(runtime, precision, onnx_only)
@@ -196,7 +209,9 @@ class HFTextEncoder(OnnxSwitch, TextEncoder):
         # Two texts of different lengths: the example is padded, so nothing is traced for the all-ones mask.
         example = self.tokenize(["a short one", "a longer example text, so that the first one is padded"])
         axes = {name: {0: "batch", 1: "sequence"} for name in example}
-        return OnnxExport(self.onnx_kind, _PooledText(self.model), self.state_dict(), example, "features", axes)
+        return OnnxExport(
+            self.onnx_kind, _PooledText(self.model), self.state_dict(), example, "features", axes
+        )
 
     def preprocessing(self) -> dict[str, Any]:
         return {"max_length": self.max_length, "tokenizer": self.source, "vocab_size": len(self.tokenizer)}

@@ -124,7 +124,9 @@ def classification_scores(labels: np.ndarray, predicted: np.ndarray, num_classes
     """Accuracy and support-weighted F1 (the paper's ACC/F1), in percent."""
     labels, predicted = np.asarray(labels), np.asarray(predicted)
     if labels.shape != predicted.shape or labels.size == 0:
-        raise ValueError(f"need equally long, non-empty label arrays, got {labels.shape} and {predicted.shape}")
+        raise ValueError(
+            f"need equally long, non-empty label arrays, got {labels.shape} and {predicted.shape}"
+        )
     f1s, support = [], []
     for c in range(num_classes):
         tp = int(np.sum((predicted == c) & (labels == c)))
@@ -222,7 +224,9 @@ def _fit(
         torch.set_rng_state(state["rng"])
         start_epoch = int(state["epoch"])
         best_state = state["best"]
-        result = TrainResult(list(state["history"]), int(state["best_epoch"]), float(state["best_dev_accuracy"]))
+        result = TrainResult(
+            list(state["history"]), int(state["best_epoch"]), float(state["best_dev_accuracy"])
+        )
     else:
         torch.manual_seed(config.seed)
     after_step = getattr(model, "update_queues", None)
@@ -230,12 +234,18 @@ def _fit(
     device = _device_of(model)
     started = time.monotonic()
     bar = progress_bar(
-        total=config.epochs * steps_per_epoch, desc=description, unit="step", disable=not progress, leave=False
+        total=config.epochs * steps_per_epoch,
+        desc=description,
+        unit="step",
+        disable=not progress,
+        leave=False,
     )
     bar.update(start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, config.epochs):
         model.train(True)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+        order = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        )
         losses = []
         admitted = {"image": [0, 0], "text": [0, 0]}  # accepted, offered (present) features this epoch
         for index in order.split(config.batch_size):
@@ -247,14 +257,20 @@ def _fit(
             scheduler.step()
             if after_step is not None:
                 accepted = after_step(out)
-                for name, mask, present in zip(admitted, accepted, (out.image_present, out.text_present), strict=True):
+                for name, mask, present in zip(
+                    admitted, accepted, (out.image_present, out.text_present), strict=True
+                ):
                     admitted[name][0] += int(mask.sum())
                     admitted[name][1] += int(present.sum())
             losses.append(float(out.loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", dev_acc=f"{result.best_dev_accuracy:.1f}")
         dev_scores = score(model, dev, num_classes)
-        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_scores["accuracy"]}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "dev_accuracy": dev_scores["accuracy"],
+        }
         if diagnose is not None:
             record.update({f"acceptance_{k}": a / max(1, n) for k, (a, n) in admitted.items()})
             record.update(diagnose(dev.features(torch.arange(len(dev))).to(device)))
@@ -263,8 +279,14 @@ def _fit(
             result.best_dev_accuracy, result.best_epoch = dev_scores["accuracy"], epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev_acc=f"{dev_scores['accuracy']:.1f}")
-        log.info("%s epoch %d/%d: loss %.4f, dev accuracy %.2f", description, epoch + 1, config.epochs,
-                 record["train_loss"], record["dev_accuracy"])
+        log.info(
+            "%s epoch %d/%d: loss %.4f, dev accuracy %.2f",
+            description,
+            epoch + 1,
+            config.epochs,
+            record["train_loss"],
+            record["dev_accuracy"],
+        )
         if state_file is not None:
             torch_save_atomically(
                 {

@@ -17,15 +17,27 @@ from stream import __version__
 from stream.settings import SettingsError, load_settings, parse_override
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("stream.commands.demo", "the main job end to end on a local broker and Redis, with live results"),
+    "demo": (
+        "stream.commands.demo",
+        "the main job end to end on a local broker and Redis, with live results",
+    ),
     "services": ("stream.commands.services", "start, stop or inspect the local broker and Redis"),
     "config": ("stream.commands.config", "print the effective settings (secrets redacted) or check them"),
     "serve": ("stream.commands.serve", "score posts from the input topic as a consumer-group member"),
-    "queues": ("stream.commands.queues", "seed, inspect, snapshot or reset the shared reference queues in Redis"),
-    "score": ("stream.commands.score", "score a JSONL file or a directory of posts without Kafka (backfills, shadow tests)"),
+    "queues": (
+        "stream.commands.queues",
+        "seed, inspect, snapshot or reset the shared reference queues in Redis",
+    ),
+    "score": (
+        "stream.commands.score",
+        "score a JSONL file or a directory of posts without Kafka (backfills, shadow tests)",
+    ),
     "produce": ("stream.commands.produce", "send posts from a data set or a JSONL file to a topic"),
     "train": ("stream.commands.train", "train a DRF model and write its checkpoint (model selection on dev)"),
-    "evaluate": ("stream.commands.evaluate", "reproduce the paper's tables and Figure 5 with baselines (Markdown, JSON, PNG)"),
+    "evaluate": (
+        "stream.commands.evaluate",
+        "reproduce the paper's tables and Figure 5 with baselines (Markdown, JSON, PNG)",
+    ),
 }
 
 # Common flags mapped onto settings fields; anything else goes through --set section.field=value.
@@ -52,13 +64,28 @@ def add_global_flags(parser: argparse.ArgumentParser, *, suppress: bool = False)
     """
     default: Any = argparse.SUPPRESS if suppress else None
     parser.add_argument("--config", "-c", default=default, help="settings file (TOML or JSON)")
-    parser.add_argument("--set", action="append", default=argparse.SUPPRESS if suppress else [],
-                        metavar="SECTION.FIELD=VALUE",
-                        help="override any setting (repeatable); VALUE is parsed as JSON when it can be")
-    parser.add_argument("--bootstrap-servers", type=lambda s: s.split(","), default=default,
-                        help="comma-separated host:port list")
-    for flag in ("--group-id", "--input-topic", "--output-topic", "--dead-letter-topic", "--checkpoint", "--device",
-                 "--redis-url"):
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=argparse.SUPPRESS if suppress else [],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any setting (repeatable); VALUE is parsed as JSON when it can be",
+    )
+    parser.add_argument(
+        "--bootstrap-servers",
+        type=lambda s: s.split(","),
+        default=default,
+        help="comma-separated host:port list",
+    )
+    for flag in (
+        "--group-id",
+        "--input-topic",
+        "--output-topic",
+        "--dead-letter-topic",
+        "--checkpoint",
+        "--device",
+        "--redis-url",
+    ):
         parser.add_argument(flag, default=default)
     parser.add_argument("--metrics-port", type=int, default=default)
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=default)

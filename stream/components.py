@@ -42,5 +42,9 @@ def open_reference_queues(settings: Settings, predictor: Predictor, metrics: Met
         try:
             queues.seed(contents, overwrite=False, capacity=capacity)
         except Exception as exc:  # Redis down at start: serve on the checkpoint's statistics
-            log.warning("reference queues not seeded (%s: %s); using the checkpoint's statistics", type(exc).__name__, exc)
+            log.warning(
+                "reference queues not seeded (%s: %s); using the checkpoint's statistics",
+                type(exc).__name__,
+                exc,
+            )
     return queues

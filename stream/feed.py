@@ -106,7 +106,9 @@ def sample_post(sample: Sample) -> dict[str, Any]:
         "image": field,
         "metadata": {
             "label": sample.label_name,
-            "disruption": None if d is None else {"modality": d.modality, "kind": d.kind, "fraction": d.fraction},
+            "disruption": None
+            if d is None
+            else {"modality": d.modality, "kind": d.kind, "fraction": d.fraction},
         },
     }
 

@@ -206,7 +206,9 @@ class LocalServices:
         return None
 
     # -- start -------------------------------------------------------------------------------
-    def _spawn(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _spawn(
+        self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.state_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
@@ -227,7 +229,9 @@ class LocalServices:
             if proc.poll() is not None:
                 tail = (self.state_dir / f"{name}.log").read_text(errors="replace")[-2000:]
                 self._pidfile(name).unlink(missing_ok=True)
-                raise ServiceError(f"{name} exited with code {proc.returncode} while starting {what}:\n{tail}")
+                raise ServiceError(
+                    f"{name} exited with code {proc.returncode} while starting {what}:\n{tail}"
+                )
             if check():
                 return
             time.sleep(0.1)
@@ -244,12 +248,22 @@ class LocalServices:
         if kafka_answers(bootstrap):
             return Endpoint("broker", host, port, started=False)
         if host not in LOOPBACK:
-            raise ServiceError(f"Kafka at {bootstrap} does not answer (and it is not local, so it is not started here)")
+            raise ServiceError(
+                f"Kafka at {bootstrap} does not answer (and it is not local, so it is not started here)"
+            )
         if port_open(host, port):
             raise ServiceError(f"port {port} on {host} is taken by a process that is not a Kafka broker")
         url = f"tcp://{host}:{port}"
-        cmd = [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
+        cmd = [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
         proc = self._spawn("broker", cmd, port, env={"RUST_LOG": os.environ.get("RUST_LOG", "warn")})
         self._wait("broker", proc, lambda: kafka_answers(bootstrap, timeout_s=1.0), bootstrap)
         return Endpoint("broker", host, port, started=True, pid=proc.pid)
@@ -261,13 +275,30 @@ class LocalServices:
         info = self.recorded("redis")
         if redis_answers(url):
             started = bool(info and info["port"] == port)
-            return Endpoint("redis", host, port, started=started, pid=info["pid"] if started and info else None)
+            return Endpoint(
+                "redis", host, port, started=started, pid=info["pid"] if started and info else None
+            )
         if host not in LOOPBACK:
-            raise ServiceError(f"Redis at {host}:{port} does not answer (and it is not local, so it is not started here)")
+            raise ServiceError(
+                f"Redis at {host}:{port} does not answer (and it is not local, so it is not started here)"
+            )
         if port_open(host, port):
-            raise ServiceError(f"port {port} on {host} is taken by a process that is not a Redis server (or refuses our credentials)")
-        cmd = [str(redis_binary()), "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
-               "--dir", str(self.state_dir.resolve())]
+            raise ServiceError(
+                f"port {port} on {host} is taken by a process that is not a Redis server (or refuses our credentials)"
+            )
+        cmd = [
+            str(redis_binary()),
+            "--bind",
+            host,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.state_dir.resolve()),
+        ]
         if parts.password:
             cmd += ["--requirepass", parts.password]
         proc = self._spawn("redis", cmd, port)
@@ -281,7 +312,9 @@ class LocalServices:
     def ensure_and_report(self, settings: Settings, command: str) -> tuple[Endpoint, Endpoint] | None:
         """``ensure`` for a command: prints each endpoint, or the reason and None when one cannot be had."""
         try:
-            endpoints = self.ensure(settings.kafka.bootstrap_servers[0], settings.redis.url.get_secret_value())
+            endpoints = self.ensure(
+                settings.kafka.bootstrap_servers[0], settings.redis.url.get_secret_value()
+            )
         except ServiceError as exc:
             print(f"postsense {command}: {exc}")
             return None

@@ -95,7 +95,9 @@ def score(
                 decoded = list(pool.map(lambda rp: processor.decode(*rp), valid))
                 documents = processor.process(decoded, []).documents
                 if second is not None:
-                    shadow_posts = list(pool.map(lambda rp: second.decode(*rp), valid)) if redecode else decoded
+                    shadow_posts = (
+                        list(pool.map(lambda rp: second.decode(*rp), valid)) if redecode else decoded
+                    )
                     _compare(second, shadow_posts, documents, summary)
                 for doc in documents:
                     out_fh.write(json.dumps(doc) + "\n")
@@ -109,7 +111,9 @@ def score(
     return summary
 
 
-def _compare(second: BatchProcessor, posts: list[DecodedPost], documents: list[dict[str, Any]], summary: Summary) -> None:
+def _compare(
+    second: BatchProcessor, posts: list[DecodedPost], documents: list[dict[str, Any]], summary: Summary
+) -> None:
     """Add the shadow model's label, and whether it agrees, to each document."""
     prediction = second.infer(posts)
     model = {"name": second.predictor.model_name, "version": second.predictor.model_version}
@@ -122,8 +126,16 @@ def _compare(second: BatchProcessor, posts: list[DecodedPost], documents: list[d
 
 def _reject(fh: TextIO, record: Record, why: Invalid, summary: Summary) -> None:
     """One line of OUT.rejected.jsonl: the dead-letter document plus the original line (as text)."""
-    letter = DeadLetter(None, record.value, why.reason, why.error_class, why.detail, record.topic, record.partition,
-                        record.offset)
+    letter = DeadLetter(
+        None,
+        record.value,
+        why.reason,
+        why.error_class,
+        why.detail,
+        record.topic,
+        record.partition,
+        record.offset,
+    )
     doc = letter.document()
     doc["value"] = None if record.value is None else record.value.decode("utf-8", errors="replace")
     fh.write(json.dumps(doc) + "\n")
@@ -158,7 +170,9 @@ def _count(source: Path) -> int:
         return sum(1 for _ in fh)
 
 
-def _batches(records: Iterator[tuple[Record, Invalid | None]], size: int) -> Iterator[list[tuple[Record, Invalid | None]]]:
+def _batches(
+    records: Iterator[tuple[Record, Invalid | None]], size: int
+) -> Iterator[list[tuple[Record, Invalid | None]]]:
     batch: list[tuple[Record, Invalid | None]] = []
     for item in records:
         batch.append(item)
@@ -197,7 +211,9 @@ def _directory_records(directory: Path) -> Iterator[tuple[Record, Invalid | None
         doc: dict[str, Any] = {"id": post_id}
         why = None
         if len(images) > 1:
-            why = Invalid("ambiguous_image", "ValueError", f"several images for {post_id}: {[p.name for p in images]}")
+            why = Invalid(
+                "ambiguous_image", "ValueError", f"several images for {post_id}: {[p.name for p in images]}"
+            )
         elif images:
             doc["image"] = {"path": images[0].name}
         if texts:

@@ -46,7 +46,9 @@ class ReferenceQueuesLike(Protocol):
 
     def stats(self) -> dict[str, Any] | None: ...
 
-    def propose(self, features: dict[str, Any], accepted: dict[str, Any], present: dict[str, Any]) -> None: ...
+    def propose(
+        self, features: dict[str, Any], accepted: dict[str, Any], present: dict[str, Any]
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,22 @@ def dead_letter(record: Record, invalid: Invalid, topic: str, max_record_bytes: 
         key = None if key is None else key[:OVERSIZED_PREFIX_BYTES]
         value = None if value is None else value[:OVERSIZED_PREFIX_BYTES]
         detail = f"{detail}; key and value cut to their first {OVERSIZED_PREFIX_BYTES} bytes"
-    log.info("dead letter %s from %s-%d@%d: %s", invalid.reason, record.topic, record.partition, record.offset,
-             detail, extra={"topic": record.topic, "partition": record.partition, "offset": record.offset,
-                            "reason": invalid.reason, "error_class": invalid.error_class,
-                            "post_id": _key_text(record.key)})
+    log.info(
+        "dead letter %s from %s-%d@%d: %s",
+        invalid.reason,
+        record.topic,
+        record.partition,
+        record.offset,
+        detail,
+        extra={
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "reason": invalid.reason,
+            "error_class": invalid.error_class,
+            "post_id": _key_text(record.key),
+        },
+    )
     letter = DeadLetter(
         key=key,
         value=value,
@@ -172,7 +186,9 @@ class BatchProcessor:
             text, text_state, text_reason = None, ModalityState.missing, None
         else:
             text = self.predictor.normalise_text(post.text)
-            text_state, text_reason = (ModalityState.ok, None) if text else (ModalityState.empty, "blank_text")
+            text_state, text_reason = (
+                (ModalityState.ok, None) if text else (ModalityState.empty, "blank_text")
+            )
         return DecodedPost(record, post, image, pixels, text, text_state, text_reason)
 
     def infer(self, posts: Sequence[DecodedPost]) -> BatchPrediction:
@@ -186,7 +202,9 @@ class BatchProcessor:
         prepared = self.predictor.prepare([p.pixels for p in posts], [p.text for p in posts])
         prediction = self.predictor.predict(prepared)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        if self.queues is not None:  # the one Redis round trip per batch: propose what the admission rule accepted
+        if (
+            self.queues is not None
+        ):  # the one Redis round trip per batch: propose what the admission rule accepted
             self.queues.propose(
                 {"image": prediction.image_features, "text": prediction.text_features},
                 {"image": prediction.image_accepted, "text": prediction.text_accepted},
@@ -212,7 +230,8 @@ class BatchProcessor:
             for p, doc in zip(posts, documents, strict=True)
         ]
         records += [
-            dead_letter(record, why, self.dead_letter_topic, self.limits.max_record_bytes) for record, why in invalid
+            dead_letter(record, why, self.dead_letter_topic, self.limits.max_record_bytes)
+            for record, why in invalid
         ]
         return BatchResult(
             documents=documents,
@@ -221,12 +240,15 @@ class BatchProcessor:
             created_at=[p.post.created_at for p in posts],
         )
 
-    def document(self, post: DecodedPost, prediction: BatchPrediction, row: int, processed_at: str) -> dict[str, Any]:
+    def document(
+        self, post: DecodedPost, prediction: BatchPrediction, row: int, processed_at: str
+    ) -> dict[str, Any]:
         """Row ``row`` of the batch's prediction as the post's sentiment record (built by the contract)."""
         probabilities = None
         if not prediction.abstained[row]:
             probabilities = {
-                name: float(p) for name, p in zip(self.predictor.labels, prediction.probabilities[row], strict=True)
+                name: float(p)
+                for name, p in zip(self.predictor.labels, prediction.probabilities[row], strict=True)
             }
         return sentiment_document(
             post.post,

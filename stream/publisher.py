@@ -107,9 +107,16 @@ class Publisher:
                     f"{len(pending)} records cannot be published, not retrying: {type(error).__name__}: {error}"
                 ) from error
             if not self._failing:  # one line per state change, not per retry
-                log.warning("publishing failed (%s: %s); retrying %d records", type(error).__name__, error, len(pending))
+                log.warning(
+                    "publishing failed (%s: %s); retrying %d records",
+                    type(error).__name__,
+                    error,
+                    len(pending),
+                )
                 self._failing = True
-            if (error is not None and cured_by_new_producer(error)) or attempts % RECREATE_AFTER_FAILED_ATTEMPTS == 0:
+            if (
+                error is not None and cured_by_new_producer(error)
+            ) or attempts % RECREATE_AFTER_FAILED_ATTEMPTS == 0:
                 self.recreate(error)
             if stopping.is_set():
                 give_up_at = give_up_at or time.monotonic() + self.kafka.produce_timeout_s
@@ -129,7 +136,9 @@ class Publisher:
         error: BaseException | None = None
         for index, record in enumerate(records):
             try:
-                future = self.producer.send(record.topic, key=record.key, value=record.value, headers=record.headers)
+                future = self.producer.send(
+                    record.topic, key=record.key, value=record.value, headers=record.headers
+                )
             except Exception as exc:  # buffer full, metadata timeout, fenced producer, record too large...
                 return failed + records[index:], exc
             sent.append((record, future))

@@ -161,13 +161,20 @@ class RebalanceHandler(AsyncConsumerRebalanceListener):
             self._assigned |= assigned
             self._unverified |= assigned
         partitions = sorted(tp.partition for tp in assigned)
-        log.info("assigned %d partitions: %s", len(assigned), ",".join(map(str, partitions)),
-                 extra={"topic": self.topic, "partitions": partitions})
+        log.info(
+            "assigned %d partitions: %s",
+            len(assigned),
+            ",".join(map(str, partitions)),
+            extra={"topic": self.topic, "partitions": partitions},
+        )
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
         self.metrics.record_rebalance("lost")
-        log.warning("lost %d partitions (evicted); nothing is committed for them", len(lost),
-                    extra={"topic": self.topic, "partitions": sorted(tp.partition for tp in lost)})
+        log.warning(
+            "lost %d partitions (evicted); nothing is committed for them",
+            len(lost),
+            extra={"topic": self.topic, "partitions": sorted(tp.partition for tp in lost)},
+        )
         with self._lock:
             self._open = [r for r in self._open if _tp(r) not in lost]
             self.offsets.exclude(lost)

@@ -96,8 +96,12 @@ class Service:
         self.breaker = DeadLetterBreaker(settings.dead_letter)
         self.on_output = on_output
         self.offsets = OffsetTracker()
-        self.rebalance = RebalanceHandler(self.offsets, self.metrics, settings.kafka.input_topic,
-                                          revoke_wait_s=settings.kafka.session_timeout_ms / 1000)
+        self.rebalance = RebalanceHandler(
+            self.offsets,
+            self.metrics,
+            settings.kafka.input_topic,
+            revoke_wait_s=settings.kafka.session_timeout_ms / 1000,
+        )
         self._stopping = threading.Event()
         self._work: queue.Queue[Batch | None] = queue.Queue()
         self._seq = 0
@@ -137,8 +141,12 @@ class Service:
         model_thread = threading.Thread(target=self._model_loop, name="model", daemon=True)
         model_thread.start()
         self._consumer.subscribe([kafka.input_topic], listener=self.rebalance)
-        log.info("consuming %s as group %s", kafka.input_topic, kafka.group_id,
-                 extra={"topic": kafka.input_topic, "group_id": kafka.group_id})
+        log.info(
+            "consuming %s as group %s",
+            kafka.input_topic,
+            kafka.group_id,
+            extra={"topic": kafka.input_topic, "group_id": kafka.group_id},
+        )
         try:
             self._loop()
         finally:
@@ -165,7 +173,9 @@ class Service:
                 self.last_poll = time.monotonic()
                 unverified = self.rebalance.take_unverified()
                 if unverified:
-                    moved = start_at_committed(consumer, unverified, polled, self.settings.kafka.auto_offset_reset)
+                    moved = start_at_committed(
+                        consumer, unverified, polled, self.settings.kafka.auto_offset_reset
+                    )
                     polled = {tp: msgs for tp, msgs in polled.items() if tp not in moved}
                 for topic, count in self.rebalance.add(polled).items():
                     self.metrics.posts_consumed_total.labels(topic=topic).inc(count)
@@ -231,15 +241,17 @@ class Service:
             try:
                 self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
             except Exception as exc:  # membership changed: the records will be redelivered
-                log.warning("commit failed, those records will be redelivered: %s: %s", type(exc).__name__, exc)
+                log.warning(
+                    "commit failed, those records will be redelivered: %s: %s", type(exc).__name__, exc
+                )
                 return
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
-            raise ServiceError(f"the model thread failed: {type(self._failure).__name__}: {self._failure}") from (
-                self._failure
-            )
+            raise ServiceError(
+                f"the model thread failed: {type(self._failure).__name__}: {self._failure}"
+            ) from (self._failure)
 
     def _apply_backpressure(self) -> None:
         """Step 2: pause every assigned partition while the pipeline is full; resume when it has room."""
@@ -255,7 +267,9 @@ class Service:
             self._paused = full
             self.metrics.paused.set(int(full))
             # DEBUG: under a backlog this flips with every batch (normal operation); the paused gauge shows it.
-            log.debug("%s partitions (pipeline %s)", "paused" if full else "resumed", "full" if full else "has room")
+            log.debug(
+                "%s partitions (pipeline %s)", "paused" if full else "resumed", "full" if full else "has room"
+            )
 
     def _update_lag(self) -> None:
         assert self._consumer is not None
@@ -268,7 +282,9 @@ class Service:
             if position > highwater:
                 # The partition was recreated: what is in hand of it belongs to the old log, never commit it.
                 self.rebalance.drop({tp})
-                rewind_past_log_end(self._consumer, tp, position, highwater, self.settings.kafka.auto_offset_reset)
+                rewind_past_log_end(
+                    self._consumer, tp, position, highwater, self.settings.kafka.auto_offset_reset
+                )
                 continue
             lag[(tp.topic, tp.partition)] = highwater - position
         self.metrics.set_consumer_lag(lag)
@@ -308,8 +324,11 @@ class Service:
                 try:
                     self._process(batch)
                 except BaseException as exc:  # reported to the consumer loop, which stops
-                    log.exception("batch %d failed; stopping", batch.seq,
-                                  extra={"batch_id": batch.seq, "records": len(batch.records)})
+                    log.exception(
+                        "batch %d failed; stopping",
+                        batch.seq,
+                        extra={"batch_id": batch.seq, "records": len(batch.records)},
+                    )
                     self._failure = exc
             # After a failure later batches are not processed: nothing past the failed one may be committed.
             batch.error = self._failure
@@ -323,7 +342,9 @@ class Service:
         results = [f.result() for f in batch.decoding]
         posts = [decoded for decoded, _ in results]
         # Seal to last decode done: the pool's work for this batch, not the wait for the model thread.
-        self.metrics.decode_seconds.observe(max((t for _, t in results), default=batch.sealed_at) - batch.sealed_at)
+        self.metrics.decode_seconds.observe(
+            max((t for _, t in results), default=batch.sealed_at) - batch.sealed_at
+        )
         self.metrics.batch_size_posts.observe(len(batch.records))
         result = self.processor.process(posts, batch.invalid)
         self.publisher.publish(result.records, self._stopping)

@@ -139,7 +139,10 @@ def load_settings(config_file: Path | str | None = None, flags: dict[str, Any] |
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {where}: {msg}")
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
-    except (ValueError, UnicodeDecodeError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+    except (
+        ValueError,
+        UnicodeDecodeError,
+    ) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
         kind = "JSON" if path is not None and path.suffix == ".json" else "TOML"
         raise SettingsError(f"config file {path} is not valid {kind}: {exc}") from None
     finally:

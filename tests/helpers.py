@@ -31,7 +31,9 @@ from stream.settings import Settings
 PRODUCE_API_KEY = 0
 
 
-def report_counts(name: str, posts_in: Iterable[str], out_ids: Iterable[str], dead_lettered: int = 0) -> dict[str, int]:
+def report_counts(
+    name: str, posts_in: Iterable[str], out_ids: Iterable[str], dead_lettered: int = 0
+) -> dict[str, int]:
     """Print (for ``pytest -s``) and return the fault test's ledger: in, out, dead-lettered, duplicated, lost."""
     expected = Counter(posts_in)
     seen = Counter(out_ids)
@@ -98,11 +100,26 @@ class S3Server:
         binary = self.binary()
         assert binary, "s3rver missing: npm install --prefix .run/node s3rver@3.7.1"
         self.directory.mkdir(parents=True, exist_ok=True)
-        log = open(self.directory.parent / "s3rver.log", "ab")  # closed here; the child keeps its own descriptor
+        log = open(
+            self.directory.parent / "s3rver.log", "ab"
+        )  # closed here; the child keeps its own descriptor
         self.proc = subprocess.Popen(
-            [binary, "-d", str(self.directory), "-a", "127.0.0.1", "-p", str(self.port),
-             "--configure-bucket", "tansu", "--allow-mismatched-signatures"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                binary,
+                "-d",
+                str(self.directory),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "--configure-bucket",
+                "tansu",
+                "--allow-mismatched-signatures",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         log.close()
         assert wait_until(lambda: port_open("127.0.0.1", self.port), 30), "s3rver did not start"
@@ -125,8 +142,13 @@ class S3Server:
 class Broker:
     """A Tansu broker of the test's own: listens on ``port``, advertises ``advertised_port`` (a proxy's, if any)."""
 
-    def __init__(self, state_dir: Path, storage: str = "memory://tansu/", env: dict[str, str] | None = None,
-                 advertised_port: int | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        storage: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+        advertised_port: int | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.storage = storage
         self.env = env or {}
@@ -142,11 +164,20 @@ class Broker:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.state_dir / "broker.log", "ab")  # closed here; the child keeps its own descriptor
         self.proc = subprocess.Popen(
-            [str(tansu_binary()), "broker",
-             "--listener-url", f"tcp://127.0.0.1:{self.port}",
-             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
-             "--storage-engine", self.storage],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{self.port}",
+                "--advertised-listener-url",
+                f"tcp://127.0.0.1:{self.advertised_port}",
+                "--storage-engine",
+                self.storage,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
             env={**os.environ, "RUST_LOG": "warn", **self.env},
         )
         log.close()
@@ -254,9 +285,26 @@ def self_signed_certificate(directory: Path, name: str = "server") -> tuple[Path
     """A certificate for 127.0.0.1/localhost and its key (openssl), for TLS listeners in tests."""
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 

@@ -40,13 +40,30 @@ def cli(settings: Settings, *args: str, checkpoint: Path | None = None, metrics_
     """The installed ``postsense`` console command with ``settings`` as global flags, then ``args``."""
     k, b = settings.kafka, settings.batch
     flags = [
-        "--bootstrap-servers", ",".join(k.bootstrap_servers), "--group-id", k.group_id,
-        "--input-topic", k.input_topic, "--output-topic", k.output_topic, "--dead-letter-topic", k.dead_letter_topic,
-        "--redis-url", settings.redis.url.get_secret_value(), "--metrics-port", str(metrics_port),
-        "--set", f"kafka.session_timeout_ms={k.session_timeout_ms}",
-        "--set", f"kafka.heartbeat_interval_ms={k.heartbeat_interval_ms}",
-        "--set", f"batch.max_posts={b.max_posts}", "--set", f"batch.max_wait_ms={b.max_wait_ms}",
-        "--set", f"redis.key_prefix={settings.redis.key_prefix}",
+        "--bootstrap-servers",
+        ",".join(k.bootstrap_servers),
+        "--group-id",
+        k.group_id,
+        "--input-topic",
+        k.input_topic,
+        "--output-topic",
+        k.output_topic,
+        "--dead-letter-topic",
+        k.dead_letter_topic,
+        "--redis-url",
+        settings.redis.url.get_secret_value(),
+        "--metrics-port",
+        str(metrics_port),
+        "--set",
+        f"kafka.session_timeout_ms={k.session_timeout_ms}",
+        "--set",
+        f"kafka.heartbeat_interval_ms={k.heartbeat_interval_ms}",
+        "--set",
+        f"batch.max_posts={b.max_posts}",
+        "--set",
+        f"batch.max_wait_ms={b.max_wait_ms}",
+        "--set",
+        f"redis.key_prefix={settings.redis.key_prefix}",
     ]
     if checkpoint is not None:
         flags += ["--checkpoint", str(checkpoint)]
@@ -64,16 +81,21 @@ def valid_posts(n: int, prefix: str = "p") -> list[dict[str, Any]]:
         lambda i: {"text": "   ", "image": {"base64": image}},
     ]
     return [
-        {"id": f"{prefix}{i}", "created_at": "2026-11-23T12:00:00Z", **cases[i % len(cases)](i)} for i in range(n)
+        {"id": f"{prefix}{i}", "created_at": "2026-11-23T12:00:00Z", **cases[i % len(cases)](i)}
+        for i in range(n)
     ]
 
 
-def produce(settings: Settings, values: Iterable[bytes], keys: Iterable[bytes | None] | None = None) -> dict[int, int]:
+def produce(
+    settings: Settings, values: Iterable[bytes], keys: Iterable[bytes | None] | None = None
+) -> dict[int, int]:
     """Send raw values to the input topic; returns the end offset (last + 1) per partition written."""
     producer = make_producer(settings.kafka, settings.limits)
     values = list(values)
     keys = list(keys) if keys is not None else [None] * len(values)
-    futures = [producer.send(settings.kafka.input_topic, key=k, value=v) for k, v in zip(keys, values, strict=True)]
+    futures = [
+        producer.send(settings.kafka.input_topic, key=k, value=v) for k, v in zip(keys, values, strict=True)
+    ]
     producer.flush()
     ends: dict[int, int] = {}
     for f in futures:
@@ -122,7 +144,9 @@ def committed_offsets(kafka: KafkaSettings, topic: str) -> dict[int, int]:
         offsets = admin.list_group_offsets({kafka.group_id: None}).get(kafka.group_id, {})
     finally:
         admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
+    return {
+        tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0
+    }
 
 
 def wait_committed(settings: Settings, ends: dict[int, int], timeout_s: float = 20.0) -> dict[int, int]:

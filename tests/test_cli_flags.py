@@ -22,11 +22,24 @@ def test_global_flags_after_the_subcommand(capsys: pytest.CaptureFixture[str]) -
     assert settings["batch"]["max_posts"] == 3
 
 
-def test_flags_before_and_after_combine_and_the_later_position_wins(capsys: pytest.CaptureFixture[str]) -> None:
+def test_flags_before_and_after_combine_and_the_later_position_wins(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     settings = effective(
         capsys,
-        ["--group-id", "before", "--set", "batch.max_wait_ms=7", "--input-topic", "in-before",
-         "config", "--group-id", "after", "--set", "batch.max_posts=5"],
+        [
+            "--group-id",
+            "before",
+            "--set",
+            "batch.max_wait_ms=7",
+            "--input-topic",
+            "in-before",
+            "config",
+            "--group-id",
+            "after",
+            "--set",
+            "batch.max_posts=5",
+        ],
     )
     assert settings["kafka"]["group_id"] == "after"
     assert settings["kafka"]["input_topic"] == "in-before"  # not reset by the subcommand's parse

@@ -15,7 +15,9 @@ from stream.processor import BatchProcessor, Record, validate
 from stream.settings import load_settings
 
 
-@pytest.mark.parametrize("created_at", ["yesterday", "2026-11-23", "2026-11-23 12:00", "2026-13-01T00:00:00Z"])
+@pytest.mark.parametrize(
+    "created_at", ["yesterday", "2026-11-23", "2026-11-23 12:00", "2026-13-01T00:00:00Z"]
+)
 def test_a_created_at_that_is_not_a_date_time_is_schema_invalid(created_at: str) -> None:
     parsed = parse_post(json.dumps({"id": "1", "text": "hi", "created_at": created_at}).encode())
     assert isinstance(parsed, Invalid) and parsed.reason == "schema_invalid", parsed

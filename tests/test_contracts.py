@@ -67,13 +67,24 @@ def test_limits_on_size_text_and_metadata():
     assert parse_post(raw({"id": "1", "metadata": deep})).reason == "metadata_too_deep"
     # deeper than the JSON parser itself allows: still an Invalid, not a crash
     assert parse_post(b'{"id":"1","metadata":' + b"[" * 100_000 + b"]" * 100_000 + b"}").reason in (
-        "too_deep", "metadata_too_deep")
+        "too_deep",
+        "metadata_too_deep",
+    )
 
 
 def test_dead_letter_keeps_original_bytes_and_validates():
     original = b"\x00\x01 not a post"
-    dl = DeadLetter(key=b"k", value=original, reason="not_json", error_class="JSONDecodeError",
-                    detail="Expecting value", topic="posts", partition=3, offset=41, timestamp_ms=1)
+    dl = DeadLetter(
+        key=b"k",
+        value=original,
+        reason="not_json",
+        error_class="JSONDecodeError",
+        detail="Expecting value",
+        topic="posts",
+        partition=3,
+        offset=41,
+        timestamp_ms=1,
+    )
     assert dl.value is original
     header = dict(dl.headers())[DEAD_LETTER_HEADER]
     validator("dead_letter").validate(json.loads(header))
@@ -81,14 +92,22 @@ def test_dead_letter_keeps_original_bytes_and_validates():
 
 def test_output_schema_accepts_an_abstention_and_rejects_quality_zero():
     record = {
-        "schema_version": 1, "id": "p", "label": None, "probabilities": None, "abstained": True,
-        "modalities": {"image": {"state": "missing", "reason": None, "quality": None},
-                       "text": {"state": "empty", "reason": None, "quality": None}},
+        "schema_version": 1,
+        "id": "p",
+        "label": None,
+        "probabilities": None,
+        "abstained": True,
+        "modalities": {
+            "image": {"state": "missing", "reason": None, "quality": None},
+            "text": {"state": "empty", "reason": None, "quality": None},
+        },
         "recovered": None,
         "fusion_weights": {"intact": 0.0, "image_recovered_text": 0.0, "recovered_image_text": 0.0},
         "model": {"name": "drf-offline", "version": "v1"},
         "source": {"topic": "posts", "partition": 0, "offset": 0},
-        "event_time": None, "processed_at": "2026-11-23T12:00:00.000Z", "metadata": None,
+        "event_time": None,
+        "processed_at": "2026-11-23T12:00:00.000Z",
+        "metadata": None,
     }
     validator("sentiment").validate(record)
     record["modalities"]["image"] = {"state": "ok", "reason": None, "quality": 0.0}

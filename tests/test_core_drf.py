@@ -34,7 +34,9 @@ def linear(weight: list[list[float]], bias: list[float]) -> nn.Linear:
 
 
 def make_head(**options: bool | float | str) -> DRFHead:
-    head = DRFHead(DRFConfig(num_classes=2, dim=2, queue_size=4, dropout=0.0, **{**VARIANTS["paper"], **options}))
+    head = DRFHead(
+        DRFConfig(num_classes=2, dim=2, queue_size=4, dropout=0.0, **{**VARIANTS["paper"], **options})
+    )
     head.converter_v2t = linear([[2, 0], [0, 2]], [1, 1])
     head.converter_t2v = linear([[1, 0], [0, 1]], [-1, 0])
     head.fusion = linear([[1, 0, 1, 0], [0, 1, 0, 1]], [0, 0])
@@ -198,19 +200,33 @@ def test_softmax_fusion_weights_sum_to_one_over_the_present_terms() -> None:
     """Same example: summed log qualities -2.5, -2.5, -6.5, so the weights are their softmax (over τ)."""
     out = make_head(fusion="softmax")(F_V, F_T, YES, YES)
     total = 2 * E(-2.5) + E(-6.5)
-    assert out.fusion_weights[0].tolist() == pytest.approx([E(-2.5) / total, E(-2.5) / total, E(-6.5) / total])
-    assert out.fused[0].tolist() == pytest.approx([(6 * E(-2.5) + E(-6.5)) / total, (4 * E(-2.5) + 6 * E(-6.5)) / total])
+    assert out.fusion_weights[0].tolist() == pytest.approx(
+        [E(-2.5) / total, E(-2.5) / total, E(-6.5) / total]
+    )
+    assert out.fused[0].tolist() == pytest.approx(
+        [(6 * E(-2.5) + E(-6.5)) / total, (4 * E(-2.5) + 6 * E(-6.5)) / total]
+    )
     hot = make_head(fusion="softmax", temperature=2.0)(F_V, F_T, YES, YES)
     total = 2 * E(-1.25) + E(-3.25)
-    assert hot.fusion_weights[0].tolist() == pytest.approx([E(-1.25) / total, E(-1.25) / total, E(-3.25) / total])
+    assert hot.fusion_weights[0].tolist() == pytest.approx(
+        [E(-1.25) / total, E(-1.25) / total, E(-3.25) / total]
+    )
     # One modality: its one term gets all the weight, however atypical; none: no term, M = 0.
     far = make_head(fusion="softmax")(torch.tensor([[90.0, 0]]), F_T, YES, NO)
-    assert far.fusion_weights[0].tolist() == [0.0, 1.0, 0.0] and far.fused[0].tolist() == pytest.approx([271.0, 1.0])  # (90,0) + (181,1)
+    assert far.fusion_weights[0].tolist() == [0.0, 1.0, 0.0] and far.fused[0].tolist() == pytest.approx(
+        [271.0, 1.0]
+    )  # (90,0) + (181,1)
     assert make_head(fusion="softmax")(F_V, F_T, NO, NO).fused.tolist() == [[0.0, 0.0]]
     # ... and a batch holding such a row still trains: no NaN (softmax over no term) reaches any gradient.
     head = make_head(fusion="softmax", detach_quality=False).requires_grad_(True)
     f_v = torch.tensor([[1.0, 0], [0.5, 0.5]], requires_grad=True)
-    out = head(f_v, F_T.repeat(2, 1), torch.tensor([True, False]), torch.tensor([True, False]), labels=torch.tensor([0, 1]))
+    out = head(
+        f_v,
+        F_T.repeat(2, 1),
+        torch.tensor([True, False]),
+        torch.tensor([True, False]),
+        labels=torch.tensor([0, 1]),
+    )
     out.loss.backward()
     assert all(bool(torch.isfinite(p.grad).all()) for p in head.parameters() if p.grad is not None)
     assert bool(torch.isfinite(f_v.grad).all())
@@ -252,7 +268,9 @@ def test_floor_admission_takes_all_but_outliers_so_the_queue_stays_current() -> 
     torch.manual_seed(0)
     rates = {}
     for rule in ("rule13", "floor"):
-        head = DRFHead(DRFConfig(num_classes=2, dim=16, queue_size=64, admission=rule, quality_space="projected"))
+        head = DRFHead(
+            DRFConfig(num_classes=2, dim=16, queue_size=64, admission=rule, quality_space="projected")
+        )
         accepted = []
         for _ in range(40):
             f = torch.randn(32, 16)
@@ -269,13 +287,19 @@ def test_floor_admission_takes_all_but_outliers_so_the_queue_stays_current() -> 
 
 def test_encoder_space_head_projects_only_the_fusion_inputs() -> None:
     torch.manual_seed(0)
-    head = DRFHead(DRFConfig(num_classes=3, dim=4, image_dim=6, text_dim=5, queue_size=8, dropout=0.0)).train()
+    head = DRFHead(
+        DRFConfig(num_classes=3, dim=4, image_dim=6, text_dim=5, queue_size=8, dropout=0.0)
+    ).train()
     assert head.image_queue.dim == 6 and head.text_queue.dim == 5
     project = (nn.Linear(6, 4), nn.Linear(5, 4))
     f_v, f_t = torch.randn(3, 6), torch.randn(3, 5)
     present = torch.ones(3, dtype=torch.bool)
     out = head(f_v, f_t, present, present, labels=torch.tensor([0, 1, 2]), projections=project)
-    assert out.recovered_text.shape == (3, 5) and out.recovered_image.shape == (3, 6) and out.fused.shape == (3, 4)
+    assert (
+        out.recovered_text.shape == (3, 5)
+        and out.recovered_image.shape == (3, 6)
+        and out.fused.shape == (3, 4)
+    )
     out.loss.backward()
     assert all(p.grad is not None for layer in project for p in layer.parameters())
     with pytest.raises(ValueError, match=r"\[B, 6\] and \[B, 5\]"):

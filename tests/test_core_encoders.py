@@ -104,7 +104,9 @@ def test_offline_tokenizer_gives_the_ids_of_the_transformers_tokenizer(offline) 
 
     reference = AutoTokenizer.from_pretrained(offline.text.tokenizer.directory, local_files_only=True)
     texts = [*TWEETS, "", "   ", "Ünïcödé ÀÉ 中文 😀 http://t.co/x #tag @user", "word " * 1000]
-    want = reference(texts, padding=True, truncation=True, max_length=offline.text.max_length, return_tensors="pt")
+    want = reference(
+        texts, padding=True, truncation=True, max_length=offline.text.max_length, return_tensors="pt"
+    )
     got = offline.text.tokenize(texts)
     assert set(got) == {"input_ids", "attention_mask", "token_type_ids"}
     for key, value in got.items():

@@ -89,7 +89,11 @@ def test_same_seed_same_disruption_other_seed_differs(image_path: Path) -> None:
     other, _ = modality_random(clean, 0.6, "C+D", seed=12)
     assert first == again
     assert first != other
-    corrupted = [s for s in first if s.disruption and s.disruption.kind == "corrupt" and s.disruption.modality == "image"]
+    corrupted = [
+        s
+        for s in first
+        if s.disruption and s.disruption.kind == "corrupt" and s.disruption.modality == "image"
+    ]
     assert corrupted, "seed 11 should corrupt some image"
     twin = again[first.index(corrupted[0])]
     assert np.array_equal(np.asarray(load_image(corrupted[0])), np.asarray(load_image(twin)))

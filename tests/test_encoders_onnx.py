@@ -134,7 +134,9 @@ def test_serving_settings_switch_a_torch_checkpoint_to_onnxruntime(tmp_path) -> 
         settings = load_settings(flags={"model": {"image_runtime": runtime, "device": "cpu"}})
         predictor = load_predictor(settings, path)
         results[runtime] = predictor.predict(predictor.prepare([predictor.preprocess_image(photo)], ["nice"]))
-        assert predictor.model.image_encoder.runtime == ("torch" if runtime == "checkpoint" else "onnxruntime")
+        assert predictor.model.image_encoder.runtime == (
+            "torch" if runtime == "checkpoint" else "onnxruntime"
+        )
     assert predictor.model.image_encoder._session is not None  # the ONNX path really ran
     assert abs(results["checkpoint"].probabilities - results["onnxruntime"].probabilities).max() < 1e-4
 

@@ -25,8 +25,17 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, EvalConfig]:
     root = make_dataset(tmp_path_factory.mktemp("synthetic"))
     out = tmp_path_factory.mktemp("report")
     config = EvalConfig(
-        data=f"jsonl:{root}", encoders="tiny", seeds=SEEDS, dim=32, queue_size=32, epochs=2, batch_size=32,
-        head_lr=3e-3, ratios=(0.5, 1.0), ablations=("gaussian_weights", "expansion"), mechanisms=("fusion",),
+        data=f"jsonl:{root}",
+        encoders="tiny",
+        seeds=SEEDS,
+        dim=32,
+        queue_size=32,
+        epochs=2,
+        batch_size=32,
+        head_lr=3e-3,
+        ratios=(0.5, 1.0),
+        ablations=("gaussian_weights", "expansion"),
+        mechanisms=("fusion",),
     )
     run_evaluation(config, out, tmp_path_factory.mktemp("cache"), progress=False)
     return out, config
@@ -42,14 +51,29 @@ def test_evaluation_writes_markdown_json_and_png(report) -> None:
 def test_report_has_the_papers_tables_with_their_rows_and_captions(report) -> None:
     out, _ = report
     text = (out / "report.md").read_text()
-    for heading in ("Table 3: without disruption", "Table 1: modality-fixed", "Table 4: ablations", "Figure 5"):
+    for heading in (
+        "Table 3: without disruption",
+        "Table 1: modality-fixed",
+        "Table 4: ablations",
+        "Figure 5",
+    ):
         assert heading in text
-    for row in ("| image | DRF |", "| text | Concat (padded) |", "| text | Image only |",
-                "| image | w/o Gaussian probability |", "| text | w/o image-text expansion |"):
+    for row in (
+        "| image | DRF |",
+        "| text | Concat (padded) |",
+        "| text | Image only |",
+        "| image | w/o Gaussian probability |",
+        "| text | w/o image-text expansion |",
+    ):
         assert row in text
     assert "| Disrupted | Method | C | D | C+D |" in text
     assert "| fusion = product (paper) |" in text  # the mechanisms table: one switch back to the paper's
-    for heading in ("## Mechanisms of the robust variant", "## Quality scores", "## Training diagnostics", "## Targets"):
+    for heading in (
+        "## Mechanisms of the robust variant",
+        "## Quality scores",
+        "## Training diagnostics",
+        "## Targets",
+    ):
         assert heading in text
     assert "| DRF, paper-literal | first (1) |" in text and "| Router (specialist per post) |" in text
     assert "| Method (C+D) | 0 (clean) | 0.5 | 1 | drop 0.2→1.0 |" in text
@@ -57,7 +81,12 @@ def test_report_has_the_papers_tables_with_their_rows_and_captions(report) -> No
     captions = [line for line in text.splitlines() if line.startswith("*Data:")]
     assert len(captions) == 4
     for caption in captions:
-        assert "jsonl:" in caption and "test split" in caption and "Seeds 0, 1" in caption and "Encoders: tiny" in caption
+        assert (
+            "jsonl:" in caption
+            and "test split" in caption
+            and "Seeds 0, 1" in caption
+            and "Encoders: tiny" in caption
+        )
 
 
 def test_results_json_holds_every_run_per_seed(report) -> None:
@@ -67,8 +96,15 @@ def test_results_json_holds_every_run_per_seed(report) -> None:
     assert doc["config"]["seeds"] == list(SEEDS)
     runs = {(r["method"], r["seed"], r["regime"], r["test"]) for r in doc["results"]}
     clean_methods = [
-        "drf", "drf-paper", "drf-no-gaussian_weights", "drf-no-expansion", "concat", "concat_dropout", "router",
-        "text_only", "image_only",
+        "drf",
+        "drf-paper",
+        "drf-no-gaussian_weights",
+        "drf-no-expansion",
+        "concat",
+        "concat_dropout",
+        "router",
+        "text_only",
+        "image_only",
     ]
     tests = ["clean"] + [f"{m}/{s}" for m in ("image", "text") for s in ("C", "D", "C+D")]
     for method in clean_methods:
@@ -83,11 +119,21 @@ def test_results_json_holds_every_run_per_seed(report) -> None:
     # DRF runs carry the per-epoch diagnostics of their training.
     history = next(r["history"] for r in doc["results"] if r["method"] == "drf")
     assert len(history) == config.epochs
-    for key in ("acceptance_image", "queue_fill_text", "log_q_recovered_image_p50", "share_intact", "fused_norm"):
+    for key in (
+        "acceptance_image",
+        "queue_fill_text",
+        "log_q_recovered_image_p50",
+        "share_intact",
+        "fused_norm",
+    ):
         assert all(key in epoch for epoch in history)
     assert {(row["method"], row["seed"]) for row in doc["quality_auroc"]} >= {("drf", s) for s in SEEDS}
     assert all(0 <= row["image"] <= 1 and 0 <= row["text"] <= 1 for row in doc["quality_auroc"])
-    assert {c["target"] for c in doc["targets"]} >= {"clean ≥ 70 %", "image D ≥ router − 0.5", "quality AUROC text ≥ 0.9"}
+    assert {c["target"] for c in doc["targets"]} >= {
+        "clean ≥ 70 %",
+        "image D ≥ router − 0.5",
+        "quality AUROC text ≥ 0.9",
+    }
     # Modality-fixed disruption hit every test sample: 40 images corrupted in image/C.
     assert doc["disruption"]["fixed image/C"]["test"] == {"image/corrupt": 40}
 
@@ -128,8 +174,10 @@ def test_baselines_replace_a_missing_modality_by_the_padding_features() -> None:
 def test_router_sends_each_post_to_the_head_of_the_modalities_it_has() -> None:
     torch.manual_seed(0)
     pad_image, pad_text = torch.randn(8), torch.randn(6)
-    heads = [BaselineHead(kind, ["a", "b", "c"], pad_image, pad_text, dim=4).eval()
-             for kind in ("concat", "text_only", "image_only")]
+    heads = [
+        BaselineHead(kind, ["a", "b", "c"], pad_image, pad_text, dim=4).eval()
+        for kind in ("concat", "text_only", "image_only")
+    ]
     router = Router(*heads)
     image, text = torch.randn(3, 8), torch.randn(3, 6)
     features = FeatureTable(image, text, torch.tensor([True, False, True]), torch.tensor([True, True, False]))

@@ -61,12 +61,15 @@ def worker_threads(client_id: str) -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith(client_id)]
 
 
-def test_produce_failing_commits_nothing_past_what_was_published_and_recovers(services, names, predictor,
-                                                                               tmp_path, caplog):
+def test_produce_failing_commits_nothing_past_what_was_published_and_recovers(
+    services, names, predictor, tmp_path, caplog
+):
     broker, proxy = proxied_broker(tmp_path / "broker")
     try:
         settings = stream_settings(
-            Endpoints(broker.bootstrap, services.redis_url), names, partitions=2,
+            Endpoints(broker.bootstrap, services.redis_url),
+            names,
+            partitions=2,
             kafka={"produce_timeout_s": 2.0, "request_timeout_ms": 1500, "client_id": "postsense-worker"},
         )
         feeder = as_client(settings, "feeder")  # the test's own producer is never refused
@@ -78,7 +81,9 @@ def test_produce_failing_commits_nothing_past_what_was_published_and_recovers(se
             assert wait_committed(settings, first_ends) == first_ends
             published_before = len(out_ids(settings, expect=16))
 
-            proxy.refuse_produce_from = "postsense-worker"  # the output and dead-letter topics are now unreachable
+            proxy.refuse_produce_from = (
+                "postsense-worker"  # the output and dead-letter topics are now unreachable
+            )
             ends = merge_ends(first_ends, produce_posts(feeder, posts[16:]))
             assert wait_until(lambda: sample_value(metrics, "publish_failures_total") >= 1, 20)
             # Several produce timeouts and retries: the producer is recreated at the third failed attempt.
@@ -92,7 +97,9 @@ def test_produce_failing_commits_nothing_past_what_was_published_and_recovers(se
             final = out_ids(settings, expect=len(posts))
         refused = proxy.refused
         # Every producer the publisher gave up on was closed, not left retrying on its own I/O thread.
-        assert wait_until(lambda: not worker_threads("postsense-worker"), 10), worker_threads("postsense-worker")
+        assert wait_until(lambda: not worker_threads("postsense-worker"), 10), worker_threads(
+            "postsense-worker"
+        )
     finally:
         proxy.stop()
         broker.stop()
@@ -108,14 +115,19 @@ def test_produce_failing_commits_nothing_past_what_was_published_and_recovers(se
     assert any("publishing recovered" in r.getMessage() for r in caplog.records)
 
 
-def test_memory_broker_restart_service_survives_reconnects_and_recreates_its_producer(services, names, predictor,
-                                                                                      tmp_path, caplog):
+def test_memory_broker_restart_service_survives_reconnects_and_recreates_its_producer(
+    services, names, predictor, tmp_path, caplog
+):
     # Tansu's memory engine forgets everything on restart (topics, records, offsets, producer ids): what was
     # in it is the broker's loss. The service must live through it and score everything sent afterwards.
     broker = Broker(tmp_path / "broker").start()
     try:
-        settings = stream_settings(Endpoints(broker.bootstrap, services.redis_url), names, partitions=4,
-                                   kafka={"produce_timeout_s": 3.0, "request_timeout_ms": 2000})
+        settings = stream_settings(
+            Endpoints(broker.bootstrap, services.redis_url),
+            names,
+            partitions=4,
+            kafka={"produce_timeout_s": 3.0, "request_timeout_ms": 2000},
+        )
         before, after = valid_posts(20, "before"), valid_posts(20, "after")
         metrics = Metrics()
         collector = Collector()
@@ -156,9 +168,13 @@ def test_persistent_broker_restart_loses_nothing_acknowledged(services, names, p
     s3 = S3Server(tmp_path / "s3").start()
     broker = Broker(tmp_path / "broker", storage="s3://tansu/", env=s3.engine_env()).start()
     try:
-        settings = stream_settings(Endpoints(broker.bootstrap, services.redis_url), names, partitions=PARTITIONS,
-                                   kafka={"produce_timeout_s": 3.0, "request_timeout_ms": 2000},
-                                   batch={"max_posts": 4, "max_wait_ms": 50})
+        settings = stream_settings(
+            Endpoints(broker.bootstrap, services.redis_url),
+            names,
+            partitions=PARTITIONS,
+            kafka={"produce_timeout_s": 3.0, "request_timeout_ms": 2000},
+            batch={"max_posts": 4, "max_wait_ms": 50},
+        )
         posts = valid_posts(60, "s3-")
         ends = produce_posts(settings, posts)  # every one acknowledged by the broker
         collector = Collector()  # sees each batch once every record of it was acknowledged
@@ -173,7 +189,9 @@ def test_persistent_broker_restart_loses_nothing_acknowledged(services, names, p
         s3.stop()
     name = "persistent broker " + ("killed" if crash else "restarted")
     ids = [p["id"] for p in posts]
-    acknowledged = report_counts(name + ", acknowledged to the service", ids, [d["id"] for d in collector.documents])
+    acknowledged = report_counts(
+        name + ", acknowledged to the service", ids, [d["id"] for d in collector.documents]
+    )
     on_topic = report_counts(name + ", on the output topic", ids, final)
     # The service's side: every input record scored and acknowledged, replays only of what was uncommitted.
     assert acknowledged["lost"] == 0 and acknowledged["unexpected"] == 0
@@ -217,9 +235,15 @@ def test_second_worker_joins_then_leaves_mid_stream_nothing_lost_or_doubled(serv
         # into one), so wait for the ownership itself, not for a count of assignments. Bound: the leave is seen
         # at the next heartbeat (1 s), a revoke may wait up to the session timeout (6 s) for the pipeline, and
         # a join on Tansu takes about half the session timeout, twice when the leader's metadata changed.
-        assert wait_until(lambda: first.service.assignment() == every_partition, 60), first.service.assignment()
-        scored = len(a.documents)  # ...and it scores new posts of every partition, the second worker's included
-        assert wait_until(lambda: {d["source"]["partition"] for d in a.documents[scored:]} == {0, 1, 2, 3}, 30)
+        assert wait_until(lambda: first.service.assignment() == every_partition, 60), (
+            first.service.assignment()
+        )
+        scored = len(
+            a.documents
+        )  # ...and it scores new posts of every partition, the second worker's included
+        assert wait_until(
+            lambda: {d["source"]["partition"] for d in a.documents[scored:]} == {0, 1, 2, 3}, 30
+        )
         stop_feeding.set()
         feeder.join(10)
         assert wait_committed(settings, ends, timeout_s=60) == ends

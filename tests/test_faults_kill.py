@@ -49,22 +49,29 @@ WORKER = textwrap.dedent(
 def worker(tmp_path: Path, flags: dict, marker: Path, delay_s: float) -> subprocess.Popen[bytes]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    return subprocess.Popen([sys.executable, str(script), json.dumps(flags), str(marker), str(delay_s)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, str(script), json.dumps(flags), str(marker), str(delay_s)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def test_sigkill_during_inference_then_restart_loses_nothing_and_replays_only_the_uncommitted(
     services, names, tmp_path
 ):
     settings = stream_settings(services, names, partitions=2, batch={"max_posts": 6, "max_wait_ms": 50})
-    flags = {"kafka": settings.kafka.model_dump(mode="json", exclude_none=True),
-             "batch": settings.batch.model_dump(mode="json")}
+    flags = {
+        "kafka": settings.kafka.model_dump(mode="json", exclude_none=True),
+        "batch": settings.batch.model_dump(mode="json"),
+    }
     posts = valid_posts(60, "k")
     produce_posts(settings, posts)
     marker = tmp_path / "batches"
     proc = worker(tmp_path, flags, marker, delay_s=1.0)
     try:
-        assert wait_until(lambda: marker.exists() and len(marker.read_text().split()) >= 3, 90), "no third batch"
+        assert wait_until(lambda: marker.exists() and len(marker.read_text().split()) >= 3, 90), (
+            "no third batch"
+        )
         proc.send_signal(signal.SIGKILL)  # batch 3 is inside the model: it is neither published nor committed
         proc.wait(10)
     finally:
@@ -85,7 +92,9 @@ def test_sigkill_during_inference_then_restart_loses_nothing_and_replays_only_th
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    counts = report_counts("worker killed mid-batch, restarted", [p["id"] for p in posts], [r.key.decode() for r in out])
+    counts = report_counts(
+        "worker killed mid-batch, restarted", [p["id"] for p in posts], [r.key.decode() for r in out]
+    )
     assert counts["lost"] == 0 and counts["unexpected"] == 0
     # Every duplicate was an input record at or past the committed offset of its partition when the worker died.
     sources = [json.loads(r.value)["source"] for r in out]

@@ -28,11 +28,15 @@ def test_scoring_continues_while_redis_is_down_and_the_queues_return_with_it(ser
     local.ensure_redis(url)
     try:
         settings = stream_settings(
-            Endpoints(services.bootstrap, url), names, partitions=2,
+            Endpoints(services.bootstrap, url),
+            names,
+            partitions=2,
             redis={"refresh_interval_s": 0.5, "op_timeout_s": 0.3, "reconnect_backoff_max_s": 1.0},
         )
         metrics = Metrics()
-        queues = open_reference_queues(settings, predictor, metrics)  # seeded from the checkpoint, as serve does
+        queues = open_reference_queues(
+            settings, predictor, metrics
+        )  # seeded from the checkpoint, as serve does
         posts = valid_posts(30, "q")
         collector = Collector()
         try:
@@ -59,8 +63,9 @@ def test_scoring_continues_while_redis_is_down_and_the_queues_return_with_it(ser
             queues.close()
     finally:
         local.stop_all()
-    counts = report_counts("redis stopped and restarted", [p["id"] for p in posts],
-                           [d["id"] for d in collector.documents])
+    counts = report_counts(
+        "redis stopped and restarted", [p["id"] for p in posts], [d["id"] for d in collector.documents]
+    )
     assert counts["lost"] == 0 and counts["duplicated"] == 0 and counts["unexpected"] == 0
     # Quality scores were still published during the outage (against the cached reference statistics).
     during = [d for d in collector.documents if d["id"] in {p["id"] for p in posts[10:20]}]

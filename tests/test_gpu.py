@@ -67,7 +67,10 @@ def sample_posts(n: int, start: int = 0) -> tuple[list, list[str | None], list[i
     images, texts, labels = [], [], []
     for i in range(start, start + n):
         photo, tweet = photos[i % len(photos)], tweets[(97 * i) % len(tweets)]
-        w, h = photo.width // 2 + (37 * i) % (photo.width // 2), photo.height // 2 + (53 * i) % (photo.height // 2)
+        w, h = (
+            photo.width // 2 + (37 * i) % (photo.width // 2),
+            photo.height // 2 + (53 * i) % (photo.height // 2),
+        )
         left, top = (29 * i) % (photo.width - w + 1), (31 * i) % (photo.height - h + 1)
         images.append(None if i % 7 == 3 else photo.crop((left, top, left + w, top + h)))
         texts.append(None if i % 11 == 5 else tweet.text)
@@ -79,10 +82,12 @@ def predict_all(predictor: Predictor, images: list, texts: list[str | None], bat
     from core.inference import BatchPrediction
 
     pixels = [None if im is None else predictor.preprocess_image(im) for im in images]
-    return BatchPrediction.concat([
-        predictor.predict(predictor.prepare(pixels[i : i + batch], texts[i : i + batch]))
-        for i in range(0, len(pixels), batch)
-    ])
+    return BatchPrediction.concat(
+        [
+            predictor.predict(predictor.prepare(pixels[i : i + batch], texts[i : i + batch]))
+            for i in range(0, len(pixels), batch)
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +104,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = create_model(CONFIG, LABELS, pretrained=CONFIG == "offline", encoder_options=options)
     predictor = Predictor.from_model(model)
     images, texts, labels = sample_posts(2 * SAMPLE, start=SAMPLE)
-    batch = predictor.prepare([None if im is None else predictor.preprocess_image(im) for im in images], texts)
+    batch = predictor.prepare(
+        [None if im is None else predictor.preprocess_image(im) for im in images], texts
+    )
     with torch.inference_mode():
         image, text = model.encode_batch(batch)
-    table = FeatureTable(image.clone(), text.clone(), batch.image_present, batch.text_present, torch.tensor(labels))
+    table = FeatureTable(
+        image.clone(), text.clone(), batch.image_present, batch.text_present, torch.tensor(labels)
+    )
     fit(model, CachedSource(table), CachedSource(table), TrainConfig(epochs=30, batch_size=64, head_lr=1e-3))
     path = tmp_path_factory.mktemp("gpu") / "model.pt"
     save_checkpoint(model.eval(), path)
@@ -133,10 +142,14 @@ def test_gpu_agrees_with_float32_cpu(checkpoint: Path, reference, mixed_precisio
 
     agreement = np.mean([a == b for a, b in zip(got.labels, reference.labels, strict=True)])
     tolerance = QUALITY_TOLERANCE[mixed_precision]
-    errors = {m: relative_distance_error(getattr(got, f"quality_{m}"), getattr(reference, f"quality_{m}"))
-              for m in ("image", "text")}
-    print(f"{DEVICE} mixed={mixed_precision}: labels {dict(Counter(reference.labels))}, agree on {agreement:.2%}; "
-          f"quality error {errors} (bound {tolerance})")
+    errors = {
+        m: relative_distance_error(getattr(got, f"quality_{m}"), getattr(reference, f"quality_{m}"))
+        for m in ("image", "text")
+    }
+    print(
+        f"{DEVICE} mixed={mixed_precision}: labels {dict(Counter(reference.labels))}, agree on {agreement:.2%}; "
+        f"quality error {errors} (bound {tolerance})"
+    )
     assert agreement >= AGREEMENT
     assert max(errors.values()) <= tolerance
     assert got.recovered == reference.recovered and (got.abstained == reference.abstained).all()
@@ -164,13 +177,19 @@ def trained_tiny(device: str, steps: int = 5) -> DRFModel:
     return model.eval()
 
 
-@pytest.mark.parametrize("trained_on, served_on", [("cpu", DEVICE), (DEVICE, "cpu")], ids=["cpu-to-gpu", "gpu-to-cpu"])
+@pytest.mark.parametrize(
+    "trained_on, served_on", [("cpu", DEVICE), (DEVICE, "cpu")], ids=["cpu-to-gpu", "gpu-to-cpu"]
+)
 def test_checkpoint_moves_between_cpu_and_gpu(tmp_path: Path, trained_on: str, served_on: str) -> None:
     path = tmp_path / "model.pt"
     save_checkpoint(trained_tiny(trained_on), path)
     images, texts, _ = sample_posts(16)
-    there = predict_all(Predictor.from_checkpoint(path, device=served_on, mixed_precision=False), images, texts)
-    here = predict_all(Predictor.from_checkpoint(path, device=trained_on, mixed_precision=False), images, texts)
+    there = predict_all(
+        Predictor.from_checkpoint(path, device=served_on, mixed_precision=False), images, texts
+    )
+    here = predict_all(
+        Predictor.from_checkpoint(path, device=trained_on, mixed_precision=False), images, texts
+    )
     assert there.labels == here.labels
     np.testing.assert_allclose(there.probabilities, here.probabilities, atol=1e-4)
     np.testing.assert_allclose(there.quality_text, here.quality_text, rtol=1e-3)

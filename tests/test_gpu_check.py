@@ -23,7 +23,12 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_one_result_folder(tmp_path
     env["POSTSENSE_GPU_CHECK_WORK"] = str(tmp_path / "work")
     done = subprocess.run(
         [str(ROOT / "scripts" / "gpu-check"), "--dry-run", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=480, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+        check=False,
     )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]

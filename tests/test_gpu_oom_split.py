@@ -26,8 +26,10 @@ def predictor() -> Predictor:
 
 def batch_of(predictor: Predictor, size: int):
     colours = [(40 * i % 256, 90 * i % 256, 200) for i in range(size)]
-    images = [None if i % 5 == 3 else predictor.preprocess_image(Image.new("RGB", (40, 30), c))
-              for i, c in enumerate(colours)]
+    images = [
+        None if i % 5 == 3 else predictor.preprocess_image(Image.new("RGB", (40, 30), c))
+        for i, c in enumerate(colours)
+    ]
     texts = [None if i % 7 == 2 else f"post {i} " + "word " * (i % 6) for i in range(size)]
     return predictor.prepare(images, texts)
 
@@ -59,7 +61,9 @@ def test_a_batch_too_large_is_split_and_no_post_is_lost(
     assert calls[:3] == [13, 6, 3]  # 13 fails, the first half (6) fails, then halves fit
     assert len(got.labels) == 13 and got.labels == expected.labels
     np.testing.assert_allclose(got.probabilities, expected.probabilities, atol=1e-5)
-    np.testing.assert_allclose(got.quality_text, expected.quality_text, atol=1e-5)  # NaN where absent, in place
+    np.testing.assert_allclose(
+        got.quality_text, expected.quality_text, atol=1e-5
+    )  # NaN where absent, in place
     np.testing.assert_array_equal(got.abstained, expected.abstained)
     assert got.recovered == expected.recovered
     assert predictor.max_rows == 3

@@ -79,8 +79,12 @@ RAW_VALUES = st.one_of(
     st.none(),
     st.binary(max_size=200),
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),
-    st.builds(lambda p, k, v: json.dumps({**p, k: v}).encode(), POSTS, st.sampled_from(["id", "text", "created_at"]),
-              JSON_VALUES),
+    st.builds(
+        lambda p, k, v: json.dumps({**p, k: v}).encode(),
+        POSTS,
+        st.sampled_from(["id", "text", "created_at"]),
+        JSON_VALUES,
+    ),
     POSTS.map(lambda p: json.dumps(p).encode()),
     POSTS.map(lambda p: json.dumps(p).encode()),
     POSTS.map(lambda p: json.dumps(p).encode()[: len(json.dumps(p)) // 2]),  # truncated
@@ -90,14 +94,23 @@ RAW_VALUES = st.one_of(
 @pytest.fixture(scope="module")
 def processor(predictor: Predictor) -> BatchProcessor:
     # Offline fetch policy: URLs may name only a host that never resolves, so nothing leaves the machine.
-    cfg = load_settings(None, {"media": {"allowed_hosts": ["images.invalid"], "fetch_timeout_s": 0.5},
-                               "limits": {"max_text_chars": 100, "max_metadata_depth": 3}})
+    cfg = load_settings(
+        None,
+        {
+            "media": {"allowed_hosts": ["images.invalid"], "fetch_timeout_s": 0.5},
+            "limits": {"max_text_chars": 100, "max_metadata_depth": 3},
+        },
+    )
     return BatchProcessor(cfg, predictor, Metrics())
 
 
 @given(values=st.lists(RAW_VALUES, min_size=1, max_size=6))
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-def test_any_record_is_scored_or_dead_lettered_never_an_exception(processor: BatchProcessor, values: list) -> None:
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+def test_any_record_is_scored_or_dead_lettered_never_an_exception(
+    processor: BatchProcessor, values: list
+) -> None:
     records = [Record("posts", 0, i, b"k%d" % i, v) for i, v in enumerate(values)]
     parsed = [(r, validate(r, processor.limits)) for r in records]
     invalid = [(r, p) for r, p in parsed if isinstance(p, Invalid)]
@@ -109,7 +122,7 @@ def test_any_record_is_scored_or_dead_lettered_never_an_exception(processor: Bat
     for doc, out in zip(result.documents, result.records, strict=False):
         assert not list(check.iter_errors(doc)), doc
         assert out.key == doc["id"].encode() and json.loads(out.value) == doc
-    letters = result.records[len(result.documents):]
+    letters = result.records[len(result.documents) :]
     assert [dict(r.headers)["postsense.reason"].decode() for r in letters] == [p.reason for _, p in invalid]
     assert all(r.value == record.value for r, (record, _) in zip(letters, invalid, strict=True))  # untouched
 
@@ -136,18 +149,28 @@ def b64(data: bytes) -> dict[str, str]:
 
 
 def jpeg(mode: str = "RGB", **save: Any) -> bytes:
-    return encode(Image.new(mode, (64, 48), (40, 90, 200) if mode == "RGB" else (10, 20, 30, 40)), "JPEG", **save)
+    return encode(
+        Image.new(mode, (64, 48), (40, 90, 200) if mode == "RGB" else (10, 20, 30, 40)), "JPEG", **save
+    )
 
 
 def corpus(trap_url: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     """(key, value) records and the outcome each must have: ("dead", reason) or (image state, reason)."""
     exif = Image.Exif()
     exif[0x0112] = 6
-    gif = encode(Image.new("RGB", (10, 10), "red"), "GIF", save_all=True, append_images=[Image.new("RGB", (10, 10), "blue")])
+    gif = encode(
+        Image.new("RGB", (10, 10), "red"),
+        "GIF",
+        save_all=True,
+        append_images=[Image.new("RGB", (10, 10), "blue")],
+    )
     png16 = encode(Image.new("I;16", (32, 32), 40000), "PNG")
     full = jpeg()
     posts: dict[str, tuple[Any, tuple[str, str | None]]] = {
-        "bomb": (b64(solid_png_bomb(12000)), ("undecodable", "too_many_pixels")),  # 144 Mpx of black in ~150 KB
+        "bomb": (
+            b64(solid_png_bomb(12000)),
+            ("undecodable", "too_many_pixels"),
+        ),  # 144 Mpx of black in ~150 KB
         "huge-header": (b64(grey_png(30000, 30000, b"\x00" * 64)), ("undecodable", "too_many_pixels")),
         "gif": (b64(gif), ("ok", None)),
         "cmyk": (b64(jpeg("CMYK")), ("ok", None)),
@@ -177,7 +200,10 @@ def corpus(trap_url: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
         "wrong-types": (json.dumps({"id": 12, "text": ["a"]}).encode(), "schema_invalid"),
         "image-string": (json.dumps({"id": "i", "image": "aGVsbG8="}).encode(), "schema_invalid"),
         "extra-field": (json.dumps({"id": "e", "text": "t", "sql": "drop"}).encode(), "schema_invalid"),
-        "deep-metadata": (json.dumps({"id": "d", "text": "t", "metadata": nested}).encode(), "metadata_too_deep"),
+        "deep-metadata": (
+            json.dumps({"id": "d", "text": "t", "metadata": nested}).encode(),
+            "metadata_too_deep",
+        ),
         "deep-json": (b"[" * 100_000 + b"]" * 100_000, "too_deep"),
         "oversized": (json.dumps({"id": "o", "text": "y" * 13_000_000}).encode(), "too_large"),
         "array": (b"[1, 2, 3]", "schema_invalid"),
@@ -197,28 +223,50 @@ def test_hostile_corpus_through_serve_every_record_accounted_for_memory_bounded(
 ):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trap)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    settings_ = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50},
-                                limits={"max_record_bytes": 12 * 1024 * 1024, "max_image_pixels": 4_000_000,
-                                        "max_image_bytes": 256 * 1024})
+    settings_ = stream_settings(
+        services,
+        names,
+        partitions=2,
+        batch={"max_posts": 8, "max_wait_ms": 50},
+        limits={
+            "max_record_bytes": 12 * 1024 * 1024,
+            "max_image_pixels": 4_000_000,
+            "max_image_bytes": 256 * 1024,
+        },
+    )
     values, expected = corpus(f"http://127.0.0.1:{server.server_address[1]}/cat.jpg")
     # The feeder may send more than the worker accepts (the "oversized" record is past its limit).
-    feeder = settings_.model_copy(update={"limits": settings_.limits.model_copy(update={"max_record_bytes": 32 << 20})})
+    feeder = settings_.model_copy(
+        update={"limits": settings_.limits.model_copy(update={"max_record_bytes": 32 << 20})}
+    )
     produce(feeder, [v for _, v in values], [k.encode() for k, _ in values])
     limits = settings_.limits
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "POSTSENSE_LIMITS__MAX_RECORD_BYTES": str(limits.max_record_bytes),
-           "POSTSENSE_LIMITS__MAX_IMAGE_PIXELS": str(limits.max_image_pixels),
-           "POSTSENSE_LIMITS__MAX_IMAGE_BYTES": str(limits.max_image_bytes),
-           "POSTSENSE_REDIS__KEY_PREFIX": settings_.redis.key_prefix}
-    proc = subprocess.Popen(cli(settings_, "serve", "--no-reference-queues", checkpoint=tiny_checkpoint), env=env,
-                            stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "POSTSENSE_LIMITS__MAX_RECORD_BYTES": str(limits.max_record_bytes),
+        "POSTSENSE_LIMITS__MAX_IMAGE_PIXELS": str(limits.max_image_pixels),
+        "POSTSENSE_LIMITS__MAX_IMAGE_BYTES": str(limits.max_image_bytes),
+        "POSTSENSE_REDIS__KEY_PREFIX": settings_.redis.key_prefix,
+    }
+    proc = subprocess.Popen(
+        cli(settings_, "serve", "--no-reference-queues", checkpoint=tiny_checkpoint),
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     try:
         posts = [k for k, _ in values if expected[k][0] != "dead"]
         dead = [k for k, _ in values if expected[k][0] == "dead"]
         out = read_topic(settings_, settings_.kafka.output_topic, expect=len(posts), timeout_s=120)
         dlq = read_topic(settings_, settings_.kafka.dead_letter_topic, expect=len(dead), timeout_s=30)
         assert proc.poll() is None, "the worker died"
-        peak_kib = int(next(line.split()[1] for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-                            if line.startswith("VmHWM")))
+        peak_kib = int(
+            next(
+                line.split()[1]
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                if line.startswith("VmHWM")
+            )
+        )
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -244,11 +292,15 @@ def test_hostile_corpus_through_serve_every_record_accounted_for_memory_bounded(
     original = dict(values)
     for key in dead:
         assert dict(letters[key].headers)["postsense.reason"].decode() == expected[key][1], key
-        if key == "oversized":  # past the record limit only a prefix is kept (it could never be produced whole)
+        if (
+            key == "oversized"
+        ):  # past the record limit only a prefix is kept (it could never be produced whole)
             assert letters[key].value == original[key][:OVERSIZED_PREFIX_BYTES]
         else:
             assert letters[key].value == original[key]  # the original bytes, untouched
-        assert not list(validator("dead_letter").iter_errors(json.loads(dict(letters[key].headers)[DEAD_LETTER_HEADER])))
+        assert not list(
+            validator("dead_letter").iter_errors(json.loads(dict(letters[key].headers)[DEAD_LETTER_HEADER]))
+        )
     assert Trap.hits == [], "the worker fetched from a private address"
     # The 144 Mpx bomb decoded would take ~430 MB as RGB, the 30,000^2 header 2.7 GB: the limits kept the worker small.
     print(f"\n[memory] hostile corpus: worker peak RSS {peak_kib / 1024:.0f} MiB")

@@ -22,7 +22,9 @@ TP = TopicPartition("posts", 0)
 
 
 def test_the_pinned_kafka_python_major_version_is_the_one_these_internals_were_checked_against():
-    assert version("kafka-python").split(".")[0] == "3", "re-check every function of connectors/kafka_compat.py"
+    assert version("kafka-python").split(".")[0] == "3", (
+        "re-check every function of connectors/kafka_compat.py"
+    )
 
 
 def test_io_sleep_is_awaitable_on_the_consumers_io_loop_and_sleeps():
@@ -105,9 +107,13 @@ class PositionedConsumer:
         (None, 7, None, "latest", None),  # nothing committed, latest: kafka-python's own reset applies
     ],
 )
-def test_start_at_committed_moves_the_position_to_the_committed_offset(committed, position, polled_from, reset, seek):
+def test_start_at_committed_moves_the_position_to_the_committed_offset(
+    committed, position, polled_from, reset, seek
+):
     consumer = PositionedConsumer(committed, position)
-    polled: dict[TopicPartition, list[Any]] = {TP: [SimpleNamespace(offset=polled_from)]} if polled_from else {}
+    polled: dict[TopicPartition, list[Any]] = (
+        {TP: [SimpleNamespace(offset=polled_from)]} if polled_from else {}
+    )
     moved = start_at_committed(consumer, [TP], polled, reset)  # type: ignore[arg-type]  # a stand-in consumer
     assert consumer.seeks == ([] if seek is None else [(TP, seek)])
     assert moved == (set() if seek is None else {TP})

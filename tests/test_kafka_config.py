@@ -15,10 +15,18 @@ def test_sasl_ssl_credentials_reach_every_client_and_the_password_can_come_from_
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     secret = tmp_path / "password"
     secret.write_text("s3cret\n")
-    settings = load_settings(None, {"kafka": {
-        "security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "svc",
-        "sasl_password_file": str(secret), "ssl_cafile": str(ca),
-    }})
+    settings = load_settings(
+        None,
+        {
+            "kafka": {
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_username": "svc",
+                "sasl_password_file": str(secret),
+                "ssl_cafile": str(ca),
+            }
+        },
+    )
     for config in (consumer_config(settings.kafka, 8), producer_config(settings.kafka, settings.limits)):
         assert config["security_protocol"] == "SASL_SSL"
         assert config["sasl_mechanism"] == "SCRAM-SHA-512"
@@ -36,8 +44,10 @@ def test_plaintext_clients_carry_no_security_fields():
 
 
 def test_consumer_never_commits_on_its_own_and_takes_group_timing_from_settings():
-    settings = load_settings(None, {"kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
-                                              "group_instance_id": "pod-0"}})
+    settings = load_settings(
+        None,
+        {"kafka": {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "group_instance_id": "pod-0"}},
+    )
     config = consumer_config(settings.kafka, max_posts=16)
     assert config["enable_auto_commit"] is False  # offsets only after publishing (at-least-once)
     assert (config["session_timeout_ms"], config["heartbeat_interval_ms"]) == (6000, 1000)
@@ -47,7 +57,9 @@ def test_consumer_never_commits_on_its_own_and_takes_group_timing_from_settings(
 
 
 def test_producer_is_idempotent_acks_all_and_fits_a_dead_letter_of_the_largest_record():
-    settings = load_settings(None, {"limits": {"max_record_bytes": 5_000_000}, "kafka": {"produce_timeout_s": 7}})
+    settings = load_settings(
+        None, {"limits": {"max_record_bytes": 5_000_000}, "kafka": {"produce_timeout_s": 7}}
+    )
     config = producer_config(settings.kafka, settings.limits)
     assert config["acks"] == "all" and config["enable_idempotence"] is True
     assert config["max_request_size"] > 5_000_000

@@ -120,7 +120,9 @@ def port() -> Iterator[int]:
     yield from _serve(QuietServer(("127.0.0.1", 0), Handler))
 
 
-def field_url(url: str, policy: FetchPolicy, limits: MediaLimits = LIMITS) -> tuple[ModalityState, str | None]:
+def field_url(
+    url: str, policy: FetchPolicy, limits: MediaLimits = LIMITS
+) -> tuple[ModalityState, str | None]:
     result = decode_image_field({"url": url}, limits, policy)
     return result.state, result.reason
 

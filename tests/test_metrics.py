@@ -52,7 +52,9 @@ def scrape(metrics: Metrics) -> dict[str, list]:
 
 
 def value(samples: dict[str, list], name: str, **labels: str) -> float:
-    matching = [s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
+    matching = [
+        s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(matching) == 1, f"{name}{labels}: {len(matching)} samples"
     return matching[0]
 
@@ -80,8 +82,15 @@ def populate(m: Metrics) -> None:
     m.paused.set(0)
     m.set_consumer_lag({("posts", 0): 3})
     m.observe_modality_states("image", ["ok", "missing"])
-    m.observe_prediction(FakePrediction(["positive", None], np.array([0.5, np.nan]), np.array([0.9, np.nan]),
-                                        ["text", None], np.array([False, True])))
+    m.observe_prediction(
+        FakePrediction(
+            ["positive", None],
+            np.array([0.5, np.nan]),
+            np.array([0.9, np.nan]),
+            ["text", None],
+            np.array([False, True]),
+        )
+    )
     m.set_reference("image", queue_length=512, drift_sigmas=0.1, acceptance_ratio=0.5, accepted=3)
     m.redis_up.set(1)
     m.producer_recreated_total.inc()
@@ -116,7 +125,9 @@ def test_exported_label_names_equal_the_checked_in_list() -> None:
 
 def test_every_name_follows_prometheus_conventions() -> None:
     for name, (kind, labels) in checked_in_metrics().items():
-        assert name.startswith(("postsense_", "process_", "python_gc_")), name  # the last two: standard collectors
+        assert name.startswith(("postsense_", "process_", "python_gc_")), (
+            name
+        )  # the last two: standard collectors
         assert (kind == "counter") == name.endswith("_total"), name
         assert not {"id", "post_id", "key", "offset"} & labels, f"{name} has an unbounded label"
     assert checked_in_metrics()["postsense_inference_seconds"][0] == "histogram"
@@ -124,13 +135,15 @@ def test_every_name_follows_prometheus_conventions() -> None:
 
 def test_observe_prediction_counts_labels_abstentions_recoveries_and_present_qualities() -> None:
     m = Metrics()
-    m.observe_prediction(FakePrediction(
-        labels=["positive", "negative", "positive", None],
-        quality_image=np.array([0.5, np.nan, 0.25, np.nan]),  # NaN = image absent
-        quality_text=np.array([1.0, 0.75, np.nan, np.nan]),
-        recovered=["text", "image", None, None],
-        abstained=np.array([False, False, False, True]),
-    ))
+    m.observe_prediction(
+        FakePrediction(
+            labels=["positive", "negative", "positive", None],
+            quality_image=np.array([0.5, np.nan, 0.25, np.nan]),  # NaN = image absent
+            quality_text=np.array([1.0, 0.75, np.nan, np.nan]),
+            recovered=["text", "image", None, None],
+            abstained=np.array([False, False, False, True]),
+        )
+    )
     s = scrape(m)
     assert value(s, "postsense_predictions_total", label="positive") == 2
     assert value(s, "postsense_predictions_total", label="negative") == 1
@@ -167,8 +180,14 @@ def test_end_to_end_latency_uses_created_at_and_skips_unusable_timestamps() -> N
     m = Metrics()
     published = 1767225600.0 + 2.0  # 2026-01-01T00:00:02Z
     observed = m.observe_end_to_end(
-        ["2026-01-01T00:00:00Z", "2026-01-01T01:00:01.500+01:00", "2026-01-01T00:00:01", None, "yesterday",
-         "2026-01-01T00:00:05Z"],  # the last one is from the future (producer clock ahead): skipped
+        [
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T01:00:01.500+01:00",
+            "2026-01-01T00:00:01",
+            None,
+            "yesterday",
+            "2026-01-01T00:00:05Z",
+        ],  # the last one is from the future (producer clock ahead): skipped
         published_at=published,
     )
     assert observed == 3
@@ -197,7 +216,12 @@ def test_build_info_and_reference_gauges() -> None:
     m.set_reference("text", accepted=2)
     s = scrape(m)
     [info] = s["postsense_build_info"]
-    assert info.labels == {"version": "0.1.0", "model_name": "offline", "model_version": "v2", "device": "cuda:0"}
+    assert info.labels == {
+        "version": "0.1.0",
+        "model_name": "offline",
+        "model_version": "v2",
+        "device": "cuda:0",
+    }
     assert info.value == 1
     assert value(s, "postsense_reference_queue_length", modality="text") == 100
     assert value(s, "postsense_reference_drift_sigmas", modality="text") == 0.25
@@ -241,8 +265,9 @@ def test_liveness_check_is_pluggable() -> None:
 
 def test_openmetrics_is_served_when_asked_for() -> None:
     with MetricsServer(Metrics(), "127.0.0.1", 0) as server:
-        status, content_type, body = get(f"http://127.0.0.1:{server.port}/metrics",
-                                         accept="application/openmetrics-text; version=1.0.0")
+        status, content_type, body = get(
+            f"http://127.0.0.1:{server.port}/metrics", accept="application/openmetrics-text; version=1.0.0"
+        )
     assert status == 200
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith("# EOF\n")
@@ -261,7 +286,9 @@ def test_port_in_use_is_a_clear_error_and_close_frees_the_port() -> None:
 
 def test_nan_quality_never_reaches_the_histogram_sum() -> None:
     m = Metrics()
-    m.observe_prediction(FakePrediction([None], np.array([np.nan]), np.array([np.nan]), [None], np.array([True])))
+    m.observe_prediction(
+        FakePrediction([None], np.array([np.nan]), np.array([np.nan]), [None], np.array([True]))
+    )
     s = scrape(m)
     assert not math.isnan(value(s, "postsense_modality_quality_sum", modality="image"))
     assert value(s, "postsense_modality_quality_count", modality="image") == 0

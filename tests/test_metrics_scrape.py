@@ -43,7 +43,9 @@ def wait_for(check: Any, what: str, timeout_s: float, proc: subprocess.Popen | N
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"{what}: process exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            pytest.fail(
+                f"{what}: process exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}"
+            )
         try:
             result = check()
             if result:
@@ -60,27 +62,45 @@ class Prometheus:
     def __init__(self, workdir: Path, target: str, group: str) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
-            pytest.fail("prometheus not found: install Debian's prometheus package (scripts/system-deps does)")
+            pytest.fail(
+                "prometheus not found: install Debian's prometheus package (scripts/system-deps does)"
+            )
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
-            "scrape_configs": [{
-                "job_name": "postsense",
-                # The labels the ServiceMonitor (Kubernetes) or the compose config add to every series.
-                "static_configs": [{"targets": [target],
-                                    "labels": {"namespace": NAMESPACE, "consumer_group": group, "pod": POD}}],
-            }],
+            "scrape_configs": [
+                {
+                    "job_name": "postsense",
+                    # The labels the ServiceMonitor (Kubernetes) or the compose config add to every series.
+                    "static_configs": [
+                        {
+                            "targets": [target],
+                            "labels": {"namespace": NAMESPACE, "consumer_group": group, "pod": POD},
+                        }
+                    ],
+                }
+            ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
-        wait_for(lambda: urllib.request.urlopen(self.url + "/-/ready", timeout=1).status == 200,
-                 "prometheus ready", 30, self.proc)
+        wait_for(
+            lambda: urllib.request.urlopen(self.url + "/-/ready", timeout=1).status == 200,
+            "prometheus ready",
+            30,
+            self.proc,
+        )
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         reply = http_json(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
@@ -122,25 +142,39 @@ def rules_evaluated_since(prometheus: Prometheus, since: datetime) -> bool:
     groups = http_json(f"{prometheus.url}/api/v1/rules")["data"]["groups"]
     evaluated = [rule["lastEvaluation"] for group in groups for rule in group["rules"]]
     # RFC 3339 with up to nanoseconds; datetime takes microseconds.
-    times = [datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", t).replace("Z", "+00:00")) for t in evaluated]
+    times = [
+        datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", t).replace("Z", "+00:00")) for t in evaluated
+    ]
     return len(times) == len(alert_rules()) and all(t > since for t in times)
 
 
 @pytest.fixture(scope="module")
 def scraped(
-    services: Any, names: Callable[[str], str], tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+    services: Any,
+    names: Callable[[str], str],
+    tiny_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Prometheus, Settings, int]]:
     """A serve process that handled WAVES waves of traffic while Prometheus scraped it every second."""
     workdir = tmp_path_factory.mktemp("prometheus")
     settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50})
     metrics_port = free_port()
-    serve = subprocess.Popen(cli(settings, "serve", checkpoint=tiny_checkpoint, metrics_port=metrics_port),
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
+    serve = subprocess.Popen(
+        cli(settings, "serve", checkpoint=tiny_checkpoint, metrics_port=metrics_port),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+    )
     prometheus = None
     try:
         prometheus = Prometheus(workdir, f"127.0.0.1:{metrics_port}", settings.kafka.group_id)
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=1).status == 200,
-                 "serve ready (model loaded, partitions assigned)", 90, serve)
+        wait_for(
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=1).status == 200
+            ),
+            "serve ready (model loaded, partitions assigned)",
+            90,
+            serve,
+        )
         consumed = f'sum(postsense_posts_consumed_total{{consumer_group="{settings.kafka.group_id}"}})'
         sent = 0
         for i in range(WAVES):
@@ -148,12 +182,25 @@ def scraped(
             produce(settings, records)
             sent += len(records)
             # Each wave lands in its own scrapes, so the counters grow across several samples (rate() needs two).
-            wait_for(lambda sent=sent: (r := prometheus.query(consumed)) and float(r[0]["value"][1]) >= sent,
-                     f"prometheus to see all {sent} records consumed", 60, serve)
-        wait_for(lambda: settled(prometheus, settings.kafka.group_id, sent), "prometheus to scrape the final counts",
-                 60, serve)
+            wait_for(
+                lambda sent=sent: (r := prometheus.query(consumed)) and float(r[0]["value"][1]) >= sent,
+                f"prometheus to see all {sent} records consumed",
+                60,
+                serve,
+            )
+        wait_for(
+            lambda: settled(prometheus, settings.kafka.group_id, sent),
+            "prometheus to scrape the final counts",
+            60,
+            serve,
+        )
         since = datetime.now(UTC)
-        wait_for(lambda: rules_evaluated_since(prometheus, since), "every rule evaluated on the final counts", 30, serve)
+        wait_for(
+            lambda: rules_evaluated_since(prometheus, since),
+            "every rule evaluated on the final counts",
+            30,
+            serve,
+        )
         yield prometheus, settings, sent
     finally:
         serve.send_signal(signal.SIGTERM)
@@ -165,10 +212,16 @@ def scraped(
             prometheus.close()
 
 
-def test_every_dashboard_query_returns_data_from_the_running_service(scraped: tuple[Prometheus, Settings, int]) -> None:
+def test_every_dashboard_query_returns_data_from_the_running_service(
+    scraped: tuple[Prometheus, Settings, int],
+) -> None:
     prometheus, settings, _ = scraped
-    variables = {"$__rate_interval": "1m", "$namespace": NAMESPACE, "$consumer_group": settings.kafka.group_id,
-                 "$pod": POD}
+    variables = {
+        "$__rate_interval": "1m",
+        "$namespace": NAMESPACE,
+        "$consumer_group": settings.kafka.group_id,
+        "$pod": POD,
+    }
     empty, all_nan = [], []
     for where, expr in dashboard_queries(variables):
         result = prometheus.query(expr)
@@ -218,5 +271,7 @@ def test_alert_rules_evaluate_without_errors_on_live_data(scraped: tuple[Prometh
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
         assert rule["lastEvaluation"] != "0001-01-01T00:00:00Z", f"{rule['name']} never evaluated"
     # A healthy short run pages nobody.
-    firing = [a["labels"]["alertname"] for rule in rules for a in rule.get("alerts", []) if a["state"] == "firing"]
+    firing = [
+        a["labels"]["alertname"] for rule in rules for a in rule.get("alerts", []) if a["state"] == "firing"
+    ]
     assert not firing, firing

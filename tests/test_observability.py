@@ -46,8 +46,13 @@ def test_json_logs_carry_the_records_coordinates_and_reason_as_fields(json_logs)
     [line] = [doc for doc in json_logs() if doc["logger"] == "stream.processor"]
     assert line["level"] == "INFO" and "not_json" in line["message"]
     assert {k: line[k] for k in ("topic", "partition", "offset", "reason", "error_class", "post_id")} == {
-        "topic": "posts", "partition": 3, "offset": 1234, "reason": "not_json", "error_class": "JSONDecodeError",
-        "post_id": "post-77"}
+        "topic": "posts",
+        "partition": 3,
+        "offset": 1234,
+        "reason": "not_json",
+        "error_class": "JSONDecodeError",
+        "post_id": "post-77",
+    }
 
 
 def test_json_logs_without_fields_stay_a_plain_message(json_logs) -> None:

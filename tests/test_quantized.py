@@ -101,7 +101,10 @@ def test_switching_precision_rebuilds_the_session() -> None:
 
 def test_default_options_keep_existing_fingerprints() -> None:
     """Feature caches and checkpoints are keyed by the encoder options: the defaults must not change them."""
-    assert create_encoders("offline", pretrained=False).options == {"max_length": 128, "image_runtime": "torch"}
+    assert create_encoders("offline", pretrained=False).options == {
+        "max_length": 128,
+        "image_runtime": "torch",
+    }
     int8 = create_encoders("offline", pretrained=False, precision="int8")
     assert int8.options == {"max_length": 128, "image_runtime": "torch", "precision": "int8"}
     assert int8.image.precision == int8.text.precision == "int8"
@@ -180,7 +183,9 @@ def test_serving_int8_loads_the_built_files_without_torch_encoders(tmp_path) -> 
         configure_cpu_inference(encoder, precision="int8")
     photo = calibration_images(count=1)[0]
     results = [
-        p.predict(p.prepare([p.preprocess_image(photo), None, p.preprocess_image(photo)], [*TWEETS[:2], None]))
+        p.predict(
+            p.prepare([p.preprocess_image(photo), None, p.preprocess_image(photo)], [*TWEETS[:2], None])
+        )
         for p in (served, switched)
     ]
     assert results[0].labels == results[1].labels

@@ -25,7 +25,9 @@ def api_examples() -> list[str]:
 
 @pytest.mark.services
 @pytest.mark.timeout(180)
-def test_readme_python_api_examples_run_as_written(services, names, tmp_path: Path, monkeypatch, capsys) -> None:
+def test_readme_python_api_examples_run_as_written(
+    services, names, tmp_path: Path, monkeypatch, capsys
+) -> None:
     predict_example, service_example = api_examples()
     settings = stream_settings(services, names)
     k = settings.kafka
@@ -34,9 +36,19 @@ def test_readme_python_api_examples_run_as_written(services, names, tmp_path: Pa
     save_checkpoint(create_model("tiny", labels=LABELS), tmp_path / "model.ckpt")
     shutil.copy(Path(sklearn.datasets.__file__).parent / "images" / "flower.jpg", tmp_path / "photo.jpg")
     (tmp_path / "postsense.toml").write_text(
-        "[kafka]\n" + "".join(f"{field} = {json.dumps(getattr(k, field))}\n" for field in (
-            "bootstrap_servers", "group_id", "input_topic", "output_topic", "dead_letter_topic",
-            "session_timeout_ms", "heartbeat_interval_ms"))
+        "[kafka]\n"
+        + "".join(
+            f"{field} = {json.dumps(getattr(k, field))}\n"
+            for field in (
+                "bootstrap_servers",
+                "group_id",
+                "input_topic",
+                "output_topic",
+                "dead_letter_topic",
+                "session_timeout_ms",
+                "heartbeat_interval_ms",
+            )
+        )
         + '[redis]\nurl = "redis://127.0.0.1:1/0"\n'  # nothing listens there: the example must not need Redis
     )
     posts = valid_posts(3, prefix=names("readme-"))

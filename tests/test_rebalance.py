@@ -42,8 +42,10 @@ def handler(revoke_wait_s: float = 10.0) -> tuple[RebalanceHandler, FakeConsumer
 
 
 def polled(tp: TopicPartition, *offsets: int) -> dict[TopicPartition, list[Any]]:
-    messages = [SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=o, key=None, value=b"{}", timestamp=0)
-                for o in offsets]
+    messages = [
+        SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=o, key=None, value=b"{}", timestamp=0)
+        for o in offsets
+    ]
     return {tp: messages}
 
 
@@ -98,7 +100,9 @@ def test_a_batch_unfinished_at_the_revoke_bound_is_never_committed():
     h.add(polled(P0, 0, 1))
     stuck = h.seal(build)
     assert stuck is not None
-    asyncio.run(h.on_partitions_revoked({P0, P1}))  # returns at its bound: a stuck publish must not hold the group
+    asyncio.run(
+        h.on_partitions_revoked({P0, P1})
+    )  # returns at its bound: a stuck publish must not hold the group
     stuck.done.set()
     assert consumer.commits == []
     assert h.offsets.take({P0, P1}) == {}  # the next owner reads those records again

@@ -195,7 +195,9 @@ def test_worker_statistics_drift_and_metrics_follow_the_stream(server, make_sett
             ref_mean, ref_sigma, _ = expected_stats(seed[m])
             drift = np.linalg.norm(contents.astype(np.float64).mean(axis=0) - ref_mean) / ref_sigma
             assert queues.drift()[m] == pytest.approx(drift, rel=1e-4)
-            assert sample_value(metrics, "reference_drift_sigmas", modality=m) == pytest.approx(drift, rel=1e-4)
+            assert sample_value(metrics, "reference_drift_sigmas", modality=m) == pytest.approx(
+                drift, rel=1e-4
+            )
             assert sample_value(metrics, "reference_acceptance_ratio", modality=m) == pytest.approx(0.75)
             assert sample_value(metrics, "reference_accepted_total", modality=m) == 3
             assert sample_value(metrics, "reference_queue_length", modality=m) == L

@@ -41,8 +41,14 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def write_jsonl(path: Path) -> list[bytes]:
     photo = base64.b64encode((PHOTOS / "flower.jpg").read_bytes()).decode()
     lines = [
-        json.dumps({"id": "a", "text": "what a lovely day", "image": {"base64": photo},
-                    "created_at": "2026-11-23T12:00:00Z"}).encode(),
+        json.dumps(
+            {
+                "id": "a",
+                "text": "what a lovely day",
+                "image": {"base64": photo},
+                "created_at": "2026-11-23T12:00:00Z",
+            }
+        ).encode(),
         b"this line is not JSON",
         json.dumps({"id": "b", "text": "grey and rainy", "image": {"base64": png_base64()}}).encode(),
         json.dumps({"id": "c", "text": "bad date", "created_at": "yesterday"}).encode(),
@@ -65,8 +71,21 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_score_a_jsonl_file_end_to_end(tmp_path: Path, checkpoints: tuple[Path, Path]) -> None:
     lines = write_jsonl(tmp_path / "posts.jsonl")
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "stream", "--checkpoint", str(checkpoints[0]), "--set", "batch.max_posts=4",
-           "score", str(tmp_path / "posts.jsonl"), "--out", str(out), "--compare", str(checkpoints[1])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream",
+        "--checkpoint",
+        str(checkpoints[0]),
+        "--set",
+        "batch.max_posts=4",
+        "score",
+        str(tmp_path / "posts.jsonl"),
+        "--out",
+        str(out),
+        "--compare",
+        str(checkpoints[1]),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -92,14 +111,22 @@ def test_score_a_jsonl_file_end_to_end(tmp_path: Path, checkpoints: tuple[Path, 
     assert by_id["e"]["text_truncated"] and not by_id["a"]["text_truncated"]
     assert summary["compared"] == 16 and summary["agreed"] == sum(r["shadow"]["agrees"] for r in records)
     assert {(r["source"]["offset"], r["reason"]) for r in rejected} == {
-        (2, "not_json"), (4, "schema_invalid"), (7, "schema_invalid"), (8, "not_json")}
+        (2, "not_json"),
+        (4, "schema_invalid"),
+        (7, "schema_invalid"),
+        (8, "not_json"),
+    }
     assert next(r for r in rejected if r["source"]["offset"] == 2)["value"] == "this line is not JSON"
 
 
-def test_an_interrupted_run_resumes_without_redoing_finished_lines(tmp_path: Path, checkpoints: tuple[Path, Path]):
+def test_an_interrupted_run_resumes_without_redoing_finished_lines(
+    tmp_path: Path, checkpoints: tuple[Path, Path]
+):
     lines = write_jsonl(tmp_path / "posts.jsonl")
     settings = load_settings(None, {})
-    settings = settings.model_copy(update={"media": settings.media.model_copy(update={"local_root": tmp_path})})
+    settings = settings.model_copy(
+        update={"media": settings.media.model_copy(update={"local_root": tmp_path})}
+    )
     predictor = Predictor.from_checkpoint(checkpoints[0], "cpu")
     out = tmp_path / "out.jsonl"
     score(tmp_path / "posts.jsonl", out, settings, predictor, batch_size=4)
@@ -110,7 +137,9 @@ def test_an_interrupted_run_resumes_without_redoing_finished_lines(tmp_path: Pat
     summary = score(tmp_path / "posts.jsonl", out, settings, predictor, batch_size=4)
 
     records = read_jsonl(out)
-    assert sorted(r["source"]["offset"] for r in records) == sorted(json.loads(c)["source"]["offset"] for c in complete)
+    assert sorted(r["source"]["offset"] for r in records) == sorted(
+        json.loads(c)["source"]["offset"] for c in complete
+    )
     assert summary.skipped_done == 5 + 4 and summary.scored == len(complete) - 5 and summary.rejected == 0
     assert summary.posts_in == len(lines) == summary.scored + summary.rejected + summary.skipped_done
     assert len(read_jsonl(tmp_path / "out.jsonl.rejected.jsonl")) == 4
@@ -127,7 +156,17 @@ def test_score_a_directory_of_photo_and_text_pairs(tmp_path: Path, checkpoints: 
     (posts / "p5.jpg").write_bytes(b"not really a jpeg")
     (posts / "notes.md").write_text("ignored: neither an image nor a text")
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "stream", "--checkpoint", str(checkpoints[0]), "score", str(posts), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream",
+        "--checkpoint",
+        str(checkpoints[0]),
+        "score",
+        str(posts),
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -146,8 +185,19 @@ def test_score_a_directory_of_photo_and_text_pairs(tmp_path: Path, checkpoints: 
         assert not list(validator("sentiment").iter_errors(record))
 
 
-def test_score_refuses_a_missing_input_with_a_clear_error(tmp_path: Path, checkpoints: tuple[Path, Path]) -> None:
-    cmd = [sys.executable, "-m", "stream", "--checkpoint", str(checkpoints[0]), "score", str(tmp_path / "nope.jsonl"),
-           "--out", str(tmp_path / "out.jsonl")]
+def test_score_refuses_a_missing_input_with_a_clear_error(
+    tmp_path: Path, checkpoints: tuple[Path, Path]
+) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "stream",
+        "--checkpoint",
+        str(checkpoints[0]),
+        "score",
+        str(tmp_path / "nope.jsonl"),
+        "--out",
+        str(tmp_path / "out.jsonl"),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no such input" in result.stderr

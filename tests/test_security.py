@@ -66,11 +66,17 @@ class Serve:
     def __init__(self, settings: Settings, checkpoint: Path, env: dict[str, str]) -> None:
         command = cli(settings, "serve", checkpoint=checkpoint)
         at = command.index("--redis-url")
-        del command[at : at + 2]  # the Redis URL (with its password) comes from a file, never the command line
+        del command[
+            at : at + 2
+        ]  # the Redis URL (with its password) comes from a file, never the command line
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            command, env={**os.environ, "OMP_NUM_THREADS": "1", "POSTSENSE_LOG__LEVEL": "DEBUG", **env},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+            command,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "POSTSENSE_LOG__LEVEL": "DEBUG", **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -81,8 +87,12 @@ class Serve:
             self.lines.append(line)
 
     def metrics_url(self) -> str:
-        assert wait_until(lambda: any("metrics on http" in line for line in self.lines), 60), self.output()[-2000:]
-        port = next(re.search(r"metrics on http://[^:]+:(\d+)", line) for line in self.lines if "metrics on" in line)
+        assert wait_until(lambda: any("metrics on http" in line for line in self.lines), 60), self.output()[
+            -2000:
+        ]
+        port = next(
+            re.search(r"metrics on http://[^:]+:(\d+)", line) for line in self.lines if "metrics on" in line
+        )
         return f"http://127.0.0.1:{port.group(1)}/metrics"
 
     def stop(self) -> int:
@@ -104,7 +114,9 @@ def test_kafka_over_tls_consumes_publishes_and_commits(services, names, predicto
     try:
         assert not kafka_answers(broker.bootstrap, timeout_s=2)  # plaintext clients get nowhere
         settings = stream_settings(
-            Endpoints(broker.bootstrap, services.redis_url), names, partitions=2,
+            Endpoints(broker.bootstrap, services.redis_url),
+            names,
+            partitions=2,
             kafka={"security_protocol": "SSL", "ssl_cafile": str(cert), "ssl_check_hostname": True},
         )
         posts = valid_posts(20, "tls")
@@ -112,7 +124,9 @@ def test_kafka_over_tls_consumes_publishes_and_commits(services, names, predicto
         collector = Collector()
         with Running(Service(settings, predictor, on_output=collector)):
             assert collector.wait_for(len(posts), timeout_s=60)
-            assert wait_until(lambda: committed_offsets(settings.kafka, settings.kafka.input_topic) == ends, 20)
+            assert wait_until(
+                lambda: committed_offsets(settings.kafka, settings.kafka.input_topic) == ends, 20
+            )
     finally:
         proxy.stop()
         broker.stop()
@@ -126,10 +140,31 @@ def secured_redis(tmp_path: Path):
     cert, key = self_signed_certificate(tmp_path, "redis")
     port = free_port()
     proc = subprocess.Popen(
-        [str(redis_binary()), "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
-         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
-         "--requirepass", REDIS_PASSWORD, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(redis_binary()),
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(cert),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            REDIS_PASSWORD,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"rediss://:{REDIS_PASSWORD}@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
 
@@ -158,7 +193,9 @@ def test_serve_with_redis_auth_over_tls_from_a_secret_file_never_logs_or_exports
     try:
         metrics_url = serve.metrics_url()
         out = read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=90)
-        assert wait_until(lambda: "postsense_redis_up 1.0" in urllib.request.urlopen(metrics_url).read().decode(), 20)
+        assert wait_until(
+            lambda: "postsense_redis_up 1.0" in urllib.request.urlopen(metrics_url).read().decode(), 20
+        )
         exported = urllib.request.urlopen(metrics_url).read().decode()
         # The queues live in the secured Redis: the worker authenticated over TLS and seeded them.
         assert redis.Redis.from_url(secured_redis).keys(f"{settings.redis.key_prefix}:*")
@@ -171,12 +208,16 @@ def test_serve_with_redis_auth_over_tls_from_a_secret_file_never_logs_or_exports
     assert REDIS_PASSWORD not in logs and REDIS_PASSWORD not in exported
 
 
-def test_refused_sasl_login_over_tls_never_logs_the_password(services, names, tiny_checkpoint, secured_redis, tmp_path):
+def test_refused_sasl_login_over_tls_never_logs_the_password(
+    services, names, tiny_checkpoint, secured_redis, tmp_path
+):
     cert, key = self_signed_certificate(tmp_path)
     broker, proxy = proxied_broker(tmp_path / "broker", tls=tls_server_context(cert, key))
     try:
         settings = stream_settings(
-            Endpoints(broker.bootstrap, services.redis_url), names, partitions=1,
+            Endpoints(broker.bootstrap, services.redis_url),
+            names,
+            partitions=1,
             kafka={"security_protocol": "SSL", "ssl_cafile": str(cert)},
         )  # topics made over plain TLS; the worker below must also log in
         env = {
@@ -197,8 +238,13 @@ def test_refused_sasl_login_over_tls_never_logs_the_password(services, names, ti
             exported = urllib.request.urlopen(metrics_url).read().decode()
         finally:
             serve.stop()
-        config = subprocess.run([*cli(settings, "config")[:1], "config"], env={**os.environ, **env},
-                                capture_output=True, text=True, timeout=60)
+        config = subprocess.run(
+            [*cli(settings, "config")[:1], "config"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         proxy.stop()
         broker.stop()
@@ -213,12 +259,22 @@ def test_refused_sasl_login_over_tls_never_logs_the_password(services, names, ti
 def test_kafka_client_debug_logs_never_show_the_sasl_or_ssl_password(caplog):
     # kafka-python's admin client logs its full configuration at DEBUG: `serve --create-topics`, `produce`
     # and the demo build one from our settings before anything else.
-    settings = load_settings(None, {"kafka": {
-        "bootstrap_servers": [f"127.0.0.1:{free_port()}"], "security_protocol": "SASL_PLAINTEXT",
-        "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "postsense", "sasl_password": KAFKA_PASSWORD,
-    }})
+    settings = load_settings(
+        None,
+        {
+            "kafka": {
+                "bootstrap_servers": [f"127.0.0.1:{free_port()}"],
+                "security_protocol": "SASL_PLAINTEXT",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_username": "postsense",
+                "sasl_password": KAFKA_PASSWORD,
+            }
+        },
+    )
     caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.DEBUG, logger="kafka")  # setup_logging (CLI runs in-process) may have quietened it
+    caplog.set_level(
+        logging.DEBUG, logger="kafka"
+    )  # setup_logging (CLI runs in-process) may have quietened it
     with pytest.raises(KafkaError):  # nothing listens there; the configuration is logged first
         KafkaAdminClient(**connection_config(settings.kafka), bootstrap_timeout_ms=300)
     assert "Starting KafkaAdminClient with configuration" in caplog.text

@@ -58,11 +58,15 @@ def test_remote_server_that_does_not_answer_is_not_started(tmp_path):
 def test_cli_start_status_stop(tmp_path):
     bootstrap, url = f"127.0.0.1:{free_port()}", f"redis://127.0.0.1:{free_port()}/0"
     base = [sys.executable, "-m", "stream", "--bootstrap-servers", bootstrap, "--redis-url", url, "services"]
-    out = subprocess.run(base + ["start", "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        base + ["start", "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "started (pid" in out.stdout
     try:
         assert kafka_answers(bootstrap) and redis_answers(url)
     finally:
-        out = subprocess.run(base + ["stop", "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            base + ["stop", "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+        )
     assert "stopped: broker, redis" in out.stdout

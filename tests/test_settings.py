@@ -22,22 +22,38 @@ def test_defaults_are_valid_and_safe():
 
 
 def test_precedence_file_then_env_then_flags(tmp_path, monkeypatch):
-    cfg = write(tmp_path, "c.toml", '[kafka]\ngroup_id = "from-file"\ninput_topic = "file-topic"\n'
-                                     'output_topic = "file-out"\n[batch]\nmax_posts = 8\n')
+    cfg = write(
+        tmp_path,
+        "c.toml",
+        '[kafka]\ngroup_id = "from-file"\ninput_topic = "file-topic"\n'
+        'output_topic = "file-out"\n[batch]\nmax_posts = 8\n',
+    )
     monkeypatch.setenv("POSTSENSE_KAFKA__GROUP_ID", "from-env")
     monkeypatch.setenv("POSTSENSE_KAFKA__INPUT_TOPIC", "env-topic")
     s = load_settings(cfg, {"kafka": {"group_id": "from-flag"}})
-    assert s.kafka.group_id == "from-flag"       # flag beats env and file
-    assert s.kafka.input_topic == "env-topic"    # env beats file
-    assert s.kafka.output_topic == "file-out"    # file beats default
+    assert s.kafka.group_id == "from-flag"  # flag beats env and file
+    assert s.kafka.input_topic == "env-topic"  # env beats file
+    assert s.kafka.output_topic == "file-out"  # file beats default
     assert s.batch.max_posts == 8
 
 
 def test_json_config_and_cli_flags(tmp_path):
     cfg = write(tmp_path, "c.json", json.dumps({"batch": {"max_wait_ms": 50}}))
     args, _ = build_parser().parse_known_args(
-        ["--config", str(cfg), "--group-id", "g1", "--bootstrap-servers", "a:1,b:2",
-         "--set", "batch.max_posts=4", "--set", "redis.mode=frozen", "config"])
+        [
+            "--config",
+            str(cfg),
+            "--group-id",
+            "g1",
+            "--bootstrap-servers",
+            "a:1,b:2",
+            "--set",
+            "batch.max_posts=4",
+            "--set",
+            "redis.mode=frozen",
+            "config",
+        ]
+    )
     s = load_settings(args.config, flags_from_args(args))
     assert s.kafka.bootstrap_servers == ["a:1", "b:2"]
     assert (s.kafka.group_id, s.batch.max_posts, s.batch.max_wait_ms) == ("g1", 4, 50)
@@ -79,9 +95,17 @@ def test_bad_config_file_is_reported(tmp_path):
 def test_secrets_from_files_and_never_in_dumps(tmp_path):
     pw = write(tmp_path, "pw", "s3cret-pass\n")
     url = write(tmp_path, "url", "redis://user:r3dis-pass@127.0.0.1:6379/0")
-    s = load_settings(flags={"kafka": {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
-                                       "sasl_username": "svc", "sasl_password_file": str(pw)},
-                             "redis": {"url_file": str(url)}})
+    s = load_settings(
+        flags={
+            "kafka": {
+                "security_protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "sasl_username": "svc",
+                "sasl_password_file": str(pw),
+            },
+            "redis": {"url_file": str(url)},
+        }
+    )
     assert s.kafka.sasl_password.get_secret_value() == "s3cret-pass"
     dumped = json.dumps(s.model_dump(mode="json"), default=str) + repr(s) + str(s)
     assert "s3cret-pass" not in dumped and "r3dis-pass" not in dumped

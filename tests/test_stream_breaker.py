@@ -34,13 +34,17 @@ def test_a_valid_record_resets_the_consecutive_count():
 
 
 def test_trips_on_the_ratio_only_once_the_window_has_enough_records():
-    settings = DeadLetterSettings(max_invalid_ratio=0.5, window=20, min_window=10, max_consecutive_invalid=1000)
+    settings = DeadLetterSettings(
+        max_invalid_ratio=0.5, window=20, min_window=10, max_consecutive_invalid=1000
+    )
     # 2 of 3 invalid: ratio 0.67 from the start, but it is judged only from the 10th record on.
     assert feed(DeadLetterBreaker(settings), [False, False, True], times=10) == 9
 
 
 def test_ratio_is_over_a_sliding_window_so_old_garbage_ages_out():
-    settings = DeadLetterSettings(max_invalid_ratio=0.5, window=10, min_window=10, max_consecutive_invalid=1000)
+    settings = DeadLetterSettings(
+        max_invalid_ratio=0.5, window=10, min_window=10, max_consecutive_invalid=1000
+    )
     breaker = DeadLetterBreaker(settings)
     # 4 invalid then a long run of valid records mixed with invalid ones at ratio 0.4: never above 0.5.
     assert feed(breaker, [False] * 4 + [True] * 6) == 10

@@ -90,8 +90,13 @@ def test_sigterm_drains_commits_and_exits_zero(services, names, tiny_checkpoint,
     out = outputs_by_source(read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=3))
     # Everything below a committed offset was published (the dead letter has no sentiment record).
     dlq = read_topic(settings, settings.kafka.dead_letter_topic, expect=1, timeout_s=2)
-    dead = {(json.loads(dict(r.headers)["postsense.dlq"])["source"]["partition"],
-             json.loads(dict(r.headers)["postsense.dlq"])["source"]["offset"]) for r in dlq}
+    dead = {
+        (
+            json.loads(dict(r.headers)["postsense.dlq"])["source"]["partition"],
+            json.loads(dict(r.headers)["postsense.dlq"])["source"]["offset"],
+        )
+        for r in dlq
+    }
     assert committed, "nothing committed"
     for partition, end in committed.items():
         for offset in range(end):
@@ -100,7 +105,9 @@ def test_sigterm_drains_commits_and_exits_zero(services, names, tiny_checkpoint,
     assert all(offset < committed.get(partition, 0) for partition, offset in out)
 
 
-def test_killed_mid_stream_restart_loses_nothing_duplicates_bounded(services, names, tiny_checkpoint, tmp_path):
+def test_killed_mid_stream_restart_loses_nothing_duplicates_bounded(
+    services, names, tiny_checkpoint, tmp_path
+):
     settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50})
     posts = valid_posts(300)
     produce_jsonl(settings, tmp_path, [json.dumps(p).encode() for p in posts])
@@ -119,7 +126,9 @@ def test_killed_mid_stream_restart_loses_nothing_duplicates_bounded(services, na
         out = read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=120)
         for r in out:
             doc = json.loads(r.value)
-            ends[doc["source"]["partition"]] = max(ends[doc["source"]["partition"]], doc["source"]["offset"] + 1)
+            ends[doc["source"]["partition"]] = max(
+                ends[doc["source"]["partition"]], doc["source"]["offset"] + 1
+            )
         committed = wait_committed(settings, ends)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
@@ -136,8 +145,9 @@ def test_killed_mid_stream_restart_loses_nothing_duplicates_bounded(services, na
 
 def test_produce_rejects_a_missing_file_with_a_clear_error(services, names, tmp_path):
     settings = stream_settings(services, names, partitions=1)
-    done = subprocess.run(cli(settings, "produce", "--jsonl", str(tmp_path / "absent.jsonl")),
-                          capture_output=True, timeout=60)
+    done = subprocess.run(
+        cli(settings, "produce", "--jsonl", str(tmp_path / "absent.jsonl")), capture_output=True, timeout=60
+    )
     assert done.returncode == 2
     assert "absent.jsonl" in done.stderr.decode() and "Traceback" not in done.stderr.decode()
 
@@ -152,8 +162,13 @@ def test_serve_without_checkpoint_says_what_is_missing(services, names):
 def test_member_evicted_while_frozen_learns_it_lost_its_partitions_and_nothing_is_lost(
     services, names, tiny_checkpoint, tmp_path
 ):
-    settings = stream_settings(services, names, partitions=2, batch={"max_posts": 8, "max_wait_ms": 50},
-                               kafka={"session_timeout_ms": 3000, "heartbeat_interval_ms": 500})
+    settings = stream_settings(
+        services,
+        names,
+        partitions=2,
+        batch={"max_posts": 8, "max_wait_ms": 50},
+        kafka={"session_timeout_ms": 3000, "heartbeat_interval_ms": 500},
+    )
     posts = valid_posts(400)
     produce_jsonl(settings, tmp_path, [json.dumps(p).encode() for p in posts])
     frozen = serve(settings, tiny_checkpoint)
@@ -164,7 +179,9 @@ def test_member_evicted_while_frozen_learns_it_lost_its_partitions_and_nothing_i
         port = free_port()
         other = serve(settings, tiny_checkpoint, metrics_port=port)
         # Evicted once the other member owns both partitions (it exports a lag series per owned partition).
-        assert wait_until(lambda: owned_partitions(port) == {"0", "1"}, 60), "the frozen member was never evicted"
+        assert wait_until(lambda: owned_partitions(port) == {"0", "1"}, 60), (
+            "the frozen member was never evicted"
+        )
         frozen.send_signal(signal.SIGCONT)  # wakes up evicted, with batches in hand
         out = read_topic(settings, settings.kafka.output_topic, expect=len(posts), timeout_s=120)
         ends = {0: 0, 1: 0}

@@ -36,16 +36,30 @@ def test_local_image_paths_are_read_only_inside_the_configured_root(tmp_path: Pa
     root.mkdir()
     Image.new("RGB", (30, 20), (0, 200, 0)).save(root / "ok.png")
     Image.new("RGB", (30, 20), (0, 200, 0)).save(tmp_path / "secret.png")
-    processor = BatchProcessor(load_settings(None, {"media": {"local_root": str(root)}}), predictor, Metrics())
-    docs = run(processor, [
-        {"id": "inside", "text": "hi", "image": {"path": "ok.png"}},
-        {"id": "escape", "text": "hi", "image": {"path": "../secret.png"}},
-    ])
+    processor = BatchProcessor(
+        load_settings(None, {"media": {"local_root": str(root)}}), predictor, Metrics()
+    )
+    docs = run(
+        processor,
+        [
+            {"id": "inside", "text": "hi", "image": {"path": "ok.png"}},
+            {"id": "escape", "text": "hi", "image": {"path": "../secret.png"}},
+        ],
+    )
     assert docs["inside"]["modalities"]["image"]["state"] == "ok"
-    assert docs["escape"]["modalities"]["image"] == {"state": "undecodable", "reason": "path_outside_root", "quality": None}
+    assert docs["escape"]["modalities"]["image"] == {
+        "state": "undecodable",
+        "reason": "path_outside_root",
+        "quality": None,
+    }
     # Without a root, local paths are refused outright.
     default = BatchProcessor(load_settings(None, {}), predictor, Metrics())
-    assert run(default, [{"id": "x", "image": {"path": str(root / "ok.png")}}])["x"]["modalities"]["image"]["reason"] == "path_refused"
+    assert (
+        run(default, [{"id": "x", "image": {"path": str(root / "ok.png")}}])["x"]["modalities"]["image"][
+            "reason"
+        ]
+        == "path_refused"
+    )
 
 
 def test_image_urls_to_private_addresses_are_refused_by_default(predictor):
@@ -59,7 +73,11 @@ def test_image_size_limit_from_settings_makes_a_large_image_undecodable(predicto
     settings = load_settings(None, {"limits": {"max_image_pixels": 1024}})
     processor = BatchProcessor(settings, predictor, Metrics())
     doc = run(processor, [{"id": "big", "text": "t", "image": {"base64": png_base64(size=(64, 64))}}])["big"]
-    assert doc["modalities"]["image"] == {"state": "undecodable", "reason": "too_many_pixels", "quality": None}
+    assert doc["modalities"]["image"] == {
+        "state": "undecodable",
+        "reason": "too_many_pixels",
+        "quality": None,
+    }
 
 
 def test_a_record_that_is_not_a_post_becomes_a_dead_letter_with_the_original_bytes(predictor):

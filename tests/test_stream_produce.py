@@ -23,8 +23,14 @@ def dataset_dir(tmp_path: Path) -> Path:
     """A jsonl data set in the service's own post schema plus a label, ten posts per split."""
     for split in ("train", "dev", "test"):
         lines = [
-            json.dumps({"id": f"{split}{i}", "text": f"{WORDS} {i}", "image": {"base64": png_base64((10 * i, 80, 200))},
-                        "label": LABELS[i % 3]})
+            json.dumps(
+                {
+                    "id": f"{split}{i}",
+                    "text": f"{WORDS} {i}",
+                    "image": {"base64": png_base64((10 * i, 80, 200))},
+                    "label": LABELS[i % 3],
+                }
+            )
             for i in range(10)
         ]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")

@@ -45,7 +45,9 @@ def test_producer_refused_after_broker_restart_is_recreated_and_nothing_is_lost(
 
 
 def test_publish_gives_up_at_shutdown_with_an_error_when_the_broker_is_gone(services, names):
-    settings = stream_settings(services, names, partitions=1, kafka={"produce_timeout_s": 1.0, "request_timeout_ms": 1000})
+    settings = stream_settings(
+        services, names, partitions=1, kafka={"produce_timeout_s": 1.0, "request_timeout_ms": 1000}
+    )
     metrics = Metrics()
     publisher = Publisher(settings.kafka, settings.limits, metrics)
     stopping = threading.Event()
@@ -71,7 +73,9 @@ def test_a_record_larger_than_the_producer_may_send_fails_the_batch_at_once(serv
     started = time.monotonic()
     try:
         with pytest.raises(UnpublishableError, match="not retrying: MessageSizeTooLargeError"):
-            publisher.publish([huge], threading.Event())  # the service is running: only a hopeless error ends this
+            publisher.publish(
+                [huge], threading.Event()
+            )  # the service is running: only a hopeless error ends this
     finally:
         publisher.close()
     assert time.monotonic() - started < 5  # not a retry loop

@@ -77,7 +77,11 @@ def test_valid_posts_published_once_invalid_dead_lettered_offsets_committed(serv
     for doc in docs.values():
         assert not list(check.iter_errors(doc)), doc
     # Missing and corrupt modalities are states, not errors.
-    assert docs["p3"]["modalities"]["image"] == {"state": "undecodable", "reason": "base64_invalid", "quality": None}
+    assert docs["p3"]["modalities"]["image"] == {
+        "state": "undecodable",
+        "reason": "base64_invalid",
+        "quality": None,
+    }
     assert docs["p1"]["modalities"]["image"]["state"] == "missing"
     assert docs["p4"]["modalities"]["text"]["state"] == "empty"
     assert docs["p2"]["modalities"]["text"]["state"] == "missing"
@@ -87,7 +91,11 @@ def test_valid_posts_published_once_invalid_dead_lettered_offsets_committed(serv
     # A post with neither modality usable abstains rather than guessing.
     assert docs["nothing"]["abstained"] is True
     assert docs["nothing"]["label"] is None and docs["nothing"]["probabilities"] is None
-    assert docs["nothing"]["modalities"]["image"] == {"state": "empty", "reason": "empty_value", "quality": None}
+    assert docs["nothing"]["modalities"]["image"] == {
+        "state": "empty",
+        "reason": "empty_value",
+        "quality": None,
+    }
     # Dead letters: original bytes untouched, reason in the headers.
     assert sorted(r.value for r in dlq) == sorted(garbage)
     for r in dlq:
@@ -99,7 +107,9 @@ def test_valid_posts_published_once_invalid_dead_lettered_offsets_committed(serv
     assert committed == ends  # everything consumed is committed, as next-offsets
     consumed = {"topic": settings.kafka.input_topic}
     assert metrics.registry.get_sample_value("postsense_posts_consumed_total", consumed) == len(values)
-    assert metrics.registry.get_sample_value("postsense_posts_dead_lettered_total", {"reason": "not_json"}) == 1
+    assert (
+        metrics.registry.get_sample_value("postsense_posts_dead_lettered_total", {"reason": "not_json"}) == 1
+    )
 
 
 def test_stopped_mid_stream_and_restarted_loses_nothing(services, names, predictor):
@@ -151,7 +161,9 @@ def test_slow_worker_pauses_and_resumes_without_losing_membership(services, name
     # The model takes longer per batch than max.poll.interval: without pausing and polling meanwhile,
     # the member would be evicted and its batches redelivered.
     settings = stream_settings(
-        services, names, partitions=2,
+        services,
+        names,
+        partitions=2,
         kafka={"max_poll_interval_ms": 1500},
         batch={"max_posts": 4, "max_wait_ms": 50, "max_inflight_batches": 1},
     )
@@ -166,7 +178,9 @@ def test_slow_worker_pauses_and_resumes_without_losing_membership(services, name
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("paused partitions") for m in messages)
     assert any(m.startswith("resumed partitions") for m in messages)
-    assert metrics.registry.get_sample_value("postsense_rebalances_total", {"event": "assigned"}) == 1  # never rejoined
+    assert (
+        metrics.registry.get_sample_value("postsense_rebalances_total", {"event": "assigned"}) == 1
+    )  # never rejoined
     assert not metrics.registry.get_sample_value("postsense_rebalances_total", {"event": "lost"})
     assert Counter(d["id"] for d in collector.documents) == Counter(p["id"] for p in posts)
     assert max(collector.batch_sizes) <= 4  # micro-batches never exceed batch.max_posts
@@ -175,7 +189,9 @@ def test_slow_worker_pauses_and_resumes_without_losing_membership(services, name
 
 def test_circuit_breaker_stops_on_a_stream_of_garbage(services, names, predictor):
     settings = stream_settings(
-        services, names, partitions=1,
+        services,
+        names,
+        partitions=1,
         batch={"max_posts": 4, "max_wait_ms": 50},
         dead_letter={"max_consecutive_invalid": 10, "min_window": 5, "window": 50, "max_invalid_ratio": 0.9},
     )

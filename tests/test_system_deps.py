@@ -23,13 +23,22 @@ def run(tmp_path: Path, apt_rc: int) -> tuple[subprocess.CompletedProcess[str], 
         (bin_dir / tool).symlink_to(shutil.which(tool))
     record = tmp_path / "apt.log"
     policy = tmp_path / "policy-rc.d"
-    for name, body in (("apt-get", f'cat "{policy}" >> "{record}"; exit {apt_rc}\n'), ("sudo", '"$@"\n'),
-                       ("redis-server", "")):
+    for name, body in (
+        ("apt-get", f'cat "{policy}" >> "{record}"; exit {apt_rc}\n'),
+        ("sudo", '"$@"\n'),
+        ("redis-server", ""),
+    ):
         (bin_dir / name).write_text("#!/bin/sh\n" + body)
         (bin_dir / name).chmod(0o755)
     env = {"PATH": str(bin_dir), "POSTSENSE_POLICY_RC_D": str(policy), "HOME": str(tmp_path)}
-    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30,
-                            executable=shutil.which("bash"))
+    result = subprocess.run(
+        ["bash", str(SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        executable=shutil.which("bash"),
+    )
     return result, record
 
 
@@ -40,8 +49,13 @@ def test_a_host_policy_is_restored_after_the_install(tmp_path: Path, apt_rc: int
     os.chmod(policy, 0o750)
     result, record = run(tmp_path, apt_rc)
     assert result.returncode == apt_rc, result.stderr
-    assert "exit 101" in record.read_text() and "the host's own" not in record.read_text()  # ours during apt-get
-    assert policy.read_text() == "#!/bin/sh\n# the host's own\nexit 101\n" and policy.stat().st_mode & 0o777 == 0o750
+    assert (
+        "exit 101" in record.read_text() and "the host's own" not in record.read_text()
+    )  # ours during apt-get
+    assert (
+        policy.read_text() == "#!/bin/sh\n# the host's own\nexit 101\n"
+        and policy.stat().st_mode & 0o777 == 0o750
+    )
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("policy")) == ["policy-rc.d"]
 
 

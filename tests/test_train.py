@@ -110,10 +110,22 @@ def test_an_interrupted_run_resumed_ends_in_the_same_state(dataset, tables, tmp_
 
 def test_resume_refuses_a_state_from_another_configuration(dataset, tables, tmp_path) -> None:
     train, dev = CachedSource(tables["train"]), CachedSource(tables["dev"])
-    fit(tiny_model(dataset.label_names), train, dev, TrainConfig(epochs=1, batch_size=16), state_path=tmp_path / "s")
+    fit(
+        tiny_model(dataset.label_names),
+        train,
+        dev,
+        TrainConfig(epochs=1, batch_size=16),
+        state_path=tmp_path / "s",
+    )
     with pytest.raises(TrainingError, match="cannot resume"):
-        fit(tiny_model(dataset.label_names), train, dev, TrainConfig(epochs=1, batch_size=32),
-            state_path=tmp_path / "s", resume=True)
+        fit(
+            tiny_model(dataset.label_names),
+            train,
+            dev,
+            TrainConfig(epochs=1, batch_size=32),
+            state_path=tmp_path / "s",
+            resume=True,
+        )
     with pytest.raises(TrainingError, match="no training state"):
         fit(tiny_model(dataset.label_names), train, dev, FAST, state_path=tmp_path / "absent", resume=True)
 
@@ -142,9 +154,10 @@ def test_features_are_cached_per_sample_and_disruption(dataset, tmp_path) -> Non
 
 
 def test_feature_cache_depends_on_encoder_weights(dataset, tmp_path) -> None:
-    assert feature_cache_for(tiny_model(dataset.label_names, 0), tmp_path).directory != feature_cache_for(
-        tiny_model(dataset.label_names, 1), tmp_path
-    ).directory
+    assert (
+        feature_cache_for(tiny_model(dataset.label_names, 0), tmp_path).directory
+        != feature_cache_for(tiny_model(dataset.label_names, 1), tmp_path).directory
+    )
 
 
 def test_classification_scores_match_a_hand_computed_example() -> None:
@@ -165,9 +178,28 @@ def test_invalid_training_configuration_is_rejected_clearly() -> None:
 
 def test_cli_train_writes_a_checkpoint_the_service_loads(data_root, tmp_path, capsys) -> None:
     out = tmp_path / "model.ckpt"
-    args = ["--device", "cpu", "train", "--data", f"jsonl:{data_root}", "--encoders", "tiny", "--out", str(out),
-            "--epochs", "2", "--batch-size", "32", "--queue-size", "32", "--cache-dir", str(tmp_path / "cache"),
-            "--no-progress", "--modality-random", "0.4"]
+    args = [
+        "--device",
+        "cpu",
+        "train",
+        "--data",
+        f"jsonl:{data_root}",
+        "--encoders",
+        "tiny",
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--queue-size",
+        "32",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        "--modality-random",
+        "0.4",
+    ]
     with pytest.raises(SystemExit) as done:
         main(args)
     assert done.value.code == 0
@@ -184,7 +216,17 @@ def test_cli_train_writes_a_checkpoint_the_service_loads(data_root, tmp_path, ca
 
 def test_cli_train_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as done:
-        main(["train", "--data", f"jsonl:{tmp_path / 'nowhere'}", "--encoders", "tiny", "--out", str(tmp_path / "m")])
+        main(
+            [
+                "train",
+                "--data",
+                f"jsonl:{tmp_path / 'nowhere'}",
+                "--encoders",
+                "tiny",
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
     assert done.value.code == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -41,8 +41,15 @@ def make_dataset(root: Path, seed: int = 0) -> Path:
             pixels = np.clip(colour + rng.normal(0, 50, size=(24, 24, 3)), 0, 255).astype(np.uint8)
             name = f"{split}-{i}.png"
             Image.fromarray(pixels).save(root / "images" / name)
-            post = {"schema_version": 1, "id": f"{split}-{i}", "text": " ".join(words),
-                    "image": {"path": f"images/{name}"}, "created_at": None, "metadata": {}, "label": label}
+            post = {
+                "schema_version": 1,
+                "id": f"{split}-{i}",
+                "text": " ".join(words),
+                "image": {"path": f"images/{name}"},
+                "created_at": None,
+                "metadata": {},
+                "label": label,
+            }
             lines.append(json.dumps(post))
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root

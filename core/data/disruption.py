@@ -49,7 +49,9 @@ class DisruptionStats:
         return sum(self.disrupted.values())
 
 
-def mask_words(text: str, fraction: float, rng: np.random.Generator, token: str = MASK_TOKEN) -> tuple[str, float]:
+def mask_words(
+    text: str, fraction: float, rng: np.random.Generator, token: str = MASK_TOKEN
+) -> tuple[str, float]:
     """Replace round(fraction * words) words (at least one) by ``token``, keeping the whitespace.
 
     Returns the new text and the fraction actually masked (short texts cannot hit every fraction).
@@ -161,7 +163,9 @@ def disrupt_dataset(
             out[name], stats[name] = modality_fixed(samples, modality, setting, split_seed)
         elif strategy == "random":
             if dr is None:
-                raise ValueError(f"modality-random disruption needs a ratio dr, e.g. one of {DISRUPTION_RATIOS}")
+                raise ValueError(
+                    f"modality-random disruption needs a ratio dr, e.g. one of {DISRUPTION_RATIOS}"
+                )
             out[name], stats[name] = modality_random(samples, dr, setting, split_seed)
         else:
             raise ValueError(f"strategy must be 'fixed' or 'random', got {strategy!r}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from core.contracts import Invalid, parse_post
 from core.data.records import (
     SENTIMENT_LABELS,
     SPLITS,
@@ -31,12 +32,13 @@ from core.data.records import (
     label_index,
     stratified_split,
 )
-from core.contracts import Invalid, parse_post
 
 SINGLE_FILE_SPLIT = {"train": 0.7, "dev": 0.15, "test": 0.15}
 
 
-def _image_source(image: dict[str, str] | None, base: Path, report: ReadReport, where: str) -> Path | bytes | None:
+def _image_source(
+    image: dict[str, str] | None, base: Path, report: ReadReport, where: str
+) -> Path | bytes | None:
     """Turn the post's image field into a decodable path or bytes, or None (counted)."""
     if image is None:
         return checked_image(None, report, where)
@@ -73,7 +75,9 @@ def read_jsonl_file(path: Path, label_names: tuple[str, ...], report: ReadReport
     return samples
 
 
-def _read_line(raw: bytes, base: Path, label_names: tuple[str, ...], report: ReadReport, where: str) -> Sample | None:
+def _read_line(
+    raw: bytes, base: Path, label_names: tuple[str, ...], report: ReadReport, where: str
+) -> Sample | None:
     try:
         doc: Any = json.loads(raw)
     except ValueError as exc:

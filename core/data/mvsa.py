@@ -94,7 +94,9 @@ def read_mvsa(root: str | Path, multiple: bool, seed: int = 0) -> Dataset:
         if label is None:
             continue
         sample_id = fields[0].strip()
-        sample = read_post_files(root / "data", sample_id, SENTIMENT_LABELS.index(label), SENTIMENT_LABELS, report)
+        sample = read_post_files(
+            root / "data", sample_id, SENTIMENT_LABELS.index(label), SENTIMENT_LABELS, report
+        )
         if sample is not None:
             samples.append(sample)
     return Dataset(name, SENTIMENT_LABELS, stratified_split(samples, PAPER_SPLIT, seed), report)

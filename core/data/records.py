@@ -144,6 +144,7 @@ class Dataset:
 
 # --- text -------------------------------------------------------------------------------------------
 
+
 def _gbk_pairs_look_latin(raw: bytes) -> bool:
     """True if a GBK reading would glue a high byte to an ASCII letter or digit.
 
@@ -200,6 +201,7 @@ def read_text_file(path: Path, report: ReadReport) -> str | None:
 
 
 # --- images -----------------------------------------------------------------------------------------
+
 
 def open_image(source: ImageSource) -> Image.Image:
     """Decode an image source fully into RGB (raises OSError/ValueError if it cannot be decoded)."""
@@ -270,6 +272,7 @@ def load_image(sample: Sample, size: tuple[int, int] | None = (224, 224)) -> Ima
 
 
 # --- labels and splits ------------------------------------------------------------------------------
+
 
 def finish_sample(
     report: ReadReport,
@@ -379,4 +382,3 @@ def label_index(value: object, label_names: Sequence[str]) -> int | None:
         if lowered.isdigit():
             return label_index(int(lowered), label_names)
     return None
-

@@ -98,6 +98,7 @@ def default_data_dir() -> Path:
 
 # --- the source archive -----------------------------------------------------------------------------
 
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -108,8 +109,20 @@ def fetch_sdist(cache_dir: Path) -> Path:
     if not target.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--disable-pip-version-check", "-q", f"vaderSentiment=={VADER_VERSION}", "-d", tmp]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "-q",
+                f"vaderSentiment=={VADER_VERSION}",
+                "-d",
+                tmp,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             fetched = Path(tmp) / SDIST_NAME
             if done.returncode != 0 or not fetched.is_file():
@@ -120,7 +133,9 @@ def fetch_sdist(cache_dir: Path) -> Path:
             os.replace(fetched, target)
     digest = _sha256(target)
     if digest != SDIST_SHA256:
-        raise DataFormatError(f"{target} has SHA-256 {digest}, expected {SDIST_SHA256}: delete it and rebuild")
+        raise DataFormatError(
+            f"{target} has SHA-256 {digest}, expected {SDIST_SHA256}: delete it and rebuild"
+        )
     return target
 
 
@@ -146,6 +161,7 @@ def read_rated_tweets(sdist: Path) -> list[RatedTweet]:
 
 
 # --- images -----------------------------------------------------------------------------------------
+
 
 def _colour(label: str, rng: np.random.Generator) -> tuple[int, int, int]:
     """A colour from the label's palette: warm/bright, grey/muted, or dark/cool."""
@@ -183,13 +199,19 @@ def _draw_shape(draw: ImageDraw.ImageDraw, style: str, rng: np.random.Generator)
         if rng.random() < 0.3:  # a sun: disc plus rays
             for k in range(12):
                 a = 2 * math.pi * k / 12
-                draw.line([(cx, cy), (cx + 1.8 * size * math.cos(a), cy + 1.8 * size * math.sin(a))], fill=fill, width=3)
+                draw.line(
+                    [(cx, cy), (cx + 1.8 * size * math.cos(a), cy + 1.8 * size * math.sin(a))],
+                    fill=fill,
+                    width=3,
+                )
         draw.ellipse([cx - size, cy - size * rng.uniform(0.7, 1.0), cx + size, cy + size], fill=fill)
     elif style == "neutral":
         if rng.random() < 0.5:
             draw.rectangle([cx - size, cy - size / 2, cx + size, cy + size / 2], fill=fill)
         else:
-            draw.line([(0, cy), (IMAGE_SIZE, cy + rng.uniform(-10, 10))], fill=fill, width=int(rng.integers(2, 7)))
+            draw.line(
+                [(0, cy), (IMAGE_SIZE, cy + rng.uniform(-10, 10))], fill=fill, width=int(rng.integers(2, 7))
+            )
     else:
         kind = rng.random()
         if kind < 0.5:  # a jagged star
@@ -219,7 +241,9 @@ def render_image(label: str, rng: np.random.Generator) -> Image.Image:
     for _ in range(int(rng.integers(3, 9))):
         _draw_shape(draw, _borrow(label, rng), rng)
     img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.5))))
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0.0, rng.uniform(4, 20), size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(
+        0.0, rng.uniform(4, 20), size=(IMAGE_SIZE, IMAGE_SIZE, 3)
+    )
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
@@ -230,6 +254,7 @@ def _jpeg(img: Image.Image) -> bytes:
 
 
 # --- the build --------------------------------------------------------------------------------------
+
 
 def _check_args(seed: int, mismatch: float, limit: int | None) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -260,7 +285,9 @@ def build_demo_set(
     if (final / "metadata.json").is_file():
         return final
     data_dir.mkdir(parents=True, exist_ok=True)
-    log.info("building the demo set in %s (once): the VADER tweets, then one generated image per tweet", final)
+    log.info(
+        "building the demo set in %s (once): the VADER tweets, then one generated image per tweet", final
+    )
     sdist = fetch_sdist(data_dir / "cache")
     tweets = read_rated_tweets(sdist)
     rng = np.random.default_rng(seed)
@@ -359,7 +386,9 @@ def _write_metadata(
     (work / "README.md").write_text("\n".join(readme), encoding="utf-8")
 
 
-def load_vader(data_dir: str | Path | None = None, seed: int = 0, mismatch: float = 0.2, limit: int | None = None) -> Dataset:
+def load_vader(
+    data_dir: str | Path | None = None, seed: int = 0, mismatch: float = 0.2, limit: int | None = None
+) -> Dataset:
     """The demo set as a Dataset, building it first if it is not cached."""
     dataset = read_jsonl(build_demo_set(data_dir, seed, mismatch, limit))
     dataset.name = "vader-demo"

@@ -35,11 +35,26 @@ ODD_RECORDS: list[tuple[bytes | None, bytes]] = [
     (b"broken-1", b"this is not JSON"),
     (b"broken-2", json.dumps({"text": "a post without an id"}).encode()),
     (b"broken-3", json.dumps({"id": 42, "text": "id of the wrong type"}).encode()),
-    (b"odd-1", json.dumps({"id": "odd-1", "text": "image is base64 garbage",
-                           "image": {"base64": "!!not-base64!!"}}).encode()),
-    (b"odd-2", json.dumps({"id": "odd-2", "text": "image bytes are not an image",
-                           "image": {"base64": base64.b64encode(b"GIF89a-truncated").decode()}}).encode()),
-    (b"odd-3", json.dumps({"id": "odd-3", "text": "   ", "image": None}).encode()),  # nothing usable: abstains
+    (
+        b"odd-1",
+        json.dumps(
+            {"id": "odd-1", "text": "image is base64 garbage", "image": {"base64": "!!not-base64!!"}}
+        ).encode(),
+    ),
+    (
+        b"odd-2",
+        json.dumps(
+            {
+                "id": "odd-2",
+                "text": "image bytes are not an image",
+                "image": {"base64": base64.b64encode(b"GIF89a-truncated").decode()},
+            }
+        ).encode(),
+    ),
+    (
+        b"odd-3",
+        json.dumps({"id": "odd-3", "text": "   ", "image": None}).encode(),
+    ),  # nothing usable: abstains
 ]
 
 
@@ -53,9 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # with an older default is not reused.
     parser.add_argument("--model-out", type=Path, default=Path("artifacts/demo-model-2.pt"))
     parser.add_argument("--state-dir", type=Path, default=Path(".run/services"))
-    parser.add_argument("--keep-services", action="store_true", help="leave the local broker and Redis running")
+    parser.add_argument(
+        "--keep-services", action="store_true", help="leave the local broker and Redis running"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
-    parser.add_argument("--plain", action="store_true", help="print one line per result instead of a live table")
+    parser.add_argument(
+        "--plain", action="store_true", help="print one line per result instead of a live table"
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -71,7 +90,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return _demo(args, settings)
     finally:
         if not args.keep_services:
-            stopped = [name for name, ep in (("broker", broker), ("redis", redis)) if ep.started and services.stop(name)]
+            stopped = [
+                name
+                for name, ep in (("broker", broker), ("redis", redis))
+                if ep.started and services.stop(name)
+            ]
             if stopped:
                 print(f"stopped {', '.join(stopped)}")
 
@@ -92,11 +115,16 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
     # Fresh topics and group per run: the demo never replays or disturbs an earlier run's stream.
     run_id = uuid.uuid4().hex[:8]
-    kafka = settings.kafka.model_copy(update={
-        "input_topic": f"demo-{run_id}.posts", "output_topic": f"demo-{run_id}.sentiment",
-        "dead_letter_topic": f"demo-{run_id}.dlq", "group_id": f"postsense-demo-{run_id}",
-        "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000,
-    })
+    kafka = settings.kafka.model_copy(
+        update={
+            "input_topic": f"demo-{run_id}.posts",
+            "output_topic": f"demo-{run_id}.sentiment",
+            "dead_letter_topic": f"demo-{run_id}.dlq",
+            "group_id": f"postsense-demo-{run_id}",
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 1000,
+        }
+    )
     settings = settings.model_copy(update={"kafka": kafka})
     from connectors.kafka import ensure_topics
 
@@ -119,7 +147,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     spec = args.dataset or f"vader:{args.data_dir}"
     records = list(dataset_records(spec, "test", 0, "C+D", args.dr, None))[: args.posts]
     records += ODD_RECORDS
-    producer = threading.Thread(target=send, args=(settings, kafka.input_topic, records, args.rate), daemon=True)
+    producer = threading.Thread(
+        target=send, args=(settings, kafka.input_topic, records, args.rate), daemon=True
+    )
     producer.start()
     expected_outputs = len(records) - 3  # the three broken records go to the dead-letter topic
     shown = _show(results, answered, expected_outputs, args, service)
@@ -129,10 +159,12 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
         queues.close()
     dead = _counter(metrics, "postsense_posts_dead_lettered_total", "reason")
     print()
-    print(f"posts sent: {len(records)}   sentiment records: {len(shown)}   dead letters: {sum(dead.values())} "
-          f"({', '.join(f'{k}: {v}' for k, v in sorted(dead.items())) or 'none'})")
+    print(
+        f"posts sent: {len(records)}   sentiment records: {len(shown)}   dead letters: {sum(dead.values())} "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(dead.items())) or 'none'})"
+    )
     _summary(shown)
-    ok = len({d['id'] for d in shown}) == expected_outputs and sum(dead.values()) == 3
+    ok = len({d["id"] for d in shown}) == expected_outputs and sum(dead.values()) == 3
     print("every record answered exactly as expected" if ok else "some records were not answered in time")
     return 0 if ok else 1
 
@@ -147,14 +179,23 @@ def _row(doc: dict[str, Any]) -> list[str]:
     truth = (doc.get("metadata") or {}).get("label") or ""
     dis = (doc.get("metadata") or {}).get("disruption")
     how = f"{dis['kind']} {dis['modality']}" if dis else ""
-    return [doc["id"][:14], doc["label"] or "(abstained)", truth, cell("image"), cell("text"),
-            doc["recovered"] or "", how]
+    return [
+        doc["id"][:14],
+        doc["label"] or "(abstained)",
+        truth,
+        cell("image"),
+        cell("text"),
+        doc["recovered"] or "",
+        how,
+    ]
 
 
 COLUMNS = ["post", "label", "truth", "image q", "text q", "recovered", "disruption"]
 
 
-def _show(results: deque, answered: threading.Semaphore, expected: int, args: argparse.Namespace, service) -> list:
+def _show(
+    results: deque, answered: threading.Semaphore, expected: int, args: argparse.Namespace, service
+) -> list:
     """Show results as they arrive until ``expected`` posts are answered (or the timeout)."""
     shown: list[dict[str, Any]] = []
     deadline = time.monotonic() + args.timeout
@@ -191,7 +232,9 @@ def _summary(shown: list[dict[str, Any]]) -> None:
     recovered = Counter(d["recovered"] for d in shown if d["recovered"])
     abstained = sum(d["abstained"] for d in shown)
     if labelled:
-        print(f"accuracy on the labelled test posts: {100 * correct / len(labelled):.1f}% ({correct}/{len(labelled)})")
+        print(
+            f"accuracy on the labelled test posts: {100 * correct / len(labelled):.1f}% ({correct}/{len(labelled)})"
+        )
     print("modality states: " + ", ".join(f"{m} {s}: {n}" for (m, s), n in sorted(states.items())))
     print(f"recovered: {dict(recovered) or 'none'}   abstained: {abstained}")
 

@@ -26,12 +26,22 @@ QUICK = {"seeds": (0,), "random_settings": (), "ablations": ()}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="vader", help=f"data set: {SPEC_HELP} (default: vader)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for report.md, results.json, figure5.png")
-    parser.add_argument("--full", action="store_true", help="3 seeds, ablations and Figure 5 (the full report)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for report.md, results.json, figure5.png"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="3 seeds, ablations and Figure 5 (the full report)"
+    )
     parser.add_argument("--encoders", choices=ENCODER_CONFIGS)
-    parser.add_argument("--variant", choices=list(VARIANTS), help="the DRF mechanisms of 'drf' (default: robust)")
-    parser.add_argument("--mechanisms", nargs="*", choices=MECHANISMS,
-                        help="also train DRF with each of these switched back to the paper's, one at a time")
+    parser.add_argument(
+        "--variant", choices=list(VARIANTS), help="the DRF mechanisms of 'drf' (default: robust)"
+    )
+    parser.add_argument(
+        "--mechanisms",
+        nargs="*",
+        choices=MECHANISMS,
+        help="also train DRF with each of these switched back to the paper's, one at a time",
+    )
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--dim", type=int, help="DRF width d of every head (default 128)")
     parser.add_argument("--queue-size", type=int)
@@ -40,13 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-lr", type=float)
     parser.add_argument("--disruption-seed", type=int)
     parser.add_argument("--fixed-settings", nargs="+", choices=SETTINGS)
-    parser.add_argument("--random-settings", nargs="*", choices=SETTINGS, help="Figure 5 panels (none: skip it)")
+    parser.add_argument(
+        "--random-settings", nargs="*", choices=SETTINGS, help="Figure 5 panels (none: skip it)"
+    )
     parser.add_argument("--ratios", type=float, nargs="+", help="Figure 5 disruption ratios dr")
     parser.add_argument("--ablations", nargs="*", choices=ABLATIONS, help="Table 4 rows (none: skip it)")
-    parser.add_argument("--baselines", nargs="*",
-                        help="concat, concat_dropout, text_only, image_only, router (none: skip)")
-    parser.add_argument("--random-methods", nargs="+",
-                        help="methods in Figure 5 (default: drf concat)")
+    parser.add_argument(
+        "--baselines", nargs="*", help="concat, concat_dropout, text_only, image_only, router (none: skip)"
+    )
+    parser.add_argument("--random-methods", nargs="+", help="methods in Figure 5 (default: drf concat)")
     parser.add_argument("--cache-dir", type=Path, default=Path("data/features"), help="feature cache root")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -63,7 +75,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     del settings  # evaluation runs on the CPU features cache; no service settings apply
     try:
-        paths = run_evaluation(config_from_args(args), args.out, args.cache_dir, progress=not args.no_progress)
+        paths = run_evaluation(
+            config_from_args(args), args.out, args.cache_dir, progress=not args.no_progress
+        )
     except (DataFormatError, EncoderUnavailableError, ValueError) as exc:
         print(f"postsense evaluate: {exc}", file=sys.stderr)
         return 2

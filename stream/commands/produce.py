@@ -21,16 +21,24 @@ log = logging.getLogger("stream.commands.produce")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", metavar="SPEC", help="a data set: vader[:DIR], jsonl:PATH, mvsa-single:DIR, ...")
+    source.add_argument(
+        "--dataset", metavar="SPEC", help="a data set: vader[:DIR], jsonl:PATH, mvsa-single:DIR, ..."
+    )
     source.add_argument("--jsonl", type=Path, metavar="PATH", help="send each line of this file verbatim")
     parser.add_argument("--split", default="test", help="data set split to send (default: test)")
     parser.add_argument("--topic", help="target topic (default: kafka.input_topic)")
     parser.add_argument("--limit", type=int, help="send at most this many records")
     parser.add_argument("--rate", type=float, default=0.0, help="records per second (0: as fast as possible)")
-    parser.add_argument("--disrupt", choices=["C", "D", "C+D"], help="apply the disruption protocol in this setting")
+    parser.add_argument(
+        "--disrupt", choices=["C", "D", "C+D"], help="apply the disruption protocol in this setting"
+    )
     how = parser.add_mutually_exclusive_group()
-    how.add_argument("--dr", type=float, help="modality-random: disrupt a random modality of this share of posts")
-    how.add_argument("--modality", choices=["image", "text"], help="modality-fixed: disrupt this modality of every post")
+    how.add_argument(
+        "--dr", type=float, help="modality-random: disrupt a random modality of this share of posts"
+    )
+    how.add_argument(
+        "--modality", choices=["image", "text"], help="modality-fixed: disrupt this modality of every post"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--create-topics", type=int, metavar="PARTITIONS", help="create the topic if absent")
 

@@ -31,9 +31,15 @@ EXIT_OK, EXIT_INPUT = 0, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", type=Path, metavar="IN", help="a JSONL file of posts, or a directory of <id>.jpg + <id>.txt")
-    parser.add_argument("--out", type=Path, required=True, help="JSONL file of sentiment records (appended to on resume)")
-    parser.add_argument("--compare", type=Path, metavar="CHECKPOINT", help="a second model to score every post with")
+    parser.add_argument(
+        "input", type=Path, metavar="IN", help="a JSONL file of posts, or a directory of <id>.jpg + <id>.txt"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="JSONL file of sentiment records (appended to on resume)"
+    )
+    parser.add_argument(
+        "--compare", type=Path, metavar="CHECKPOINT", help="a second model to score every post with"
+    )
     parser.add_argument("--batch-size", type=int, help="posts per batch (default: batch.max_posts)")
 
 
@@ -58,6 +64,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except (CheckpointError, OSError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)
         return EXIT_INPUT
-    summary = score(source, args.out, settings, predictor, shadow, args.batch_size or settings.batch.max_posts)
+    summary = score(
+        source, args.out, settings, predictor, shadow, args.batch_size or settings.batch.max_posts
+    )
     print(json.dumps(summary.document()))
     return EXIT_OK

@@ -60,7 +60,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from stream.components import load_predictor, open_reference_queues
 
     if args.precision:
-        settings = settings.model_copy(update={"model": settings.model.model_copy(update={"precision": args.precision})})
+        settings = settings.model_copy(
+            update={"model": settings.model.model_copy(update={"precision": args.precision})}
+        )
     try:
         predictor = load_predictor(settings, checkpoint)
     except (CheckpointError, OSError, ValueError) as exc:
@@ -81,7 +83,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     def alive() -> bool:  # the loop polls at least every few hundred ms, even while paused
         return time.monotonic() - service.last_poll < settings.kafka.max_poll_interval_ms / 1000
 
-    server = MetricsServer(metrics, settings.metrics.host, settings.metrics.port, ready=service.ready, alive=alive)
+    server = MetricsServer(
+        metrics, settings.metrics.host, settings.metrics.port, ready=service.ready, alive=alive
+    )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("%s: finishing the batches in hand, then exiting", signal.Signals(signum).name)

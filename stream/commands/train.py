@@ -38,8 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="vader", help=f"data set: {SPEC_HELP} (default: vader)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     parser.add_argument("--encoders", default="offline", choices=ENCODER_CONFIGS)
-    parser.add_argument("--dim", type=int, help="DRF width d (default 768; the tiny encoders' width for tiny)")
-    parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help="queue length L (default 512)")
+    parser.add_argument(
+        "--dim", type=int, help="DRF width d (default 768; the tiny encoders' width for tiny)"
+    )
+    parser.add_argument(
+        "--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help="queue length L (default 512)"
+    )
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--encoder-lr", type=float, default=DEFAULTS.encoder_lr)
@@ -48,14 +52,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     parser.add_argument("--seed", type=int, default=0, help="initialisation, batch order and dropout")
     parser.add_argument("--fine-tune", action="store_true", help="train the encoders too (no feature cache)")
-    parser.add_argument("--modality-random", type=float, metavar="DR",
-                        help=f"modality-random training: disrupt a ratio DR of the samples, e.g. {DISRUPTION_RATIOS}")
+    parser.add_argument(
+        "--modality-random",
+        type=float,
+        metavar="DR",
+        help=f"modality-random training: disrupt a ratio DR of the samples, e.g. {DISRUPTION_RATIOS}",
+    )
     parser.add_argument("--setting", default="C+D", choices=SETTINGS, help="disruption setting (default C+D)")
     parser.add_argument("--disruption-seed", type=int, default=0)
-    parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS),
-                        help="DRF mechanisms: robust (default) or the paper-literal ones (docs/evaluation.md)")
-    parser.add_argument("--ablate", action="append", default=[], choices=ABLATIONS,
-                        help="switch a DRF component off (repeatable; paper Table 4)")
+    parser.add_argument(
+        "--variant",
+        default=DEFAULT_VARIANT,
+        choices=list(VARIANTS),
+        help="DRF mechanisms: robust (default) or the paper-literal ones (docs/evaluation.md)",
+    )
+    parser.add_argument(
+        "--ablate",
+        action="append",
+        default=[],
+        choices=ABLATIONS,
+        help="switch a DRF component off (repeatable; paper Table 4)",
+    )
     parser.add_argument("--state", type=Path, help="training state file (default: OUT.state)")
     parser.add_argument("--resume", action="store_true", help="continue from the state file")
     parser.add_argument("--cache-dir", type=Path, default=Path("data/features"), help="feature cache root")
@@ -72,20 +89,32 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, encoder_lr=args.encoder_lr, head_lr=args.head_lr,
-        min_lr=args.min_lr, weight_decay=args.weight_decay, seed=args.seed,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        encoder_lr=args.encoder_lr,
+        head_lr=args.head_lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
     )
     device = resolve_device(settings.model.device)
     progress = not args.no_progress
     dataset = load_dataset(args.data)
     print(dataset.report.summary())
     if args.modality_random is not None:
-        dataset, _ = disrupt_dataset(dataset, "random", args.setting, args.disruption_seed, dr=args.modality_random)
+        dataset, _ = disrupt_dataset(
+            dataset, "random", args.setting, args.disruption_seed, dr=args.modality_random
+        )
     torch.manual_seed(args.seed)
     ablated: dict[str, Any] = dict.fromkeys(args.ablate, False)
     model = create_model(
-        args.encoders, dataset.label_names, dim=args.dim, queue_size=args.queue_size,
-        freeze_encoders=not args.fine_tune, variant=args.variant, **ablated,
+        args.encoders,
+        dataset.label_names,
+        dim=args.dim,
+        queue_size=args.queue_size,
+        freeze_encoders=not args.fine_tune,
+        variant=args.variant,
+        **ablated,
     ).to(device)
     train: FeatureSource
     dev: FeatureSource
@@ -95,7 +124,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     else:
         cache = feature_cache_for(model, args.cache_dir)
         train, dev, test = (
-            CachedSource(encode_samples(model, dataset[s], cache, progress=progress)) for s in ("train", "dev", "test")
+            CachedSource(encode_samples(model, dataset[s], cache, progress=progress))
+            for s in ("train", "dev", "test")
         )
     state = args.state or args.out.with_name(args.out.name + ".state")
     with nullcontext() if args.fine_tune else one_thread():
