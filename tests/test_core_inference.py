@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training_data import tiny_model_with_queues
 
 from core.distribution import QueueStats
 from core.inference import Predictor
@@ -18,11 +19,7 @@ LABELS = ["negative", "neutral", "positive"]
 
 @pytest.fixture
 def model() -> DRFModel:
-    torch.manual_seed(0)
-    model = create_model("tiny", LABELS, queue_size=16)
-    model.head.image_queue.push(torch.randn(8, 32) * 0.1)
-    model.head.text_queue.push(torch.randn(8, 32) * 0.1)
-    return model
+    return tiny_model_with_queues(LABELS)
 
 
 @pytest.fixture

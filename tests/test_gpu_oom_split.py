@@ -8,20 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training_data import tiny_model_with_queues
 
 from core.inference import OutOfMemoryAtOnePost, Predictor
-from core.model import create_model
 
 LABELS = ["negative", "neutral", "positive"]
 
 
 @pytest.fixture
 def predictor() -> Predictor:
-    torch.manual_seed(0)
-    model = create_model("tiny", LABELS, queue_size=16)
-    model.head.image_queue.push(torch.randn(8, 32) * 0.1)
-    model.head.text_queue.push(torch.randn(8, 32) * 0.1)
-    return Predictor.from_model(model)
+    return Predictor.from_model(tiny_model_with_queues(LABELS))
 
 
 def batch_of(predictor: Predictor, size: int):

@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from core.data import SENTIMENT_LABELS
+from core.model import DRFModel, create_model
 
 WORDS = {
     "positive": ["great", "love", "happy", "wonderful", "sunny", "win"],
@@ -53,3 +55,12 @@ def make_dataset(root: Path, seed: int = 0) -> Path:
             lines.append(json.dumps(post))
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+def tiny_model_with_queues(labels: list[str], seed: int = 0) -> DRFModel:
+    """The tiny configuration with 8 small features in each queue, so quality scores are defined (seeded)."""
+    torch.manual_seed(seed)
+    model = create_model("tiny", labels, queue_size=16)
+    model.head.image_queue.push(torch.randn(8, 32) * 0.1)
+    model.head.text_queue.push(torch.randn(8, 32) * 0.1)
+    return model
