@@ -68,15 +68,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def postsense(checkpoint: Path, *args: str) -> list[str]:
+    """The ``postsense`` command line with the model's checkpoint as a global flag."""
+    return [sys.executable, "-m", "stream", "--checkpoint", str(checkpoint), *args]
+
+
 def test_score_a_jsonl_file_end_to_end(tmp_path: Path, checkpoints: tuple[Path, Path]) -> None:
     lines = write_jsonl(tmp_path / "posts.jsonl")
     out = tmp_path / "out.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "stream",
-        "--checkpoint",
-        str(checkpoints[0]),
+    cmd = postsense(
+        checkpoints[0],
         "--set",
         "batch.max_posts=4",
         "score",
@@ -85,7 +86,7 @@ def test_score_a_jsonl_file_end_to_end(tmp_path: Path, checkpoints: tuple[Path, 
         str(out),
         "--compare",
         str(checkpoints[1]),
-    ]
+    )
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -156,17 +157,7 @@ def test_score_a_directory_of_photo_and_text_pairs(tmp_path: Path, checkpoints: 
     (posts / "p5.jpg").write_bytes(b"not really a jpeg")
     (posts / "notes.md").write_text("ignored: neither an image nor a text")
     out = tmp_path / "out.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "stream",
-        "--checkpoint",
-        str(checkpoints[0]),
-        "score",
-        str(posts),
-        "--out",
-        str(out),
-    ]
+    cmd = postsense(checkpoints[0], "score", str(posts), "--out", str(out))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -188,16 +179,8 @@ def test_score_a_directory_of_photo_and_text_pairs(tmp_path: Path, checkpoints: 
 def test_score_refuses_a_missing_input_with_a_clear_error(
     tmp_path: Path, checkpoints: tuple[Path, Path]
 ) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "stream",
-        "--checkpoint",
-        str(checkpoints[0]),
-        "score",
-        str(tmp_path / "nope.jsonl"),
-        "--out",
-        str(tmp_path / "out.jsonl"),
-    ]
+    cmd = postsense(
+        checkpoints[0], "score", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out.jsonl")
+    )
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no such input" in result.stderr
