@@ -44,6 +44,7 @@ def start_at_committed(
     partitions: Collection[TopicPartition],
     polled: Mapping[TopicPartition, Sequence[Any]],
     auto_offset_reset: Literal["earliest", "latest"],
+    timeout_ms: int,
 ) -> set[TopicPartition]:
     """After an assignment, start every partition at the group's committed offset; returns those moved.
 
@@ -58,14 +59,18 @@ def start_at_committed(
     moved: set[TopicPartition] = set()
     for tp in partitions:
         forget_highwater(consumer, tp)
-        try:
-            committed = consumer.committed(tp)
+        try:  # every call bounded: kafka-python's default is to retry forever, and stop() must still work
+            committed = consumer.committed(tp, timeout_ms=timeout_ms)
             if committed is None:
                 if auto_offset_reset != "earliest":
                     continue
-                committed = consumer.beginning_offsets([tp])[tp]
-            position = polled[tp][0].offset if polled.get(tp) else consumer.position(tp)
-        except Exception as exc:  # broker unreachable: kafka-python's own offset reset still applies
+                committed = consumer.beginning_offsets([tp], timeout_ms=timeout_ms)[tp]
+            position = (
+                polled[tp][0].offset if polled.get(tp) else consumer.position(tp, timeout_ms=timeout_ms)
+            )
+        except (
+            Exception
+        ) as exc:  # broker unreachable or failing: kafka-python's own offset reset still applies
             log.debug("cannot verify the position of %s: %s", tp, exc)
             continue
         if position != committed:
@@ -101,14 +106,20 @@ def rewind_past_log_end(
     position: int,
     highwater: int,
     auto_offset_reset: Literal["earliest", "latest"],
+    timeout_ms: int,
 ) -> None:
     """A position past the log end means the partition was recreated (a broker that lost its data).
 
     Apache Kafka answers such a fetch with OFFSET_OUT_OF_RANGE and the client resets by itself; Tansu
     (0.6, memory engine) returns nothing, so without this the member would wait at the old position and
-    skip the new records. Blocking calls: consumer loop only.
+    skip the new records. Blocking calls (bounded by ``timeout_ms``; on failure the next loop tries
+    again, the position still past the log end): consumer loop only.
     """
-    committed = consumer.committed(tp)
+    try:
+        committed = consumer.committed(tp, timeout_ms=timeout_ms)
+    except Exception as exc:  # broker unreachable or failing: retried at the next loop
+        log.debug("cannot read the committed offset of %s: %s", tp, exc)
+        return
     if committed is not None and committed <= highwater:
         consumer.seek(tp, committed)
         target: object = committed

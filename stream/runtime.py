@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from connectors.kafka import make_consumer
@@ -174,7 +175,11 @@ class Service:
                 unverified = self.rebalance.take_unverified()
                 if unverified:
                     moved = start_at_committed(
-                        consumer, unverified, polled, self.settings.kafka.auto_offset_reset
+                        consumer,
+                        unverified,
+                        polled,
+                        self.settings.kafka.auto_offset_reset,
+                        self.settings.kafka.request_timeout_ms,
                     )
                     polled = {tp: msgs for tp, msgs in polled.items() if tp not in moved}
                 for topic, count in self.rebalance.add(polled).items():
@@ -239,8 +244,13 @@ class Service:
                 return
             started = time.perf_counter()
             try:
-                self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
-            except Exception as exc:  # membership changed: the records will be redelivered
+                # Bounded: kafka-python retries a retriable error forever by default, and stop() must work
+                # against a broker that keeps failing commits (KafkaTimeoutError: redelivered, not lost).
+                self._consumer.commit(
+                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
+                    timeout_ms=self.settings.kafka.request_timeout_ms,
+                )
+            except Exception as exc:  # membership changed or broker failing: the records will be redelivered
                 log.warning(
                     "commit failed, those records will be redelivered: %s: %s", type(exc).__name__, exc
                 )
@@ -278,12 +288,20 @@ class Service:
             highwater = self._consumer.highwater(tp)
             if highwater is None:
                 continue
-            position = self._consumer.position(tp)
+            try:  # bounded: without a position kafka-python fetches the committed offset, retrying forever
+                position = self._consumer.position(tp, timeout_ms=self.settings.kafka.request_timeout_ms)
+            except KafkaTimeoutError:  # a broker that cannot answer OffsetFetch: no lag for it this round
+                continue
             if position > highwater:
                 # The partition was recreated: what is in hand of it belongs to the old log, never commit it.
                 self.rebalance.drop({tp})
                 rewind_past_log_end(
-                    self._consumer, tp, position, highwater, self.settings.kafka.auto_offset_reset
+                    self._consumer,
+                    tp,
+                    position,
+                    highwater,
+                    self.settings.kafka.auto_offset_reset,
+                    self.settings.kafka.request_timeout_ms,
                 )
                 continue
             lag[(tp.topic, tp.partition)] = highwater - position
@@ -306,7 +324,7 @@ class Service:
     def _close_consumer(self) -> None:
         if self._consumer is not None:
             try:
-                self._consumer.close()
+                self._consumer.close(timeout_ms=self.settings.kafka.request_timeout_ms)
             except Exception as exc:  # closing must not mask why the loop ended
                 log.debug("closing the consumer: %s", exc)
             self._consumer = None

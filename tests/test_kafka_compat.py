@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import SubscriptionState
+from kafka.errors import KafkaTimeoutError
 
 from connectors.kafka_compat import abort_pending_sends, forget_highwater, io_sleep, start_at_committed
 
@@ -79,18 +80,26 @@ def test_forget_highwater_clears_what_consumer_highwater_reports():
 class PositionedConsumer:
     """A consumer stand-in with a committed offset and a position per partition."""
 
-    def __init__(self, committed: int | None, position: int) -> None:
+    def __init__(self, committed: int | str | None, position: int) -> None:
         self._committed, self._position = committed, position
         self._subscription = SimpleNamespace(assignment={})
         self.seeks: list[tuple[TopicPartition, int]] = []
+        self.timeouts: list[int | None] = []
 
-    def committed(self, tp: TopicPartition) -> int | None:
+    def committed(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
+        self.timeouts.append(timeout_ms)
+        if self._committed == "failing":  # a broker that cannot answer OffsetFetch (kafka-python: timeout)
+            raise KafkaTimeoutError("OffsetFetch timed out")
         return self._committed
 
-    def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    def beginning_offsets(
+        self, tps: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
+        self.timeouts.append(timeout_ms)
         return {tp: 0 for tp in tps}
 
-    def position(self, tp: TopicPartition) -> int:
+    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
+        self.timeouts.append(timeout_ms)
         return self._position
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
@@ -105,6 +114,7 @@ class PositionedConsumer:
         (10, 12, 10, "earliest", None),  # the poll that completed the assignment read from the commit on
         (None, 7, None, "earliest", 0),  # nothing committed (e.g. a broker that lost it): from the beginning
         (None, 7, None, "latest", None),  # nothing committed, latest: kafka-python's own reset applies
+        ("failing", 7, None, "earliest", None),  # OffsetFetch fails: give up within the bound, no seek
     ],
 )
 def test_start_at_committed_moves_the_position_to_the_committed_offset(
@@ -114,6 +124,7 @@ def test_start_at_committed_moves_the_position_to_the_committed_offset(
     polled: dict[TopicPartition, list[Any]] = (
         {TP: [SimpleNamespace(offset=polled_from)]} if polled_from else {}
     )
-    moved = start_at_committed(consumer, [TP], polled, reset)  # type: ignore[arg-type]  # a stand-in consumer
+    moved = start_at_committed(consumer, [TP], polled, reset, 2000)  # type: ignore[arg-type]  # a stand-in consumer
     assert consumer.seeks == ([] if seek is None else [(TP, seek)])
+    assert consumer.timeouts and set(consumer.timeouts) == {2000}  # no call may block without a bound
     assert moved == (set() if seek is None else {TP})
