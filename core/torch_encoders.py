@@ -25,7 +25,9 @@ from core.onnx_runtime import OnnxExport, OnnxOnly, OnnxSwitch
 #: 8 images, while the process grew by 75, 99, 144 and 234 MiB (2 threads; without the arena: 95 MiB, 1.5x slower).
 ONNX_IMAGE_CHUNK = 1
 #: Texts per ONNX Runtime call, each call cut to its own longest text. Same reason: 32 texts up to 128 tokens grew
-#: the process by 140 MiB in one call, 97 in calls of 16, 48 in calls of 8, within the noise of one speed.
+#: the process by 140 MiB in one call, 97 in calls of 16, 48 in calls of 8, within the noise of one speed. The
+#: texts are ordered by length before they are cut into calls, so a call pads to texts like its own: 64 tweets
+#: took 4.3-4.6 instead of 6.3-7.1 ms each (int8, 2 threads), with the same features.
 ONNX_TEXT_CHUNK = 8
 
 
@@ -193,13 +195,16 @@ class HFTextEncoder(OnnxSwitch, TextEncoder):
 
     def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
         if self._takes_onnx(text_inputs["input_ids"]):
-            session, rows = self.onnx_session(), len(text_inputs["input_ids"])
+            session, lengths = self.onnx_session(), text_inputs["attention_mask"].sum(dim=1)
+            order = torch.argsort(lengths, stable=True)
             chunks = []
-            for start in range(0, rows, ONNX_TEXT_CHUNK):
-                chunk = {k: v[start : start + ONNX_TEXT_CHUNK] for k, v in text_inputs.items()}
-                width = max(1, int(chunk["attention_mask"].sum(dim=1).max()))
-                chunks.append(session({k: v[:, :width] for k, v in chunk.items()}))
-            return torch.cat(chunks)
+            for rows in order.split(ONNX_TEXT_CHUNK):
+                width = max(1, int(lengths[rows].max()))
+                chunks.append(session({k: v[rows, :width] for k, v in text_inputs.items()}))
+            by_length = torch.cat(chunks)
+            features = torch.empty_like(by_length)
+            features[order] = by_length  # back to the caller's row order
+            return features
         assert self.model is not None
         hidden = self.model(**text_inputs).last_hidden_state
         return masked_mean(hidden, text_inputs["attention_mask"])
