@@ -4,6 +4,10 @@ Each benchmark runs as its own process (a fair RSS and thread state for each), o
 not compete for the CPU, against one private broker and Redis started here. Then ``bench.report`` checks the
 issue's targets against the results and draws the plots. Exit status 1 if any benchmark failed.
 
+``soak-cpu-torch`` is the soak again, shorter, with ``serve`` run by ``scripts/cpu-serve-venv``'s interpreter
+(CPU-only torch, as the ``cpu`` image installs it; results in ``OUT/cpu-torch/``); it is skipped, and says so,
+where that script finds no CPU wheel.
+
     python -m bench [--smoke] [--only NAME ...] [--skip NAME ...] [--image-runtime onnxruntime|torch]
                     [--text-runtime onnxruntime|torch] [--precision fp32|int8]
                     [--soak-minutes 11] [--out DIR]
@@ -38,7 +42,11 @@ BENCHMARKS: dict[str, tuple[bool, bool, list[str]]] = {
     "naive": (True, True, []),
     "e2e": (True, True, ["--batch-sizes", "1", "8", "32", "64"]),
     "soak": (True, True, []),
+    "soak-cpu-torch": (True, True, ["--minutes", "5"]),
 }
+#: Benchmarks that run another one's module with other arguments.
+MODULES = {"soak-cpu-torch": "soak"}
+CPU_SERVE_VENV = Path(__file__).resolve().parents[1] / "scripts" / "cpu-serve-venv"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,17 +79,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def command(name: str, args: argparse.Namespace, bootstrap: str, redis_url: str) -> list[str]:
+def cpu_serve_python() -> str | None:
+    """The CPU-only torch interpreter of ``scripts/cpu-serve-venv`` (made on first use), or None without a wheel."""
+    made = subprocess.run([str(CPU_SERVE_VENV)], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        print(f"soak-cpu-torch skipped: {made.stderr.strip() or made.returncode}", flush=True)
+        return None
+    return made.stdout.strip().splitlines()[-1]
+
+
+def command(name: str, args: argparse.Namespace, bootstrap: str, redis_url: str) -> list[str] | None:
+    """The benchmark's command line, or None when what it needs is not at hand here."""
     uses_broker, uses_redis, full = BENCHMARKS[name]
-    cmd = [sys.executable, "-m", f"bench.{name}"]
+    cmd = [sys.executable, "-m", f"bench.{MODULES.get(name, name)}"]
     cmd += ["--smoke"] if args.smoke else full
-    if args.out is not None:
-        cmd += ["--out", str(args.out)]
+    out = args.out or RESULTS_DIR
+    if name == "soak-cpu-torch":
+        python = cpu_serve_python()
+        if python is None:
+            return None
+        cmd += ["--serve-python", python]
+        out = out / "cpu-torch"
+    if args.out is not None or out != RESULTS_DIR:
+        cmd += ["--out", str(out)]
     if uses_broker:
         cmd += ["--bootstrap", bootstrap]
     if uses_redis:
         cmd += ["--redis-url", redis_url]
-    if name == "soak" and args.soak_minutes is not None and not args.smoke:
+    if name.startswith("soak") and args.soak_minutes is not None and not args.smoke:
         cmd += ["--minutes", str(args.soak_minutes)]
     return cmd
 
@@ -101,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     with local_services(args) as endpoints:
         for name in names:
             cmd = command(name, args, endpoints.bootstrap, endpoints.redis_url)
+            if cmd is None:
+                outcomes.append((name, "skipped", 0.0))
+                continue
             print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
             started = time.monotonic()
             code = subprocess.run(cmd, env=env, check=False).returncode
@@ -109,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.report import report
 
     report(args.out or RESULTS_DIR, smoke=args.smoke)
-    return 1 if any(code for _, code, _ in outcomes) else 0
+    return 1 if any(isinstance(code, int) and code for _, code, _ in outcomes) else 0
 
 
 if __name__ == "__main__":

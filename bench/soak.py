@@ -10,6 +10,10 @@ slope, allocator warm-up flattens out), and Redis round trips per batch (from Re
 command counters against the service's batch count). Also writes a plot of RSS over time.
 
     python -m bench.soak [--config offline|tiny] [--minutes 11] [--warmup-minutes 2] [--smoke]
+                         [--serve-python PYTHON]
+
+``--serve-python`` runs ``serve`` under another interpreter while this one builds the checkpoint, as a
+deployment's build step would: ``scripts/cpu-serve-venv`` makes one with CPU-only torch, the ``cpu`` image's.
 """
 
 from __future__ import annotations
@@ -90,8 +94,10 @@ def run_soak(
     sample_s: float,
     backlog: int,
     checkpoint: Path | None = None,
+    serve_python: str = sys.executable,
 ) -> dict[str, Any]:
-    """``checkpoint``: serve this one (its ONNX files built already) instead of building the benchmark's."""
+    """``checkpoint``: serve this one (its ONNX files built already) instead of building the benchmark's;
+    ``serve_python``: the interpreter that runs ``serve``."""
     from connectors.kafka import ensure_topics, make_producer
     from stream.local_services import free_port
     from stream.settings import load_settings
@@ -112,7 +118,7 @@ def run_soak(
         config_file.write_text(json.dumps(flags))
         log = open(Path(tmp) / "serve.log", "wb")  # noqa: SIM115 (closed below, after the child exits)
         child = subprocess.Popen(
-            [sys.executable, "-m", "stream", "--config", str(config_file), "serve"],
+            [serve_python, "-m", "stream", "--config", str(config_file), "serve"],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**SERVE_ENV, **os.environ},
@@ -167,7 +173,7 @@ def run_soak(
         if redis_before is None:
             raise RuntimeError("the soak ended before its warm-up did; raise --minutes")
         batches = final.get("batch_size_posts_count", 0.0) - batches_before
-        return summarise(
+        result = summarise(
             config,
             batch,
             samples,
@@ -176,6 +182,13 @@ def run_soak(
             _round_trips(redis_before, redis_after, batches),
             final,
         )
+        return {**result, "serve_python": serve_python, "serve_torch": torch_build(serve_python)}
+
+
+def torch_build(python: str) -> str:
+    """The torch an interpreter imports, e.g. "2.13.0+cpu" or "2.14.1 (CUDA 12.8)"."""
+    probe = "import torch; print(torch.__version__ + (f' (CUDA {torch.version.cuda})' if torch.version.cuda else ''))"
+    return subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _tail(path: str) -> str:
@@ -282,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="serve this checkpoint, its ONNX files built beside it (default: build the benchmark's, as a deployment "
-        "would); e.g. to measure another interpreter, such as one with CPU-only torch, that cannot build",
+        "would)",
+    )
+    parser.add_argument(
+        "--serve-python",
+        default=sys.executable,
+        help="interpreter that runs serve (default: this one); e.g. scripts/cpu-serve-venv's CPU-only torch",
     )
     args = parser.parse_args(argv)
     if args.smoke:
@@ -294,11 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--minutes must exceed --warmup-minutes; --sample-s and --batch must be positive")
     with local_services(args) as endpoints:
         result = run_soak(
-            endpoints, config, args.batch, seconds, warmup_s, sample_s, backlog, args.checkpoint
+            endpoints,
+            config,
+            args.batch,
+            seconds,
+            warmup_s,
+            sample_s,
+            backlog,
+            args.checkpoint,
+            args.serve_python,
         )
     redis = result["redis"]
     print_table(
-        f"Soak: postsense serve for {result['duration_s'] / 60:.1f} min at full load ({config}, batch {args.batch})",
+        f"Soak: postsense serve for {result['duration_s'] / 60:.1f} min at full load ({config}, batch {args.batch}, "
+        f"torch {result['serve_torch']})",
         [
             "posts/s",
             "peak RSS MiB",

@@ -8,6 +8,7 @@ broker and Redis and writes complete results; the other tests check the pieces t
 from __future__ import annotations
 
 import base64
+import glob
 import json
 import os
 import subprocess
@@ -82,6 +83,14 @@ def test_smoke_suite_runs_every_benchmark_and_writes_results(services, tmp_path:
     assert soak["exit_code"] == 0  # serve drained and stopped cleanly on SIGTERM after the run
     assert soak["peak_rss_mib"] >= soak["steady_rss_mib"]["median"] > 50
     assert soak["published_total"] > 0
+    # The same soak served by CPU-only torch (the cpu image's), where this machine has that wheel.
+    cpu_soak = tmp_path / "cpu-torch" / "soak.smoke.json"
+    if glob.glob("/opt/wheels/torch-*+cpu-*.whl"):
+        cpu = json.loads(cpu_soak.read_text())["results"]
+        assert cpu["exit_code"] == 0 and cpu["published_total"] > 0
+        assert cpu["serve_torch"].endswith("+cpu") and "CUDA" not in cpu["serve_torch"]
+    else:
+        assert "soak-cpu-torch skipped" in done.stdout and not cpu_soak.exists()
     # The runner's verdicts and plots.
     verdicts = json.loads((tmp_path / "targets.smoke.json").read_text())
     assert any(v["target"].startswith("Redis round trips") and v["met"] for v in verdicts)
