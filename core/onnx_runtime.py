@@ -41,7 +41,7 @@ PRECISIONS = ("fp32", "int8")
 #: Where exported (and quantised) ONNX models are kept, keyed by weights, precision and library versions.
 ONNX_CACHE_ENV = "POSTSENSE_ONNX_CACHE"
 #: Bumped when what goes into an exported file changes (export arguments, quantisation settings).
-ONNX_RECIPE = 3
+ONNX_RECIPE = 4
 
 
 def cpu_threads() -> int:
