@@ -181,3 +181,18 @@ def test_create_model_offline_uses_the_paper_width() -> None:
     model = create_model("offline", ["neg", "pos"], pretrained=False)
     assert model.image_projection.in_features == 1280 and model.text_projection.in_features == 384
     assert model.head.config.dim == 768
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_preprocessing_normalises_each_channel_with_its_own_mean_and_std(mode: str) -> None:
+    """A solid colour comes out as ((value / 255) - mean) / std in its own channel plane, whatever the input mode."""
+    from core.encoder_base import ImagePreprocessing
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    preprocessing = ImagePreprocessing(size=24, mean=mean, std=std, crop_pct=0.875)
+    colour = (200, 30, 120)
+    tensor = preprocessing(Image.new("RGB", (61, 40), colour).convert(mode))
+    assert tensor.shape == (3, 24, 24) and tensor.dtype == torch.float32 and tensor.is_contiguous()
+    want = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, mean, std, strict=True)])
+    assert torch.allclose(tensor.mean(dim=(1, 2)), want, atol=1e-5)
+    assert float(tensor.std(dim=(1, 2)).max()) < 1e-5  # a solid colour stays solid
