@@ -93,14 +93,14 @@ def command(name: str, args: argparse.Namespace, bootstrap: str, redis_url: str)
     uses_broker, uses_redis, full = BENCHMARKS[name]
     cmd = [sys.executable, "-m", f"bench.{MODULES.get(name, name)}"]
     cmd += ["--smoke"] if args.smoke else full
-    out = args.out or RESULTS_DIR
+    out = args.out
     if name == "soak-cpu-torch":
         python = cpu_serve_python()
         if python is None:
             return None
         cmd += ["--serve-python", python]
-        out = out / "cpu-torch"
-    if args.out is not None or out != RESULTS_DIR:
+        out = (out or RESULTS_DIR) / "cpu-torch"
+    if out is not None:
         cmd += ["--out", str(out)]
     if uses_broker:
         cmd += ["--bootstrap", bootstrap]

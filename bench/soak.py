@@ -186,7 +186,7 @@ def run_soak(
 
 
 def torch_build(python: str) -> str:
-    """The torch an interpreter imports, e.g. "2.13.0+cpu" or "2.14.1 (CUDA 12.8)"."""
+    """The torch an interpreter imports, e.g. "2.13.0+cpu" or "2.14.1+cu130 (CUDA 13.0)"."""
     probe = "import torch; print(torch.__version__ + (f' (CUDA {torch.version.cuda})' if torch.version.cuda else ''))"
     return subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
