@@ -68,9 +68,8 @@ def start_at_committed(
             position = (
                 polled[tp][0].offset if polled.get(tp) else consumer.position(tp, timeout_ms=timeout_ms)
             )
-        except (
-            Exception
-        ) as exc:  # broker unreachable or failing: kafka-python's own offset reset still applies
+        except Exception as exc:
+            # Broker unreachable or failing: kafka-python's own offset reset still applies.
             log.debug("cannot verify the position of %s: %s", tp, exc)
             continue
         if position != committed:
