@@ -1,7 +1,7 @@
 """Everything that depends on kafka-python's internals or on one broker's quirks, in one place.
 
 The rest of the service uses public kafka-python API only. Each function here says which kafka-python
-versions or which broker need it; ``tests/test_kafka_compat.py`` fails loudly if the pinned
+versions or which broker need it; ``tests/connectors/test_kafka_compat.py`` fails loudly if the pinned
 kafka-python (``>=3.0.12,<4``) stops providing what is used, so an upgrade cannot break it silently.
 """
 

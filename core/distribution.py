@@ -3,7 +3,7 @@
 Each modality's feature distribution is approximated by an isotropic Gaussian whose mean (1) and scalar standard
 deviation (2) come from a FIFO queue of L recent features.
 
-Decisions where the paper is silent (documented here, tested in tests/test_core_distribution.py):
+Decisions where the paper is silent (documented here, tested in tests/core/drf/test_distribution.py):
 
 * Quality. The density (9) of a 768-d feature is far outside float range (the normaliser 1/(sqrt(2 pi) sigma) is
   applied once, not per dimension, so p is a scaled "distance from the mean" score).  We publish and use

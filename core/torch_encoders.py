@@ -164,7 +164,7 @@ class HFTextEncoder(OnnxSwitch, TextEncoder):
     """A Hugging Face encoder-only transformer with its tokenizer; features are masked-mean token states.
 
     Its ONNX export takes the attention mask as an input with dynamic batch and sequence axes and pools inside
-    the graph: it matches torch to ~1e-6 on padded batches (tests/test_encoders_onnx.py). ``model=None`` with
+    the graph: it matches torch to ~1e-6 on padded batches (tests/core/encoders/test_onnx.py). ``model=None`` with
     ``onnx_only`` is the inference-only encoder: the tokenizer, no transformer. ``dim``: its hidden size.
     """
 

@@ -18,7 +18,7 @@ import yaml
 from connectors.metrics import MetricsSettings
 from stream.settings import load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
 

@@ -47,7 +47,7 @@ def test_building_the_demo_set_reports_progress_instead_of_staying_silent(
 
     from core.data.vader import SDIST_NAME, build_demo_set
 
-    cached = Path(__file__).resolve().parents[1] / "data" / "cache" / SDIST_NAME
+    cached = Path(__file__).resolve().parents[2] / "data" / "cache" / SDIST_NAME
     if cached.is_file():  # skip the pip download when a local build already fetched the archive
         (tmp_path / "cache").mkdir()
         shutil.copy(cached, tmp_path / "cache" / SDIST_NAME)

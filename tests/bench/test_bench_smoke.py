@@ -23,7 +23,7 @@ from bench.report import targets
 from connectors.media import FetchPolicy, MediaLimits, decode_image_field
 from core.contracts import Invalid, ModalityState, parse_post
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROVENANCE = {"benchmark", "smoke", "finished_at", "command", "machine", "versions", "results"}
 
 

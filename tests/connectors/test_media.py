@@ -32,7 +32,7 @@ from core.contracts import ModalityState
 LIMITS = MediaLimits()
 # No network and no local files: any URL host other than this never-resolving name is refused first.
 OFFLINE = FetchPolicy(allowed_hosts=("images.invalid",))
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def as_field(data: bytes) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "system-deps"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "system-deps"
 TOOLS = ("bash", "sh", "mv", "rm", "chmod", "printf", "id", "cat")
 
 

@@ -26,7 +26,7 @@ from stream.local_services import LocalServices, free_port, redis_binary
 pytestmark = pytest.mark.services
 
 DIM, L = 8, 12
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class PrivateRedis:

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from connectors.metrics import Metrics, MetricsServer
 
-METRICS_TXT = Path(__file__).resolve().parents[1] / "deploy" / "metrics.txt"
+METRICS_TXT = Path(__file__).resolve().parents[2] / "deploy" / "metrics.txt"
 
 
 def checked_in_metrics() -> dict[str, tuple[str, set[str]]]:

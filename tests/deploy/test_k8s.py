@@ -16,7 +16,7 @@ import yaml
 
 from stream.settings import Settings, load_settings
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"
 # Kinds that need a CRD (no schema in kubernetes-validate): checked structurally below.
 CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "KafkaTopic", "Kustomization"}

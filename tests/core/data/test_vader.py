@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from core.data import SENTIMENT_LABELS, DataFormatError, build_demo_set, load_image
 from core.data.vader import SDIST_NAME, fetch_sdist, load_vader, read_rated_tweets, render_image
 
-REPO_CACHE = Path(__file__).resolve().parents[1] / "data" / "cache" / SDIST_NAME
+REPO_CACHE = Path(__file__).resolve().parents[3] / "data" / "cache" / SDIST_NAME
 
 
 @pytest.fixture(scope="module")

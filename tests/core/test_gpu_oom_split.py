@@ -1,6 +1,6 @@
 """Predictor's out-of-memory handling, on CPU with an injected OOM: a batch too large for the device is split
 and every post still gets its result; one post that does not fit is a clear error. The real OOM on CUDA is
-``tests/test_gpu.py::test_out_of_memory_splits_the_batch``."""
+``tests/core/test_gpu.py::test_out_of_memory_splits_the_batch``."""
 
 from __future__ import annotations
 

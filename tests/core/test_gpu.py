@@ -3,7 +3,7 @@ out-of-memory. Marked ``gpu`` and skipped without CUDA; ``scripts/gpu-check`` ru
 
 ``POSTSENSE_GPU_DRY_RUN=1`` (``scripts/gpu-check --dry-run``) runs the same tests on the CPU with the tiny
 encoders and small samples, so they cannot rot between the sessions that have a GPU; the real out-of-memory
-test needs CUDA's allocator and stays skipped there (``tests/test_gpu_oom_split.py`` covers the split on CPU).
+test needs CUDA's allocator and stays skipped there (``tests/core/test_gpu_oom_split.py`` covers the split on CPU).
 
 Tolerances, on a fixed sample of real posts (crops of scikit-learn's two photos, VADER's rated tweets, some
 posts without image or text) against the float32 CPU result of the same model:
