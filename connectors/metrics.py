@@ -3,7 +3,12 @@
 Naming follows Prometheus practice: one prefix (``postsense_``), base units (seconds), ``_total`` on
 counters, histograms for latencies and sizes, and only bounded label values (topics, partitions,
 modalities, states, reasons, labels: never a post id). The names and types are the contract of the
-dashboard and the alert rules; ``deploy/metrics.txt`` lists them and a test keeps the two equal.
+dashboard and the alert rules, so they are written once, in ``METRIC_SPECS``: ``Metrics`` builds its
+registry from that table, and ``deploy/metrics.txt`` (read by the deploy checks) is generated from it::
+
+    python -m connectors.metrics > deploy/metrics.txt
+
+A test fails when the committed file and the table disagree.
 
 The Python attribute of each metric is its name without the prefix, e.g.
 ``metrics.posts_consumed_total.labels(topic=t).inc(n)``. A few helpers turn whole batches into
@@ -14,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 from collections import Counter as _Tally
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Protocol
+from typing import Literal, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
@@ -97,200 +104,185 @@ def parse_created_at(value: str | None) -> float | None:
     return parsed.timestamp()
 
 
+MetricKind = Literal["counter", "gauge", "histogram"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric family, declared once for both the registry and ``deploy/metrics.txt``.
+
+    ``attr`` is the ``Metrics`` attribute; the exported name is it with the prefix (``name``), so the
+    two cannot drift apart. ``buckets`` belong to histograms only.
+    """
+
+    attr: str
+    kind: MetricKind
+    labels: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if bool(self.buckets) != (self.kind == "histogram"):
+            raise ValueError(f"{self.attr}: a histogram needs buckets and only a histogram takes them")
+
+    @property
+    def name(self) -> str:
+        """The name PromQL sees (a counter's ends in ``_total``; a histogram's adds _bucket, _sum, _count)."""
+        return f"{PREFIX}_{self.attr}"
+
+    def create(self, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+        """Register this family in ``registry`` and return it."""
+        if self.kind == "histogram":
+            return Histogram(
+                self.attr, self.help, self.labels, namespace=PREFIX, registry=registry, buckets=self.buckets
+            )
+        cls = Counter if self.kind == "counter" else Gauge
+        return cls(self.attr, self.help, self.labels, namespace=PREFIX, registry=registry)
+
+
+#: Every postsense metric, in the order of ``deploy/metrics.txt``: attribute, kind, labels, help, buckets.
+# fmt: off
+METRIC_SPECS: tuple[MetricSpec, ...] = (
+    # Flow through the service.
+    MetricSpec("posts_consumed_total", "counter", ("topic",),
+               "Records read from the input topic (valid or not)."),
+    MetricSpec("posts_published_total", "counter", ("topic",),
+               "Sentiment records acknowledged by the broker."),
+    MetricSpec("posts_dead_lettered_total", "counter", ("reason",),
+               "Input records sent to the dead-letter topic, by reason."),
+    MetricSpec("batch_size_posts", "histogram", (),
+               "Posts per micro-batch.", BATCH_SIZE_BUCKETS),
+    MetricSpec("inference_seconds", "histogram", (),
+               "Model time per batch (prepare + predict).", INFERENCE_BUCKETS),
+    MetricSpec("decode_seconds", "histogram", (),
+               "Time to validate and decode one batch (images and texts) in the worker pool.",
+               DECODE_BUCKETS),
+    MetricSpec("end_to_end_seconds", "histogram", (),
+               "Post created_at to its sentiment record being acknowledged.", END_TO_END_BUCKETS),
+    MetricSpec("commit_seconds", "histogram", (),
+               "Offset commit time per batch.", COMMIT_BUCKETS),
+    # Consumer-group state.
+    MetricSpec("rebalances_total", "counter", ("event",),
+               "Partition assignment changes seen by this member."),
+    MetricSpec("paused", "gauge", (),
+               "1 while the assigned partitions are paused for back-pressure."),
+    MetricSpec("consumer_lag_messages", "gauge", ("topic", "partition"),
+               "Highwater minus position per assigned partition (this member's view)."),
+    # What the model saw and said.
+    MetricSpec("modality_state_total", "counter", ("modality", "state"),
+               "Posts by modality and its state (ok, missing, empty, undecodable)."),
+    MetricSpec("modality_quality", "histogram", ("modality",),
+               "Quality score q in (0, 1] of each present modality.", QUALITY_BUCKETS),
+    MetricSpec("recovered_total", "counter", ("modality",),
+               "Posts whose modality was recovered by a DRF converter."),
+    MetricSpec("predictions_total", "counter", ("label",),
+               "Published predictions by label."),
+    MetricSpec("abstained_total", "counter", (),
+               "Posts with neither modality usable (published with label null)."),
+    MetricSpec("text_truncated_total", "counter", (),
+               "Posts whose text was cut at limits.max_text_chars (text_truncated in the record)."),
+    # Reference queues (Redis).
+    MetricSpec("reference_queue_length", "gauge", ("modality",),
+               "Features in the reference queue."),
+    MetricSpec("reference_drift_sigmas", "gauge", ("modality",),
+               "Distance of the live reference mean from the checkpoint's, in checkpoint sigmas."),
+    MetricSpec("reference_acceptance_ratio", "gauge", ("modality",),
+               "Share of proposed features the queue admission rule accepted, last batch."),
+    MetricSpec("reference_accepted_total", "counter", ("modality",),
+               "Features accepted into the reference queue."),
+    MetricSpec("redis_up", "gauge", (),
+               "1 while Redis answers; 0 while the service runs on cached statistics."),
+    # Publishing health.
+    MetricSpec("producer_recreated_total", "counter", (),
+               "Kafka producers closed and recreated after the broker refused them."),
+    MetricSpec("publish_failures_total", "counter", (),
+               "Batches whose records were not all acknowledged (not committed)."),
+    MetricSpec("circuit_breaker_open", "gauge", (),
+               "1 once the dead-letter circuit breaker has stopped consumption."),
+    MetricSpec("build_info", "gauge", ("version", "model_name", "model_version", "device"),
+               "Always 1; the labels say what runs."),
+)
+# fmt: on
+
+#: (name, kind, labels) of the standard process_* and python_gc_* families (CPython on Linux) that
+#: ``Metrics`` adds, so that memory, CPU, restarts and collections show without a node exporter.
+STANDARD_FAMILIES: tuple[tuple[str, MetricKind, tuple[str, ...]], ...] = (
+    ("process_virtual_memory_bytes", "gauge", ()),
+    ("process_resident_memory_bytes", "gauge", ()),
+    ("process_start_time_seconds", "gauge", ()),
+    ("process_cpu_seconds_total", "counter", ()),
+    ("process_open_fds", "gauge", ()),
+    ("process_max_fds", "gauge", ()),
+    ("python_gc_objects_collected_total", "counter", ("generation",)),
+    ("python_gc_objects_uncollectable_total", "counter", ("generation",)),
+    ("python_gc_collections_total", "counter", ("generation",)),
+)
+
+_METRICS_TXT_HEADER = """\
+# Every metric family postsense exports (connectors/metrics.py): the contract of the Grafana dashboard
+# and the Prometheus alert rules. Generated from METRIC_SPECS; do not edit by hand, regenerate with
+#   python -m connectors.metrics > deploy/metrics.txt
+# Columns: name (as PromQL sees it; histograms add _bucket, _sum, _count), type, labels ('-' for none).
+"""
+_METRICS_TXT_STANDARD = (
+    "# Standard prometheus_client collectors on the same registry (CPython on Linux):"
+    " memory, CPU, restarts, GC.\n"
+)
+
+
+def _metrics_txt_row(name: str, kind: str, labels: tuple[str, ...]) -> str:
+    return f"{name:<42} {kind:<10} {','.join(labels) or '-'}\n"
+
+
+def metrics_txt() -> str:
+    """The text of ``deploy/metrics.txt``, generated so that the file cannot drift from the table."""
+    ours = "".join(_metrics_txt_row(spec.name, spec.kind, spec.labels) for spec in METRIC_SPECS)
+    standard = "".join(_metrics_txt_row(*family) for family in STANDARD_FAMILIES)
+    return _METRICS_TXT_HEADER + ours + _METRICS_TXT_STANDARD + standard
+
+
 class Metrics:
     """Every metric the service exports, registered in one registry (a fresh one per instance by default).
 
     A private registry per instance lets tests and several in-process services coexist; the server
-    below exposes exactly this registry.
+    below exposes exactly this registry. The annotations give callers typed attributes; each one
+    names an entry of ``METRIC_SPECS`` (a test keeps the two equal).
     """
+
+    posts_consumed_total: Counter
+    posts_published_total: Counter
+    posts_dead_lettered_total: Counter
+    batch_size_posts: Histogram
+    inference_seconds: Histogram
+    decode_seconds: Histogram
+    end_to_end_seconds: Histogram
+    commit_seconds: Histogram
+    rebalances_total: Counter
+    paused: Gauge
+    consumer_lag_messages: Gauge
+    modality_state_total: Counter
+    modality_quality: Histogram
+    recovered_total: Counter
+    predictions_total: Counter
+    abstained_total: Counter
+    text_truncated_total: Counter
+    reference_queue_length: Gauge
+    reference_drift_sigmas: Gauge
+    reference_acceptance_ratio: Gauge
+    reference_accepted_total: Counter
+    redis_up: Gauge
+    producer_recreated_total: Counter
+    publish_failures_total: Counter
+    circuit_breaker_open: Gauge
+    build_info: Gauge
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
-        ns = PREFIX
-
-        # Flow through the service.
-        self.posts_consumed_total = Counter(
-            "posts_consumed_total",
-            "Records read from the input topic (valid or not).",
-            ["topic"],
-            namespace=ns,
-            registry=r,
-        )
-        self.posts_published_total = Counter(
-            "posts_published_total",
-            "Sentiment records acknowledged by the broker.",
-            ["topic"],
-            namespace=ns,
-            registry=r,
-        )
-        self.posts_dead_lettered_total = Counter(
-            "posts_dead_lettered_total",
-            "Input records sent to the dead-letter topic, by reason.",
-            ["reason"],
-            namespace=ns,
-            registry=r,
-        )
-        self.batch_size_posts = Histogram(
-            "batch_size_posts", "Posts per micro-batch.", buckets=BATCH_SIZE_BUCKETS, namespace=ns, registry=r
-        )
-        self.inference_seconds = Histogram(
-            "inference_seconds",
-            "Model time per batch (prepare + predict).",
-            buckets=INFERENCE_BUCKETS,
-            namespace=ns,
-            registry=r,
-        )
-        self.decode_seconds = Histogram(
-            "decode_seconds",
-            "Time to validate and decode one batch (images and texts) in the worker pool.",
-            buckets=DECODE_BUCKETS,
-            namespace=ns,
-            registry=r,
-        )
-        self.end_to_end_seconds = Histogram(
-            "end_to_end_seconds",
-            "Post created_at to its sentiment record being acknowledged.",
-            buckets=END_TO_END_BUCKETS,
-            namespace=ns,
-            registry=r,
-        )
-        self.commit_seconds = Histogram(
-            "commit_seconds",
-            "Offset commit time per batch.",
-            buckets=COMMIT_BUCKETS,
-            namespace=ns,
-            registry=r,
-        )
-
-        # Consumer-group state.
-        self.rebalances_total = Counter(
-            "rebalances_total",
-            "Partition assignment changes seen by this member.",
-            ["event"],
-            namespace=ns,
-            registry=r,
-        )
-        self.paused = Gauge(
-            "paused",
-            "1 while the assigned partitions are paused for back-pressure.",
-            namespace=ns,
-            registry=r,
-        )
-        self.consumer_lag_messages = Gauge(
-            "consumer_lag_messages",
-            "Highwater minus position per assigned partition (this member's view).",
-            ["topic", "partition"],
-            namespace=ns,
-            registry=r,
-        )
-
-        # What the model saw and said.
-        self.modality_state_total = Counter(
-            "modality_state_total",
-            "Posts by modality and its state (ok, missing, empty, undecodable).",
-            ["modality", "state"],
-            namespace=ns,
-            registry=r,
-        )
-        self.modality_quality = Histogram(
-            "modality_quality",
-            "Quality score q in (0, 1] of each present modality.",
-            ["modality"],
-            buckets=QUALITY_BUCKETS,
-            namespace=ns,
-            registry=r,
-        )
-        self.recovered_total = Counter(
-            "recovered_total",
-            "Posts whose modality was recovered by a DRF converter.",
-            ["modality"],
-            namespace=ns,
-            registry=r,
-        )
-        self.predictions_total = Counter(
-            "predictions_total", "Published predictions by label.", ["label"], namespace=ns, registry=r
-        )
-        self.text_truncated_total = Counter(
-            "text_truncated_total",
-            "Posts whose text was cut at limits.max_text_chars (text_truncated in the record).",
-            namespace=ns,
-            registry=r,
-        )
-        self.abstained_total = Counter(
-            "abstained_total",
-            "Posts with neither modality usable (published with label null).",
-            namespace=ns,
-            registry=r,
-        )
-
-        # Reference queues (Redis).
-        self.reference_queue_length = Gauge(
-            "reference_queue_length",
-            "Features in the reference queue.",
-            ["modality"],
-            namespace=ns,
-            registry=r,
-        )
-        self.reference_drift_sigmas = Gauge(
-            "reference_drift_sigmas",
-            "Distance of the live reference mean from the checkpoint's, in checkpoint sigmas.",
-            ["modality"],
-            namespace=ns,
-            registry=r,
-        )
-        self.reference_acceptance_ratio = Gauge(
-            "reference_acceptance_ratio",
-            "Share of proposed features the queue admission rule accepted, last batch.",
-            ["modality"],
-            namespace=ns,
-            registry=r,
-        )
-        self.reference_accepted_total = Counter(
-            "reference_accepted_total",
-            "Features accepted into the reference queue.",
-            ["modality"],
-            namespace=ns,
-            registry=r,
-        )
-        self.redis_up = Gauge(
-            "redis_up",
-            "1 while Redis answers; 0 while the service runs on cached statistics.",
-            namespace=ns,
-            registry=r,
-        )
-
-        # Publishing health.
-        self.producer_recreated_total = Counter(
-            "producer_recreated_total",
-            "Kafka producers closed and recreated after the broker refused them.",
-            namespace=ns,
-            registry=r,
-        )
-        self.publish_failures_total = Counter(
-            "publish_failures_total",
-            "Batches whose records were not all acknowledged (not committed).",
-            namespace=ns,
-            registry=r,
-        )
-        self.circuit_breaker_open = Gauge(
-            "circuit_breaker_open",
-            "1 once the dead-letter circuit breaker has stopped consumption.",
-            namespace=ns,
-            registry=r,
-        )
-        self.build_info = Gauge(
-            "build_info",
-            "Always 1; the labels say what runs.",
-            ["version", "model_name", "model_version", "device"],
-            namespace=ns,
-            registry=r,
-        )
-
-        # RSS, CPU, open files, start time (restarts) and garbage collections of this process: the standard
-        # process_* and python_gc_* families, so memory and restarts show without a node exporter.
-        ProcessCollector(registry=r)
-        GCCollector(registry=r)
+        for spec in METRIC_SPECS:
+            setattr(self, spec.attr, spec.create(self.registry))
+        # RSS, CPU, open files, start time (restarts) and garbage collections: STANDARD_FAMILIES.
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
         self._lag_keys: set[tuple[str, str]] = set()
         self._lag_lock = threading.Lock()
@@ -480,3 +472,7 @@ class MetricsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+if __name__ == "__main__":
+    sys.stdout.write(metrics_txt())

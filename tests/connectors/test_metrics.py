@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+import typing
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -12,9 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from connectors.metrics import Metrics, MetricsServer
+from connectors.metrics import (
+    METRIC_SPECS,
+    STANDARD_FAMILIES,
+    Metrics,
+    MetricSpec,
+    MetricsServer,
+    metrics_txt,
+)
 
 METRICS_TXT = Path(__file__).resolve().parents[2] / "deploy" / "metrics.txt"
 
@@ -97,6 +106,46 @@ def populate(m: Metrics) -> None:
     m.publish_failures_total.inc()
     m.circuit_breaker_open.set(0)
     m.set_build_info("0.1.0", "tiny", "abc123", "cpu")
+
+
+def test_checked_in_list_is_the_one_the_spec_table_generates() -> None:
+    # The dashboards and alert rules are checked against deploy/metrics.txt, so it must follow the table.
+    regenerate = "regenerate it: python -m connectors.metrics > deploy/metrics.txt"
+    assert METRICS_TXT.read_text().splitlines() == metrics_txt().splitlines(), regenerate
+    from_table = {spec.name: (spec.kind, set(spec.labels)) for spec in METRIC_SPECS}
+    from_table |= {name: (kind, set(labels)) for name, kind, labels in STANDARD_FAMILIES}
+    assert checked_in_metrics() == from_table, regenerate
+
+
+def test_every_spec_is_a_typed_attribute_of_its_kind() -> None:
+    # The class annotations are what mypy sees; they must name exactly the table's metrics, with their kinds.
+    kinds = {Counter: "counter", Gauge: "gauge", Histogram: "histogram"}
+    hints = typing.get_type_hints(Metrics)
+    annotated = {attr: kinds[hint] for attr, hint in hints.items() if hint in kinds}
+    assert annotated == {spec.attr: spec.kind for spec in METRIC_SPECS}
+    m = Metrics()
+    for spec in METRIC_SPECS:
+        assert isinstance(getattr(m, spec.attr), hints[spec.attr]), spec.attr
+
+
+def test_help_and_buckets_come_from_the_table() -> None:
+    # The registry is built in a loop: every option of a spec must reach prometheus_client.
+    m = Metrics()
+    m.modality_quality.labels(modality="image")
+    families = {family.name: family for family in m.registry.collect()}
+    for spec in METRIC_SPECS:
+        family = families[spec.name.removesuffix("_total") if spec.kind == "counter" else spec.name]
+        assert family.documentation == spec.help, spec.name
+        bounds = [float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")]
+        expected = [*map(float, spec.buckets), math.inf] if spec.buckets else []
+        assert bounds == expected, spec.name
+
+
+def test_a_histogram_spec_needs_buckets() -> None:
+    with pytest.raises(ValueError, match="needs buckets"):
+        MetricSpec("x_seconds", "histogram", (), "No buckets.")
+    with pytest.raises(ValueError, match="only a histogram"):
+        MetricSpec("x_total", "counter", (), "Buckets on a counter.", (1.0,))
 
 
 def test_exported_names_and_types_equal_the_checked_in_list() -> None:
