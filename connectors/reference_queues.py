@@ -1,4 +1,4 @@
-"""A worker's view of the Redis-backed DRF reference queues (issue 6), and the settings that configure them.
+"""A worker's view of the Redis-backed DRF reference queues, and the settings that configure them.
 
 The feature queues are the reference every quality score (9) and every recovery is measured against.  Keeping them
 in Redis lets all workers of a consumer group share one reference that follows the live stream.  The keys, the
@@ -38,7 +38,7 @@ from connectors.queue_store import (
     as_feature_matrix,
 )
 from core.contracts import MODALITIES
-from core.distribution import SIGMA_EPS, QueueStats, queue_statistics
+from core.drf import SIGMA_EPS, QueueStats, queue_statistics
 
 if TYPE_CHECKING:
     from core.inference import Predictor
@@ -94,9 +94,8 @@ def connect(settings: RedisSettings) -> redis.Redis:
         retry=Retry(NoBackoff(), 0),
         max_connections=8,
         client_name="postsense-reference-queues",
-        maint_notifications_config=MaintNotificationsConfig(
-            enabled=False
-        ),  # a round trip per connect, unused
+        # Maintenance notifications cost a round trip per connect, and nothing here uses them.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
 
 
@@ -147,7 +146,10 @@ class ReferenceQueues:
         self._present = dict.fromkeys(MODALITIES, 0)
         self._wake = threading.Event()
         self._closed = threading.Event()
-        self.refresh()
+        # An online worker's caller seeds the queues right after this first look (``open_reference_queues``), so
+        # only a frozen one says here that there are none; an online one says so at its first background refresh
+        # if they are still absent then.
+        self._refresh(announce_unseeded=not self.online)
         self._thread = threading.Thread(target=self._run, name="reference-queues", daemon=True)
         self._thread.start()
 
@@ -193,10 +195,8 @@ class ReferenceQueues:
         try:
             seeded = self.store.seed(queues, capacity, overwrite=overwrite, source="worker")
         except redis.RedisError as exc:
-            self._fallback = (
-                queues,
-                capacity,
-            )  # validated already: the refresher seeds them once Redis answers
+            # Validated already: the refresher seeds them once Redis answers.
+            self._fallback = (queues, capacity)
             self._mark_unavailable(exc)
             raise
         self._fallback = (queues, capacity)
@@ -267,6 +267,9 @@ class ReferenceQueues:
 
     def refresh(self) -> bool:
         """Reload the statistics from Redis now (the background thread calls this); False if that failed."""
+        return self._refresh(announce_unseeded=True)
+
+    def _refresh(self, announce_unseeded: bool) -> bool:
         try:
             states = self.store.read()
             if states is None and self.online and self._fallback is not None:
@@ -278,11 +281,12 @@ class ReferenceQueues:
                 states = self.store.read()
             if states is None:
                 self._mark_available()
-                self._log_problem(
-                    "no reference queues under %s: the checkpoint's statistics stay in use until "
-                    "`postsense queues seed` runs",
-                    self.store.base,
-                )
+                if announce_unseeded:
+                    self._log_problem(
+                        "no reference queues under %s: the checkpoint's statistics stay in use until "
+                        "`postsense queues seed` runs",
+                        self.store.base,
+                    )
                 return True
             stale = tuple(m for m, s in states.items() if s.stats is None and not self._cached(m, s.tag))
             if stale:

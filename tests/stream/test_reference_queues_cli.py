@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import wait_until
 from pydantic import SecretStr
 
+from connectors.metrics import Metrics
 from connectors.queue_store import QueueStore
-from connectors.reference_queues import ReferenceQueues, connect
+from connectors.reference_queues import QueueMode, ReferenceQueues, connect
 from core.checkpoint import save_checkpoint
 from core.contracts import MODALITIES
+from core.inference import Predictor
 from core.model import create_model
 from stream.commands import queues as queues_cmd
+from stream.components import open_reference_queues
 from stream.settings import Settings, load_settings
 
 pytestmark = pytest.mark.services
@@ -133,3 +139,44 @@ def test_operator_mistakes_are_clear_errors(settings, checkpoint, capsys, tmp_pa
     )
     assert cli(unreachable, "inspect", "--model-version", version) == 1
     assert "Redis at redis://127.0.0.1:1/0" in capsys.readouterr().err
+
+
+# --- the "no reference queues" warning ------------------------------------------------------------------------------
+
+UNSEEDED = "no reference queues under"
+
+
+def unseeded_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(UNSEEDED)]
+
+
+def test_serve_seeding_empty_queues_itself_does_not_warn_that_they_are_missing(settings, caplog):
+    caplog.set_level(logging.INFO, logger="connectors.reference_queues")
+    predictor = Predictor.from_checkpoint(settings.model.checkpoint, "cpu")
+    queues = open_reference_queues(
+        settings, predictor, Metrics()
+    )  # what `serve` does at start, on an empty Redis
+    try:
+        assert queues.stats() is not None  # seeded from the checkpoint by the worker itself
+        assert queues.refresh()
+    finally:
+        queues.close()
+    assert unseeded_warnings(caplog) == []
+
+
+def test_queues_that_stay_unseeded_are_reported_once(settings, caplog):
+    caplog.set_level(logging.INFO, logger="connectors.reference_queues")
+    version = Predictor.from_checkpoint(settings.model.checkpoint, "cpu").model_version
+    frozen = settings.redis.model_copy(update={"mode": QueueMode.FROZEN})
+    with ReferenceQueues(frozen, version) as worker:  # a frozen worker never seeds: it says so at once
+        assert len(unseeded_warnings(caplog)) == 1
+        assert worker.refresh() and worker.refresh()
+    [message] = unseeded_warnings(caplog)
+    assert settings.redis.key_prefix in message and "`postsense queues seed`" in message
+
+    caplog.clear()
+    online = settings.redis.model_copy(update={"refresh_interval_s": 0.1})
+    with ReferenceQueues(online, version):  # online, but nobody seeds: said at its first background refresh
+        assert wait_until(lambda: unseeded_warnings(caplog), 10)
+        time.sleep(0.5)  # several more refreshes
+    assert len(unseeded_warnings(caplog)) == 1
