@@ -13,7 +13,6 @@ import logging
 import signal
 import time
 from types import FrameType
-from typing import TYPE_CHECKING
 
 from kafka.errors import KafkaError
 
@@ -23,10 +22,7 @@ from stream.publisher import PublishError
 from stream.runtime import Service, ServiceError
 from stream.settings import Settings
 
-if TYPE_CHECKING:
-    pass
-
-log = logging.getLogger("stream.commands.serve")
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_SETTINGS, EXIT_BREAKER = 0, 1, 2, 3
 
@@ -55,7 +51,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if checkpoint is None:
         log.error("no model: set model.checkpoint (--checkpoint PATH or POSTSENSE_MODEL__CHECKPOINT)")
         return EXIT_SETTINGS
-    from connectors.metrics import Metrics, MetricsServer
+    from connectors.metrics import Metrics
+    from connectors.metrics_server import MetricsServer
     from core.checkpoint import CheckpointError
     from stream.components import load_predictor, open_reference_queues
 
