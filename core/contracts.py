@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel, ConfigDict, Field
@@ -126,6 +126,33 @@ def _utf8_encodable(value: str) -> bool:
     return True
 
 
+class NonFiniteNumber(ValueError):
+    """A JSON number that is not finite: ``NaN``, ``Infinity``, ``-Infinity`` or one past the float range."""
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):  # 1e400 is valid JSON, but as a float it is inf
+        raise NonFiniteNumber(f"{token[:40]} overflows a 64-bit float to infinity")
+    return value
+
+
+def _no_constant(token: str) -> NoReturn:
+    raise NonFiniteNumber(f"{token} is not a JSON number (RFC 8259 has no NaN or Infinity)")
+
+
+def loads_finite(text: str | bytes) -> Any:
+    """``json.loads`` that raises :class:`NonFiniteNumber` where Python's parser would accept ``NaN``,
+    ``Infinity`` or a number that overflows to infinity (strict JSON parsers reject what those become)."""
+    return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+
+
+def dumps_strict(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for everything postsense publishes: a non-finite float raises ValueError instead of
+    writing a bare ``NaN``/``Infinity`` token that strict JSON parsers reject."""
+    return json.dumps(value, allow_nan=False, **kwargs)
+
+
 def parse_post(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Post | Invalid:
     """Turn a record value into a Post, or say why it is not one. Never raises."""
     if raw is None:
@@ -139,9 +166,11 @@ def parse_post(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Post | Inv
     except UnicodeDecodeError as exc:
         return Invalid("not_utf8", type(exc).__name__, str(exc)[:200])
     try:
-        doc = json.loads(text)
+        doc = loads_finite(text)
     except RecursionError:
         return Invalid("too_deep", "RecursionError", "JSON nesting exceeds the parser's limit")
+    except NonFiniteNumber as exc:
+        return Invalid("non_finite_number", type(exc).__name__, str(exc)[:200])
     except ValueError as exc:
         return Invalid("not_json", type(exc).__name__, str(exc)[:200])
     if not isinstance(doc, dict):
@@ -156,7 +185,7 @@ def parse_post(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Post | Inv
                 "ValidationError",
                 f"metadata nested deeper than {limits.max_metadata_depth}",
             )
-        if len(json.dumps(metadata)) > limits.max_metadata_bytes:
+        if len(dumps_strict(metadata)) > limits.max_metadata_bytes:
             return Invalid(
                 "metadata_too_large",
                 "ValidationError",
@@ -225,7 +254,7 @@ class DeadLetter:
     def headers(self) -> list[tuple[str, bytes]]:
         doc = self.document()
         return [
-            (DEAD_LETTER_HEADER, json.dumps(doc).encode()),
+            (DEAD_LETTER_HEADER, dumps_strict(doc).encode()),
             ("postsense.reason", self.reason.encode()),
         ]
 

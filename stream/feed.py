@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from connectors.kafka import make_producer
-from core.contracts import SCHEMA_VERSION, utc_now_iso
+from core.contracts import SCHEMA_VERSION, dumps_strict, utc_now_iso
 from stream.settings import Settings
 
 if TYPE_CHECKING:
     from core.data import Sample
 
-log = logging.getLogger("stream.commands.produce")
+log = logging.getLogger(__name__)
 
 #: (key, value): raw bytes sent as they are, or a post document serialised at send time.
 Record = tuple[bytes | None, bytes | dict[str, Any]]
@@ -124,7 +124,7 @@ def _encoded(value: bytes | dict[str, Any]) -> bytes:
     """Raw bytes are sent untouched; a post built here gets created_at = now, so latency is measured from the send."""
     if isinstance(value, bytes):
         return value
-    return json.dumps({**value, "created_at": utc_now_iso()}).encode()
+    return dumps_strict({**value, "created_at": utc_now_iso()}).encode()
 
 
 def send(

@@ -17,16 +17,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from core.contracts import DeadLetter, Invalid, Post
+from core.contracts import DeadLetter, Invalid, ModalityState, Post, dumps_strict
+from core.data import decode_text
 from stream.processor import BatchProcessor, DecodedPost, Record, validate
 from stream.settings import Settings
 
 if TYPE_CHECKING:
     from core.inference import Predictor
 
-log = logging.getLogger("stream.score")
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
+
+#: The text state's reason for a directory's ``<id>.txt`` that no encoding of ``core.data.decode_text`` decodes.
+UNKNOWN_ENCODING = "unknown_encoding"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input record; ``why`` it cannot be a post, if so; what became of a directory post's text file."""
+
+    record: Record
+    why: Invalid | None = None
+    #: The encoding that decoded ``<id>.txt`` (None: no text file, or a JSONL line).
+    text_encoding: str | None = None
+    #: ``<id>.txt`` is in no encoding ``decode_text`` knows: the post's text is undecodable.
+    text_undecodable: bool = False
 
 
 @dataclass
@@ -39,6 +55,8 @@ class Summary:
     rejected: int = 0
     skipped_done: int = 0
     rejected_reasons: dict[str, int] = field(default_factory=dict)
+    texts_repaired: int = 0  # directory texts that were not UTF-8 but GBK or cp1252 (decoded, scored)
+    texts_undecodable: int = 0  # directory texts in no known encoding (text undecodable; scored on the image)
     compared: int = 0
     agreed: int = 0
     seconds: float = 0.0
@@ -82,33 +100,44 @@ def score(
     ):
         for batch in _batches(records, batch_size):
             summary.posts_in += len(batch)
-            todo = [(r, why) for r, why in batch if (r.topic, r.offset) not in done]
+            todo = [e for e in batch if (e.record.topic, e.record.offset) not in done]
             summary.skipped_done += len(batch) - len(todo)
-            valid: list[tuple[Record, Post]] = []
-            for record, why in todo:
-                parsed = why or validate(record, processor.limits)
+            valid: list[tuple[Entry, Post]] = []
+            for entry in todo:
+                parsed = entry.why or validate(entry.record, processor.limits)
                 if isinstance(parsed, Invalid):
-                    _reject(rejected_fh, record, parsed, summary)
+                    _reject(rejected_fh, entry.record, parsed, summary)
                 else:
-                    valid.append((record, parsed))
+                    valid.append((entry, parsed))
             if valid:
-                decoded = list(pool.map(lambda rp: processor.decode(*rp), valid))
+                decoded = list(pool.map(lambda ep: _decode(processor, *ep), valid))
                 documents = processor.process(decoded, []).documents
                 if second is not None:
                     shadow_posts = (
-                        list(pool.map(lambda rp: second.decode(*rp), valid)) if redecode else decoded
+                        list(pool.map(lambda ep: _decode(second, *ep), valid)) if redecode else decoded
                     )
                     _compare(second, shadow_posts, documents, summary)
                 for doc in documents:
-                    out_fh.write(json.dumps(doc) + "\n")
+                    out_fh.write(dumps_strict(doc) + "\n")
                 summary.scored += len(documents)
+                summary.texts_repaired += sum(e.text_encoding not in (None, "utf-8") for e, _ in valid)
+                summary.texts_undecodable += sum(e.text_undecodable for e, _ in valid)
             out_fh.flush()
             rejected_fh.flush()
             os.fsync(out_fh.fileno())  # a resumed run trusts what it finds in OUT
             bar.update(len(batch))
     summary.seconds = round(time.monotonic() - started, 3)
-    out.with_name(out.name + ".summary.json").write_text(json.dumps(summary.document(), indent=2) + "\n")
+    out.with_name(out.name + ".summary.json").write_text(dumps_strict(summary.document(), indent=2) + "\n")
     return summary
+
+
+def _decode(processor: BatchProcessor, entry: Entry, post: Post) -> DecodedPost:
+    """The serve path's decoding; a text file no known encoding decodes makes the text undecodable."""
+    decoded = processor.decode(entry.record, post)
+    if entry.text_undecodable:
+        decoded.text = None
+        decoded.text_state, decoded.text_reason = ModalityState.undecodable, UNKNOWN_ENCODING
+    return decoded
 
 
 def _compare(
@@ -138,7 +167,7 @@ def _reject(fh: TextIO, record: Record, why: Invalid, summary: Summary) -> None:
     )
     doc = letter.document()
     doc["value"] = None if record.value is None else record.value.decode("utf-8", errors="replace")
-    fh.write(json.dumps(doc) + "\n")
+    fh.write(dumps_strict(doc) + "\n")
     summary.rejected += 1
     summary.rejected_reasons[why.reason] = summary.rejected_reasons.get(why.reason, 0) + 1
 
@@ -170,12 +199,10 @@ def _count(source: Path) -> int:
         return sum(1 for _ in fh)
 
 
-def _batches(
-    records: Iterator[tuple[Record, Invalid | None]], size: int
-) -> Iterator[list[tuple[Record, Invalid | None]]]:
-    batch: list[tuple[Record, Invalid | None]] = []
-    for item in records:
-        batch.append(item)
+def _batches(entries: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
+    batch: list[Entry] = []
+    for entry in entries:
+        batch.append(entry)
         if len(batch) >= size:
             yield batch
             batch = []
@@ -183,7 +210,7 @@ def _batches(
         yield batch
 
 
-def _records(source: Path) -> Iterator[tuple[Record, Invalid | None]]:
+def _records(source: Path) -> Iterator[Entry]:
     """Input records with their coordinates; a directory entry that cannot become a post comes with why."""
     if source.is_dir():
         yield from _directory_records(source)
@@ -191,7 +218,7 @@ def _records(source: Path) -> Iterator[tuple[Record, Invalid | None]]:
     topic = str(source.resolve())
     with open(source, "rb") as fh:
         for number, line in enumerate(fh, start=1):
-            yield Record(topic, 0, number, None, line.rstrip(b"\r\n")), None
+            yield Entry(Record(topic, 0, number, None, line.rstrip(b"\r\n")))
 
 
 def _directory_ids(directory: Path) -> dict[str, list[Path]]:
@@ -202,8 +229,12 @@ def _directory_ids(directory: Path) -> dict[str, list[Path]]:
     return files
 
 
-def _directory_records(directory: Path) -> Iterator[tuple[Record, Invalid | None]]:
-    """One post per id: its text file's contents and its image as a ``{"path": ...}`` under the directory."""
+def _directory_records(directory: Path) -> Iterator[Entry]:
+    """One post per id: its text file's contents and its image as a ``{"path": ...}`` under the directory.
+
+    Text files are decoded as the data set readers decode tweets (``core.data.decode_text``: UTF-8, GBK,
+    cp1252); one in none of those encodings leaves the post without a text, and its text state undecodable.
+    """
     for post_id, paths in _directory_ids(directory).items():
         texts = [p for p in paths if p.suffix.lower() == ".txt"]
         images = [p for p in paths if p.suffix.lower() != ".txt"]
@@ -216,10 +247,10 @@ def _directory_records(directory: Path) -> Iterator[tuple[Record, Invalid | None
             )
         elif images:
             doc["image"] = {"path": images[0].name}
+        encoding = None
         if texts:
-            raw = texts[0].read_bytes()
-            try:
-                doc["text"] = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                why = why or Invalid("not_utf8", type(exc).__name__, f"{texts[0].name}: {exc}"[:200])
-        yield Record(topic, 0, 0, post_id.encode(), json.dumps(doc).encode()), why
+            text, encoding = decode_text(texts[0].read_bytes())
+            if encoding is not None:
+                doc["text"] = text
+        record = Record(topic, 0, 0, post_id.encode(), dumps_strict(doc).encode())
+        yield Entry(record, why, encoding, text_undecodable=bool(texts) and encoding is None)

@@ -10,7 +10,6 @@ the paper's eq. (12)), never an error; only a record that is not a post becomes 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from core.contracts import (
     ModalityReport,
     ModalityState,
     Post,
+    dumps_strict,
     parse_post,
     sentiment_document,
     utc_now_iso,
@@ -202,9 +202,8 @@ class BatchProcessor:
         prepared = self.predictor.prepare([p.pixels for p in posts], [p.text for p in posts])
         prediction = self.predictor.predict(prepared)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        if (
-            self.queues is not None
-        ):  # the one Redis round trip per batch: propose what the admission rule accepted
+        # The one Redis round trip per batch: propose what the admission rule accepted.
+        if self.queues is not None:
             self.queues.propose(
                 {"image": prediction.image_features, "text": prediction.text_features},
                 {"image": prediction.image_accepted, "text": prediction.text_accepted},
@@ -226,7 +225,7 @@ class BatchProcessor:
             processed_at = utc_now_iso()
             documents = [self.document(p, prediction, i, processed_at) for i, p in enumerate(posts)]
         records = [
-            OutgoingRecord(self.output_topic, p.post.id.encode(), json.dumps(doc).encode(), [])
+            OutgoingRecord(self.output_topic, p.post.id.encode(), dumps_strict(doc).encode(), [])
             for p, doc in zip(posts, documents, strict=True)
         ]
         records += [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, NoReturn
 
 from connectors.metrics import PREFIX, Metrics
 from stream.local_services import free_port, kafka_answers, port_open, tansu_binary
@@ -67,6 +69,21 @@ def wait_until(check, timeout_s: float, interval_s: float = 0.1) -> bool:
             return True
         time.sleep(interval_s)
     return bool(check())
+
+
+def _refuse_constant(token: str) -> NoReturn:
+    raise ValueError(f"bare {token} token: not JSON (RFC 8259), a strict parser rejects it")
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse ``text`` as a strict JSON parser would: the ``NaN``, ``Infinity`` and ``-Infinity`` tokens that
+    Python's parser accepts (and ``json.dumps`` writes by default) raise ValueError."""
+    return json.loads(text, parse_constant=_refuse_constant)
+
+
+def strict_json_lines(path: Path) -> list[Any]:
+    """Every line of a JSONL file, each parsed by :func:`strict_json`."""
+    return [strict_json(line) for line in path.read_bytes().splitlines()]
 
 
 def _stop_pid(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:

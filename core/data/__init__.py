@@ -18,6 +18,7 @@ from core.data.records import (
     Disruption,
     ReadReport,
     Sample,
+    decode_text,
     decode_tweet_bytes,
     load_image,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "ReadReport",
     "Sample",
     "build_demo_set",
+    "decode_text",
     "decode_tweet_bytes",
     "load_dataset",
     "load_image",

@@ -163,24 +163,38 @@ def _gbk_pairs_look_latin(raw: bytes) -> bool:
     return False
 
 
-def decode_tweet_bytes(raw: bytes) -> tuple[str, bool]:
-    """Decode a tweet's raw bytes; never raises. Returns (text, repaired).
+#: The encodings :func:`decode_text` tries, in this order (GBK and cp1252 swap places when a GBK reading
+#: would pair high bytes with ASCII letters).
+TEXT_ENCODINGS: tuple[str, ...] = ("utf-8", "gbk", "cp1252")
 
-    UTF-8 (a BOM is dropped) is not a repair. Otherwise GBK (the MVSA files' usual other encoding),
-    then cp1252, finally UTF-8 with U+FFFD replacement; each of those counts as repaired. GBK is tried
-    after cp1252 when its reading would pair high bytes with ASCII letters (see above).
+
+def decode_text(raw: bytes) -> tuple[str, str | None]:
+    """Decode a post's text file; never raises. Returns (text, the encoding that decoded it).
+
+    UTF-8 first (a BOM is dropped), then GBK (the MVSA files' usual other encoding), then cp1252; GBK is
+    tried after cp1252 when its reading would pair high bytes with ASCII letters (see above). When none of
+    them decodes the bytes, the encoding is None and the text is the UTF-8 reading with U+FFFD replacements.
     """
     try:
-        return raw.decode("utf-8-sig"), False
+        return raw.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError:
         pass
     order = ("cp1252", "gbk") if _gbk_pairs_look_latin(raw) else ("gbk", "cp1252")
     for encoding in order:
         try:
-            return raw.decode(encoding), True
+            return raw.decode(encoding), encoding
         except UnicodeDecodeError:
             continue
-    return raw.decode("utf-8", errors="replace"), True
+    return raw.decode("utf-8", errors="replace"), None
+
+
+def decode_tweet_bytes(raw: bytes) -> tuple[str, bool]:
+    """Decode a tweet's raw bytes with :func:`decode_text`; never raises. Returns (text, repaired).
+
+    UTF-8 is not a repair; GBK, cp1252 and the final UTF-8 reading with U+FFFD replacement are.
+    """
+    text, encoding = decode_text(raw)
+    return text, encoding != "utf-8"
 
 
 def read_text_file(path: Path, report: ReadReport) -> str | None:

@@ -1,12 +1,14 @@
 """Score posts from a file or a directory without Kafka (backfills, audits, shadow tests of a new checkpoint).
 
 IN is a JSONL file of posts in the input contract, or a directory of ``<id>.jpg`` (or .jpeg/.png/.gif/.webp/.bmp)
-and ``<id>.txt`` pairs (either file may be absent: that modality is then missing). OUT receives one sentiment
-record per post, the same document ``serve`` publishes (core/schemas/sentiment.v1.json); its ``source`` is
-the input file (``topic``), 0 (``partition``) and the line number from 1 (``offset``; 0 for a directory's
-files). Records that are not posts go to ``OUT.rejected.jsonl`` with the dead-letter reason and the original
-line. Batching and decoding are the serve path's (``stream.processor.BatchProcessor``); quality is scored
-against the checkpoint's reference queues (Redis is not contacted).
+and ``<id>.txt`` pairs (either file may be absent: that modality is then missing). A text file is read as UTF-8,
+else as GBK or cp1252 (as the data set readers read tweets); one in none of these is an undecodable text, and
+the post is scored on its image (the summary counts both kinds). OUT receives one sentiment record per post,
+the same document ``serve`` publishes (core/schemas/sentiment.v1.json); its ``source`` is the input file
+(``topic``), 0 (``partition``) and the line number from 1 (``offset``; 0 for a directory's files). Records
+that are not posts go to ``OUT.rejected.jsonl`` with the dead-letter reason and the original line. Batching
+and decoding are the serve path's (``stream.processor.BatchProcessor``); quality is scored against the
+checkpoint's reference queues (Redis is not contacted).
 
 Interrupted? Run the same command again: lines already in OUT or in the rejected file are skipped, a torn
 last line is cut off. ``--compare CHECKPOINT`` scores every post with a second model too (the shadow test):
@@ -18,14 +20,14 @@ Exit codes: 0 done, 2 unreadable input or model.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
+from core.contracts import dumps_strict
 from stream.offline import score
 from stream.settings import Settings
 
-log = logging.getLogger("stream.score")
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_INPUT = 0, 2
 
@@ -67,5 +69,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     summary = score(
         source, args.out, settings, predictor, shadow, args.batch_size or settings.batch.max_posts
     )
-    print(json.dumps(summary.document()))
+    print(dumps_strict(summary.document()))
     return EXIT_OK

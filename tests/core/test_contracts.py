@@ -55,6 +55,31 @@ def test_bad_posts_are_invalid_with_reason(value, reason, needle):
         assert needle in (out.detail or "")
 
 
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        (b'{"id": "1", "text": "t", "metadata": {"score": NaN}}', "NaN"),
+        (b'{"id": "1", "metadata": {"scores": [1.5, Infinity]}}', "Infinity"),
+        (b'{"id": "1", "metadata": {"a": {"b": -Infinity}}}', "-Infinity"),
+        (b'{"id": "1", "metadata": {"views": 1e400}}', "1e400"),  # json.loads reads it as inf
+        (b'{"id": "1", "metadata": {"views": -2.5E+999}}', "-2.5E+999"),
+        (b'{"id": "1", "extra": NaN}', "NaN"),  # anywhere in the post, before the schema is checked
+    ],
+)
+def test_non_finite_numbers_anywhere_make_the_record_invalid(value, needle):
+    assert json.loads(value)  # Python's own parser takes them: the service must not
+    out = parse_post(value)
+    assert isinstance(out, Invalid) and out.reason == "non_finite_number", out
+    assert needle in (out.detail or "")
+
+
+def test_finite_extremes_and_large_integers_are_still_posts():
+    post = parse_post(b'{"id": "1", "metadata": {"a": 1e308, "b": -1e-400, "c": 1' + b"0" * 400 + b"}}")
+    assert isinstance(post, Post), post
+    assert post.metadata == {"a": 1e308, "b": -0.0, "c": 10**400}
+    assert json.loads(json.dumps(post.metadata, allow_nan=False)) == post.metadata
+
+
 def test_limits_on_size_text_and_metadata():
     assert parse_post(b"x" * 2048, Limits(max_record_bytes=1024)).reason == "too_large"
     long = parse_post(raw({"id": "1", "text": "a" * 50}), Limits(max_text_chars=10))

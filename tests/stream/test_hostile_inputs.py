@@ -5,7 +5,7 @@ Two levels. Property-based: any bytes, any JSON and any image field through the 
 record. End to end: a hand-written corpus (bombs, odd image modes, a 10 MB text, lone surrogates, deep
 nesting, a private-address URL...) through ``postsense serve`` against the real broker, counted in and out,
 with the worker's peak memory bounded by the configured limits. Image decoding itself is unit-tested in
-test_media.py (both build their images with images.py).
+tests/connectors/test_media.py (both build their images with images.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import report_counts
+from helpers import report_counts, strict_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from images import encode, grey_png, png_base64, solid_png_bomb
@@ -121,7 +121,7 @@ def test_any_record_is_scored_or_dead_lettered_never_an_exception(
     check = validator("sentiment")
     for doc, out in zip(result.documents, result.records, strict=False):
         assert not list(check.iter_errors(doc)), doc
-        assert out.key == doc["id"].encode() and json.loads(out.value) == doc
+        assert out.key == doc["id"].encode() and strict_json(out.value) == doc
     letters = result.records[len(result.documents) :]
     assert [dict(r.headers)["postsense.reason"].decode() for r in letters] == [p.reason for _, p in invalid]
     assert all(r.value == record.value for r, (record, _) in zip(letters, invalid, strict=True))  # untouched

@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from helpers import wait_until
+from helpers import strict_json, wait_until
 from stream_support import (
     LABELS,
     Collector,
@@ -110,6 +110,44 @@ def test_valid_posts_published_once_invalid_dead_lettered_offsets_committed(serv
     assert (
         metrics.registry.get_sample_value("postsense_posts_dead_lettered_total", {"reason": "not_json"}) == 1
     )
+
+
+def test_non_finite_numbers_are_dead_lettered_and_every_published_record_is_strict_json(
+    services, names, predictor
+):
+    settings = stream_settings(services, names, partitions=2)
+    posts = valid_posts(10)
+    refused = {  # each parses with Python's json (1e400 as inf); none is a post
+        b'{"id": "nan", "text": "t", "metadata": {"score": NaN}}': "nan",
+        b'{"id": "inf", "text": "t", "metadata": {"scores": [1, Infinity]}}': "inf",
+        b'{"id": "minus-inf", "text": "t", "metadata": {"a": {"b": -Infinity}}}': "minus-inf",
+        b'{"id": "big", "text": "t", "metadata": {"views": 1e400}}': "big",
+    }
+    values = [json.dumps(p).encode() for p in posts] + list(refused)
+    keys = [p["id"].encode() for p in posts] + [k.encode() for k in refused.values()]
+    ends = produce(settings, values, keys)
+    metrics = Metrics()
+
+    with Running(Service(settings, predictor, metrics=metrics)):
+        out = read_topic(settings, settings.kafka.output_topic, expect=len(posts))
+        dlq = read_topic(settings, settings.kafka.dead_letter_topic, expect=len(refused))
+        committed = wait_committed(settings, ends)
+
+    assert ids(out) == Counter(p["id"] for p in posts)
+    for record in out:  # every sentiment record parses with a strict parser
+        assert not list(validator("sentiment").iter_errors(strict_json(record.value)))
+    assert sorted(r.value for r in dlq) == sorted(refused)  # dead-lettered, original bytes untouched
+    for letter in dlq:
+        headers = dict(letter.headers)
+        assert headers["postsense.reason"] == b"non_finite_number"
+        meta = strict_json(headers["postsense.dlq"])
+        assert meta["reason"] == "non_finite_number" and not list(validator("dead_letter").iter_errors(meta))
+        assert letter.key.decode() == refused[letter.value]
+    assert committed == ends
+    dead = metrics.registry.get_sample_value(
+        "postsense_posts_dead_lettered_total", {"reason": "non_finite_number"}
+    )
+    assert dead == len(refused)
 
 
 def test_stopped_mid_stream_and_restarted_loses_nothing(services, names, predictor):

@@ -18,6 +18,7 @@ from core.data import (
     DataFormatError,
     Dataset,
     Sample,
+    decode_text,
     decode_tweet_bytes,
     load_dataset,
     load_image,
@@ -59,6 +60,13 @@ def test_cp1252_tweet_is_not_misread_as_gbk() -> None:
 
 def test_bytes_no_codec_accepts_fall_back_to_replacement() -> None:
     assert decode_tweet_bytes(b"ok \x81") == ("ok \ufffd", True)
+
+
+def test_decode_text_names_the_encoding_that_decoded_and_none_when_no_codec_does() -> None:
+    assert decode_text(b"\xef\xbb\xbfhello") == ("hello", "utf-8")
+    assert decode_text(GBK_TWEET.encode("gbk")) == (GBK_TWEET, "gbk")
+    assert decode_text(CP1252_TWEET.encode("cp1252")) == (CP1252_TWEET, "cp1252")
+    assert decode_text(b"ok \x81") == ("ok \ufffd", None)  # 0x81: neither GBK (no trail byte) nor cp1252
 
 
 @given(st.binary(max_size=200))
