@@ -21,9 +21,9 @@ from connectors.metrics import (
     STANDARD_FAMILIES,
     Metrics,
     MetricSpec,
-    MetricsServer,
     metrics_txt,
 )
+from connectors.metrics_server import MetricsServer
 
 METRICS_TXT = Path(__file__).resolve().parents[2] / "deploy" / "metrics.txt"
 
