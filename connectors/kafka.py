@@ -223,9 +223,8 @@ def ensure_topics(
         try:
             admin = make_admin(kafka)
             break
-        except (
-            kafka_errors.KafkaTimeoutError
-        ):  # kafka-python 3 has no NoBrokersAvailable: bootstrap times out
+        except kafka_errors.KafkaTimeoutError:
+            # kafka-python 3 has no NoBrokersAvailable: bootstrap times out.
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)

@@ -16,7 +16,7 @@ Layout, per modality ``m`` under ``{prefix}:refq:{<model_version>}:m:`` (one has
 
 Consistency: the hot path (:data:`APPEND_SCRIPT`, one EVALSHA per batch) appends, trims and bumps the version
 atomically but does not recompute statistics (the threshold of (13) needs a pass over all L*d floats).  Whichever
-worker refreshes recomputes them from the contents with :func:`core.distribution.queue_statistics` and writes them
+worker refreshes recomputes them from the contents with :func:`core.drf.queue_statistics` and writes them
 back only if the version is unchanged (compare-and-set, :data:`WRITE_STATS_SCRIPT`).  So stored statistics always
 equal a recomputation from the contents of the version they are tagged with.
 """
@@ -34,7 +34,7 @@ import torch
 from redis.typing import EncodableT, FieldT
 
 from core.contracts import MODALITIES
-from core.distribution import QueueStats, queue_statistics
+from core.drf import QueueStats, queue_statistics
 
 # Reply codes of APPEND_SCRIPT, per modality.
 APPEND_OK, APPEND_UNSEEDED, APPEND_STALE, APPEND_BAD_DIM = 0, 1, 2, 3
@@ -273,20 +273,7 @@ class QueueStore:
         """
         contents = self._check_queues(queues, "queues")
         references = contents if reference is None else self._check_queues(reference, "reference")
-        if capacity is None:
-            capacities = {m: len(contents[m]) for m in MODALITIES}
-        elif isinstance(capacity, int):
-            capacities = dict.fromkeys(MODALITIES, capacity)
-        else:
-            capacities = {m: int(capacity[m]) for m in MODALITIES}
-        for m in MODALITIES:
-            if references[m].shape[1] != contents[m].shape[1]:
-                raise ValueError(f"{m}: reference and queue feature dimensions differ")
-            if capacities[m] < 1 or max(len(contents[m]), len(references[m])) > capacities[m]:
-                raise ValueError(
-                    f"{m}: {len(contents[m])} features do not fit the queue capacity {capacities[m]} "
-                    "(an empty queue needs an explicit capacity)"
-                )
+        capacities = self._seed_capacities(contents, references, capacity)
         stats = {m: queue_statistics(torch.from_numpy(contents[m]), capacities[m]) for m in MODALITIES}
         ref_stats = {m: queue_statistics(torch.from_numpy(references[m]), capacities[m]) for m in MODALITIES}
         metas = [self.key(m, "meta") for m in MODALITIES]
@@ -307,27 +294,43 @@ class QueueStore:
                         self._queue_replace(pipe, m, contents[m], "features")
                         self._queue_replace(pipe, m, references[m], "reference")
                         pipe.delete(self.key(m, "meta"), self.key(m, "stats"))
-                        ref = _encode_stats(ref_stats[m], "ref_")
-                        pipe.hset(
-                            self.key(m, "meta"),
-                            mapping={
-                                "dim": contents[m].shape[1],
-                                "capacity": capacities[m],
-                                "version": version,
-                                "generation": generation,
-                                "seeded_at": repr(time.time()),
-                                "source": source,
-                                **ref,
-                            },
-                        )
-                        pipe.hset(
-                            self.key(m, "stats"),
-                            mapping={"version": version, "generation": generation, **_encode_stats(stats[m])},
-                        )
+                        meta = {
+                            "dim": contents[m].shape[1],
+                            "capacity": capacities[m],
+                            "version": version,
+                            "generation": generation,
+                            "seeded_at": repr(time.time()),
+                            "source": source,
+                            **_encode_stats(ref_stats[m], "ref_"),
+                        }
+                        pipe.hset(self.key(m, "meta"), mapping=meta)
+                        tag: dict[FieldT, EncodableT] = {"version": version, "generation": generation}
+                        pipe.hset(self.key(m, "stats"), mapping={**tag, **_encode_stats(stats[m])})
                     pipe.execute()
                     return True
                 except redis.WatchError:
                     continue
+
+    @staticmethod
+    def _seed_capacities(
+        contents: Mapping[str, Any], references: Mapping[str, Any], capacity: Mapping[str, int] | int | None
+    ) -> dict[str, int]:
+        """Each modality's capacity (default: its contents' length), checked to hold its queue and reference."""
+        if capacity is None:
+            capacities: dict[str, int] = {m: len(contents[m]) for m in MODALITIES}
+        elif isinstance(capacity, int):
+            capacities = dict.fromkeys(MODALITIES, capacity)
+        else:
+            capacities = {m: int(capacity[m]) for m in MODALITIES}
+        for m in MODALITIES:
+            if references[m].shape[1] != contents[m].shape[1]:
+                raise ValueError(f"{m}: reference and queue feature dimensions differ")
+            if capacities[m] < 1 or max(len(contents[m]), len(references[m])) > capacities[m]:
+                raise ValueError(
+                    f"{m}: {len(contents[m])} features do not fit the queue capacity {capacities[m]} "
+                    "(an empty queue needs an explicit capacity)"
+                )
+        return capacities
 
     def reset(self) -> dict[str, int]:
         """Return every queue to the checkpoint reference; returns the new generation per modality."""
