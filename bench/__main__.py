@@ -2,7 +2,7 @@
 
 Each benchmark runs as its own process (a fair RSS and thread state for each), one after another so they do
 not compete for the CPU, against one private broker and Redis started here. Then ``bench.report`` checks the
-issue's targets against the results and draws the plots. Exit status 1 if any benchmark failed.
+project's targets against the results and draws the plots. Exit status 1 if any benchmark failed.
 
 ``soak-cpu-torch`` is the soak again, shorter, with ``serve`` run by ``scripts/cpu-serve-venv``'s interpreter
 (CPU-only torch, as the ``cpu`` image installs it; results in ``OUT/cpu-torch/``); it is skipped, and says so,

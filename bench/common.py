@@ -397,7 +397,8 @@ def build_checkpoint(config: str, directory: Path, precision: str | None = None)
     serves its encoders, their exported files beside it (``python -m core.encoders``), so that the serving process
     measured loads files and never runs the exporter."""
     from core.checkpoint import save_checkpoint
-    from core.onnx_runtime import prepare_onnx, served_by_onnx
+    from core.encoders.__main__ import prepare_onnx
+    from core.encoders.sessions import served_by_onnx
 
     model = bench_model(config, precision)
     checkpoint = directory / "model.ckpt"

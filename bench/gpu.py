@@ -1,6 +1,6 @@
 """GPU benchmarks: bare forward and ``serve`` end to end by batch size for the ``offline`` and ``paper``
 configurations, the naive loop on the same GPU, GPU utilisation during ``serve``, where a batch's time goes
-(decode, host-to-device copy, encoders, publish), and the pinned-memory lever; then the targets of issue 16.
+(decode, host-to-device copy, encoders, publish), and the pinned-memory lever; then the GPU targets.
 
 The measurements are the CPU benchmarks' own scripts (bench.forward, bench.e2e, bench.naive, bench.stages),
 run as child processes with the model on the GPU (``POSTSENSE_BENCH_DEVICE``), so GPU and CPU figures come

@@ -1,6 +1,6 @@
 """Accuracy parity of the int8 encoders against fp32 on real posts: the gate for making int8 the CPU default.
 
-Trains the project's default DRF configuration (``core.evaluate.EvalConfig``'s defaults: ``CPU_DIM``,
+Trains the project's default DRF configuration (``core.evaluation.EvalConfig``'s defaults: ``CPU_DIM``,
 ``CPU_QUEUE_SIZE``, ``CPU_TRAIN``, whatever they are at run time) on fp32 features and on int8 features of the same
 posts, for each seed, and compares them on the test split:
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from bench.common import base_parser, print_table, write_result
 
-#: The gate of issue 13: int8 becomes the CPU default only within these.
+#: The parity gate: int8 becomes the CPU default only within these.
 MAX_ACCURACY_DROP = 0.5  # points
 MIN_AGREEMENT = 98.0  # percent of posts
 MIN_QUALITY_RHO = 0.95
@@ -84,10 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from core.data import load_dataset
     from core.encoders import Encoders
-    from core.evaluate import EvalConfig
-    from core.features import CachedSource, encode_samples, feature_cache_for
+    from core.evaluation import EvalConfig
     from core.model import DRFModel, create_model
-    from core.train import fit, one_thread
+    from core.training import CachedSource, encode_samples, feature_cache_for, fit, one_thread
 
     config = EvalConfig(data=args.data, seeds=tuple(args.seeds))
     dataset = load_dataset(args.data)

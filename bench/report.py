@@ -1,4 +1,4 @@
-"""The issue's targets, checked against the benchmark results of one run, and the plots for BENCHMARKS.md.
+"""The project's performance targets, checked against the benchmark results of one run, and the plots for BENCHMARKS.md.
 
 Reads ``<results>/<name>[.smoke].json``, prints one table (target, measured, met or not) and writes it to
 ``targets[.smoke].json``, and draws ``throughput[.smoke].png`` (posts/s against batch size: bare forward,
@@ -19,7 +19,7 @@ from bench.common import RESULTS_DIR, print_table
 
 E2E_OVER_FORWARD = 0.9
 E2E_OVER_NAIVE = 8.0
-#: Steady RSS while serving real photos (issue 13).
+#: Steady RSS while serving real photos.
 STEADY_RSS_MIB = 800.0
 HEAD_OVER_ENCODERS = 0.05
 REDIS_ROUND_TRIPS = 1.0

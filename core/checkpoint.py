@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +18,9 @@ from typing import Any
 
 import torch
 
-from core.model import DRFModel
+from core import __version__
+from core.files import torch_bytes, write_atomically
+from core.model.drf_model import DRFModel
 
 MAGIC = b"POSTSENSE-DRF"
 FORMAT_VERSION = 1
@@ -38,15 +38,6 @@ class Checkpoint:
     metadata: dict[str, Any]  # created_at, torch version, config
 
 
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("postsense")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def save_checkpoint(model: DRFModel, path: str | Path, model_version: str | None = None) -> str:
     """Write ``model`` atomically to ``path``; returns the model version (default: configuration + content hash)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -54,9 +45,9 @@ def save_checkpoint(model: DRFModel, path: str | Path, model_version: str | None
         "config": model.config(),
         "state_dict": state,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": {"torch": str(torch.__version__), "postsense": _package_version()},
+        "versions": {"torch": str(torch.__version__), "postsense": __version__},
     }
-    data = _torch_bytes(payload)
+    data = torch_bytes(payload)
     digest = hashlib.sha256(data).hexdigest()
     version = model_version or f"drf-{model.encoder_name}-{digest[:12]}"
     header = json.dumps({"model_version": version, "sha256": digest, "bytes": len(data)}, sort_keys=True)
@@ -66,35 +57,6 @@ def save_checkpoint(model: DRFModel, path: str | Path, model_version: str | None
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, MAGIC + f" {FORMAT_VERSION} ".encode() + header.encode() + b"\n", data)
     return version
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def write_atomically(path: Path, *chunks: bytes) -> None:
-    """Write ``chunks`` to ``path`` through a temporary file in its folder and a rename: readers, and a run killed
-    midway, see the old file or the new one, never part of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-        # mkstemp creates 0600; a checkpoint is read by the service's own (non-root) user in the container.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def torch_save_atomically(obj: Any, path: Path) -> None:
-    """``torch.save`` through ``write_atomically`` (feature cache shards, training state)."""
-    write_atomically(path, _torch_bytes(obj))
 
 
 def _read_verified(path: Path) -> tuple[dict[str, Any], bytes]:

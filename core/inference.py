@@ -19,10 +19,12 @@ import torch
 from PIL import Image
 
 from core.checkpoint import load_checkpoint
-from core.distribution import QueueStats
-from core.encoders import CpuServing, cpu_serving
-from core.model import DRFModel, PreparedBatch
-from core.onnx_runtime import configure_cpu_inference, cpu_threads, onnx_dir_for
+from core.drf.distribution import QueueStats
+from core.encoders.configs import CpuServing, cpu_serving
+from core.encoders.export import onnx_dir_for
+from core.encoders.sessions import cpu_threads
+from core.encoders.switch import configure_cpu_inference
+from core.model.drf_model import DRFModel, PreparedBatch
 
 __all__ = ["BatchPrediction", "OutOfMemoryAtOnePost", "PreparedBatch", "Predictor", "resolve_device"]
 
@@ -46,9 +48,8 @@ class BatchPrediction:
     abstained: np.ndarray  # [B] bool: no usable modality
     image_features: np.ndarray  # [B, d_v] float32, zeros where absent (proposals for the reference queues)
     text_features: np.ndarray  # [B, d_t]
-    image_accepted: (
-        np.ndarray
-    )  # [B] bool: present and admitted by the head's queue rule against the current stats
+    # [B] bool: present and admitted by the head's queue rule against the current stats
+    image_accepted: np.ndarray
     text_accepted: np.ndarray  # [B] bool
 
     @classmethod
@@ -134,9 +135,8 @@ class Predictor:
         if resolved.type != "cpu":
             checkpoint = load_checkpoint(path)
             return cls(checkpoint.model, resolved, checkpoint.model_version, mixed_precision)
-        if (
-            "OMP_NUM_THREADS" not in os.environ
-        ):  # torch's default is the node's cores, not the pod's CPU quota
+        # torch's default is the node's cores, not the pod's CPU quota.
+        if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))
         with cpu_serving(CpuServing(image_runtime, text_runtime, precision, (onnx_dir_for(path),))):
             checkpoint = load_checkpoint(path)

@@ -1,3 +1,5 @@
 """The consumer-group runtime: settings, message contracts, CLI, batching, the DRF worker, publishing."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -51,10 +51,8 @@ ODD_RECORDS: list[tuple[bytes | None, bytes]] = [
             }
         ).encode(),
     ),
-    (
-        b"odd-3",
-        json.dumps({"id": "odd-3", "text": "   ", "image": None}).encode(),
-    ),  # nothing usable: abstains
+    # Nothing usable: abstains.
+    (b"odd-3", json.dumps({"id": "odd-3", "text": "   ", "image": None}).encode()),
 ]
 
 
@@ -101,7 +99,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from connectors.metrics import Metrics
-    from core.demo_model import ensure_demo_model
+    from core.training import ensure_demo_model
     from stream.components import load_predictor, open_reference_queues
     from stream.feed import dataset_records, send
     from stream.runtime import Service

@@ -15,9 +15,8 @@ from typing import Any
 from core.data import SPEC_HELP, DataFormatError
 from core.data.disruption import SETTINGS
 from core.drf import MECHANISMS, VARIANTS
-from core.encoder_base import EncoderUnavailableError
-from core.encoders import ENCODER_CONFIGS
-from core.evaluate import EvalConfig, run_evaluation
+from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
+from core.evaluation import EvalConfig, run_evaluation
 from core.model import ABLATIONS
 from stream.settings import Settings
 

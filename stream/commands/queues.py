@@ -23,7 +23,7 @@ import torch
 from connectors.queue_store import QueueState, QueueStore, ReferenceQueueError
 from connectors.reference_queues import checkpoint_reference, connect, drift_sigmas
 from core.contracts import MODALITIES
-from core.distribution import queue_statistics
+from core.drf import queue_statistics
 from stream.settings import Settings
 
 SNAPSHOT_FORMAT = "postsense-reference-queues/1"

@@ -20,14 +20,22 @@ import torch
 from core.checkpoint import save_checkpoint
 from core.data import SPEC_HELP, DataFormatError, load_dataset
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
-from core.distribution import DEFAULT_QUEUE_SIZE
-from core.drf import DEFAULT_VARIANT, VARIANTS
-from core.encoder_base import EncoderUnavailableError
-from core.encoders import ENCODER_CONFIGS
-from core.features import CachedSource, SampleSource, encode_samples, feature_cache_for
+from core.drf import DEFAULT_QUEUE_SIZE, DEFAULT_VARIANT, VARIANTS
+from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
 from core.inference import resolve_device
 from core.model import ABLATIONS, create_model
-from core.train import FeatureSource, TrainConfig, TrainingError, fit, one_thread, score
+from core.training import (
+    CachedSource,
+    FeatureSource,
+    SampleSource,
+    TrainConfig,
+    TrainingError,
+    encode_samples,
+    feature_cache_for,
+    fit,
+    one_thread,
+    score,
+)
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)

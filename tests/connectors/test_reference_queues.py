@@ -89,7 +89,7 @@ def features(seed: int, n: int, shift: float = 0.0) -> dict[str, np.ndarray]:
 
 
 def expected_stats(rows: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """(1), (2) and the threshold of (13), in float64 numpy, independent of core.distribution."""
+    """(1), (2) and the threshold of (13), in float64 numpy, independent of core.drf.distribution."""
     rows = rows.astype(np.float64)
     mean = rows.mean(axis=0)
     squared = ((rows - mean) ** 2).sum(axis=1)

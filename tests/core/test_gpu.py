@@ -95,9 +95,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint of the configuration's model, its head trained briefly on CPU on other posts of the same
     sequence, so labels have real margins and the reference queues real contents (an untrained head's
     near-uniform probabilities would make any rounding flip labels). Every predictor below loads it."""
-    from core.features import CachedSource
     from core.model import FeatureTable
-    from core.train import TrainConfig, fit
+    from core.training import CachedSource, TrainConfig, fit
 
     torch.manual_seed(0)
     options = {"image_runtime": "torch"} if CONFIG == "offline" else {}

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from training_data import tiny_model_with_queues
 
-from core.distribution import QueueStats
+from core.drf import QueueStats
 from core.inference import Predictor
 from core.model import ABLATIONS, DRFModel, FeatureTable, PreparedBatch, create_model
 

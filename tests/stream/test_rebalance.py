@@ -1,5 +1,5 @@
 """The rebalance handler against a consumer stand-in: the races of a revoke with the consumer loop, made
-deterministic (the broker-level rebalance is test_faults_kafka.py's second-worker test)."""
+deterministic (the broker-level rebalance is tests/stream/faults/test_faults_kafka.py's second-worker test)."""
 
 from __future__ import annotations
 

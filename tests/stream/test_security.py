@@ -5,7 +5,7 @@ handshake) and its ``--authentication`` offers only SCRAM with users stored by t
 engine cannot keep. So Kafka TLS is exercised end to end through a TLS-terminating proxy in front of the
 broker (the client side, which is ours, is real: kafka-python with our SSL settings and CA file), and SASL
 through a login that the broker refuses, where what matters is that the password never reaches a log line.
-The mapping of every SASL/SSL setting onto the client is in test_kafka_config.py.
+The mapping of every SASL/SSL setting onto the client is in tests/connectors/test_kafka_config.py.
 """
 
 from __future__ import annotations

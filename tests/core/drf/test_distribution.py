@@ -7,15 +7,8 @@ import math
 import pytest
 import torch
 
-from core.distribution import (
-    LOG_QUALITY_FLOOR,
-    SIGMA_EPS,
-    FeatureQueue,
-    QueueStats,
-    passes_enqueue_rule,
-    queue_statistics,
-    stats_log_quality,
-)
+from core.drf import SIGMA_EPS, FeatureQueue, QueueStats, queue_statistics
+from core.drf.distribution import LOG_QUALITY_FLOOR, passes_enqueue_rule, stats_log_quality
 
 
 def t(*rows: list[float]) -> torch.Tensor:

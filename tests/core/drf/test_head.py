@@ -67,12 +67,12 @@ def test_losses_match_equations_3_4_7_8_15_16() -> None:
     # (3): exp(||f^v-mu_v|| - ||f^v-mu_t||) + exp(||f^t-mu_t|| - ||f^t-mu_v||) = exp(1-1) + exp(2-sqrt(10))
     assert float(out.loss_dis) == pytest.approx(1 + E(2 - math.sqrt(10)), rel=1e-5)
     # (4): ||(3,1)-(1,3)|| = sqrt 8 and ||(0,3)-(1,0)|| = sqrt 10
-    assert float(out.loss_terms["sample_v2t"]) == pytest.approx(math.sqrt(8), rel=1e-5)
-    assert float(out.loss_terms["sample_t2v"]) == pytest.approx(math.sqrt(10), rel=1e-5)
+    assert float(out.recovery_terms["sample_v2t"]) == pytest.approx(math.sqrt(8), rel=1e-5)
+    assert float(out.recovery_terms["sample_t2v"]) == pytest.approx(math.sqrt(10), rel=1e-5)
     # (5)-(7): C_{v->t}(Q_v) = {(3,1), (-1,1)}: mean (1,1) = mu_t, sigma 2 vs 1 -> 1
     #          C_{t->v}(Q_t) = {(0,0), (0,2)}: mean (0,1) vs mu_v = (0,0) -> 1, sigma 1 = sigma_v -> 0
-    assert float(out.loss_terms["distribution_v2t"]) == pytest.approx(1.0, rel=1e-5)
-    assert float(out.loss_terms["distribution_t2v"]) == pytest.approx(1.0, rel=1e-5)
+    assert float(out.recovery_terms["distribution_v2t"]) == pytest.approx(1.0, rel=1e-5)
+    assert float(out.recovery_terms["distribution_t2v"]) == pytest.approx(1.0, rel=1e-5)
     assert float(out.loss_rec) == pytest.approx(math.sqrt(8) + math.sqrt(10) + 2, rel=1e-5)
     m0, m1 = E(-2.5) * 6 + E(-6.5) + 0.25, E(-2.5) * 4 + E(-6.5) * 6 - 0.25
     cross_entropy = math.log(E(m0) + E(m1)) - m0
@@ -97,7 +97,7 @@ def test_presence_flags_remove_exactly_the_terms_of_equation_12() -> None:
 
 def test_sample_recovery_needs_both_modalities() -> None:
     out = make_head()(F_V, F_T, YES, NO, labels=torch.tensor([1]))
-    assert float(out.loss_terms["sample_v2t"]) == 0.0 and float(out.loss_terms["sample_t2v"]) == 0.0
+    assert float(out.recovery_terms["sample_v2t"]) == 0.0 and float(out.recovery_terms["sample_t2v"]) == 0.0
     # (3) keeps only the image term: exp(1 - 1)
     assert float(out.loss_dis) == pytest.approx(1.0, rel=1e-6)
 
@@ -258,7 +258,7 @@ def test_robust_losses_detach_recovery_targets_and_classify_every_expanded_sampl
         head.requires_grad_(True)
         f_t = F_T.clone().requires_grad_(True)
         out = head(F_V, f_t, YES, YES, labels=label)
-        out.loss_terms["sample_v2t"].backward()
+        out.recovery_terms["sample_v2t"].backward()
         assert (f_t.grad is not None and bool(f_t.grad.abs().sum() > 0)) == reaches_target
 
 

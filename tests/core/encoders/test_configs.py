@@ -14,8 +14,11 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from core.encoder_base import EncoderUnavailableError  # noqa: E402 - the offline switches first
-from core.encoders import create_encoders, efficientnet_lite0_state_for_timm  # noqa: E402
+from core.encoders import (
+    EncoderUnavailableError,  # noqa: E402 - the offline switches first
+    create_encoders,
+)
+from core.encoders.configs import efficientnet_lite0_state_for_timm  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.model import DRFModel, create_model  # noqa: E402
 
@@ -186,7 +189,7 @@ def test_create_model_offline_uses_the_paper_width() -> None:
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
 def test_preprocessing_normalises_each_channel_with_its_own_mean_and_std(mode: str) -> None:
     """A solid colour comes out as ((value / 255) - mean) / std in its own channel plane, whatever the input mode."""
-    from core.encoder_base import ImagePreprocessing
+    from core.encoders import ImagePreprocessing
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     preprocessing = ImagePreprocessing(size=24, mean=mean, std=std, crop_pct=0.875)

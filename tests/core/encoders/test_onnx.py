@@ -21,12 +21,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest.importorskip("onnxruntime")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-from core.encoder_base import ImagePreprocessing  # noqa: E402
-from core.encoders import create_encoders  # noqa: E402
+from core.encoders import (  # noqa: E402
+    ONNX_CACHE_ENV,
+    ImagePreprocessing,  # noqa: E402
+    configure_cpu_inference,
+    create_encoders,  # noqa: E402
+    onnx_cache_dir,
+)
+from core.encoders.networks import TimmImageEncoder  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.model import create_model  # noqa: E402
-from core.onnx_runtime import ONNX_CACHE_ENV, configure_cpu_inference, onnx_cache_dir  # noqa: E402
-from core.torch_encoders import TimmImageEncoder  # noqa: E402
 
 TOLERANCE = 1e-4  # float32 kernels differ in summation order; features are O(1)
 TEXT_TOLERANCE = 1e-5  # MiniLM's export, attention mask and pooling in the graph, matches to ~1e-6

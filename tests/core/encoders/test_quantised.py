@@ -19,12 +19,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sklearn.datasets")
 
-from core.encoder_base import ImagePreprocessing  # noqa: E402
-from core.encoders import create_encoders  # noqa: E402
+from core.encoders import (  # noqa: E402
+    ONNX_CACHE_ENV,
+    ImagePreprocessing,  # noqa: E402
+    configure_cpu_inference,
+    create_encoders,  # noqa: E402
+    onnx_cache_dir,
+    onnx_dir_for,
+)
+from core.encoders.networks import TimmImageEncoder  # noqa: E402
+from core.encoders.quantise import calibration_images  # noqa: E402
 from core.model import create_model  # noqa: E402
-from core.onnx_runtime import ONNX_CACHE_ENV, configure_cpu_inference, onnx_cache_dir, onnx_dir_for  # noqa: E402
-from core.quantise import calibration_images  # noqa: E402
-from core.torch_encoders import TimmImageEncoder  # noqa: E402
 
 TWEETS = [
     "what a lovely day at the beach with friends #summer",
@@ -138,7 +143,7 @@ def test_tiny_encoders_refuse_int8_clearly() -> None:
 def test_prepare_onnx_warms_the_cache_for_a_checkpoint(tmp_path) -> None:
     """The build-time step writes the files beside the checkpoint; the second time it finds them."""
     from core.checkpoint import save_checkpoint
-    from core.onnx_runtime import prepare_onnx
+    from core.encoders.__main__ import prepare_onnx
 
     path = tmp_path / "offline.pt"
     save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
@@ -159,8 +164,8 @@ def test_serving_int8_loads_the_built_files_without_torch_encoders(tmp_path) -> 
     import numpy as np
 
     from core.checkpoint import load_checkpoint, save_checkpoint
+    from core.encoders.__main__ import prepare_onnx
     from core.inference import Predictor
-    from core.onnx_runtime import prepare_onnx
 
     path = tmp_path / "offline.pt"
     torch.manual_seed(3)

@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 from training_data import make_dataset
 
-from core.baselines import BaselineHead, Router
-from core.evaluate import EvalConfig, auroc, run_evaluation
+from core.evaluation import EvalConfig, aggregate, auroc, run_evaluation
+from core.evaluation.baselines import BaselineHead, Router
 from core.model import FeatureTable
-from core.report import aggregate
 from stream.cli import main
 
 SEEDS = (0, 1)

@@ -14,21 +14,25 @@ import pytest
 import torch
 from training_data import make_dataset
 
-import core.train as train_module
+import core.training.loop as train_module
 from core.data import load_dataset
 from core.data.disruption import disrupt_dataset
-from core.demo_model import ensure_demo_model
-from core.features import (
+from core.inference import Predictor
+from core.model import create_model
+from core.training import (
     CachedSource,
     FeatureCache,
     SampleSource,
+    TrainConfig,
+    TrainingError,
+    classification_scores,
     encode_samples,
+    ensure_demo_model,
     feature_cache_for,
-    image_key,
+    fit,
+    score,
 )
-from core.inference import Predictor
-from core.model import create_model
-from core.train import TrainConfig, TrainingError, classification_scores, fit, score
+from core.training.features import image_key
 from stream.cli import main
 
 FAST = TrainConfig(epochs=12, batch_size=16, head_lr=3e-3, min_lr=1e-5, seed=0)

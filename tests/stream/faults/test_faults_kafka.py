@@ -1,8 +1,8 @@
 """Kafka faults against real brokers, every post counted in and out.
 
 Covered elsewhere and not repeated here: kill -9 and restart of the worker process and SIGTERM drains
-(test_stream_cli.py), a graceful stop and restart, a second member joining, a batch slower than
-max.poll.interval.ms (test_stream_service.py), publisher-level producer recreation (test_stream_publisher.py).
+(tests/stream/test_cli.py), a graceful stop and restart, a second member joining, a batch slower than
+max.poll.interval.ms (tests/stream/test_service.py), publisher-level producer recreation (tests/stream/test_publisher.py).
 Faults that restart a broker use a broker of the test's own, never the session's.
 """
 

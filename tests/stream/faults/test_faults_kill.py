@@ -1,6 +1,6 @@
 """A worker killed with SIGKILL in the middle of a batch (during inference, deterministically), then restarted.
 
-test_stream_cli.py kills ``postsense serve`` at a moment chosen by the clock; here the worker signals
+tests/stream/test_cli.py kills ``postsense serve`` at a moment chosen by the clock; here the worker signals
 when its third batch enters the model, and dies there. Afterwards nothing is lost, and every duplicate
 comes from input offsets that were not committed when it died.
 """

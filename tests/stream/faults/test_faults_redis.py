@@ -1,6 +1,6 @@
 """Redis stopped and restarted under a running service: scoring never waits for it, the queues come back.
 
-The reference-queue unit tests (test_reference_queues.py) cover the client's outage handling; this is the
+The reference-queue unit tests (tests/connectors/test_reference_queues.py) cover the client's outage handling; this is the
 service-level case, on a redis-server of the test's own so the session's Redis is never disturbed.
 """
 

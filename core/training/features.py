@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from core.checkpoint import torch_save_atomically
 from core.data.records import Sample, load_image
-from core.model import DRFModel, FeatureTable, PreparedBatch
-from core.onnx_runtime import ONNX_RECIPE
+from core.encoders.export import ONNX_RECIPE
+from core.files import digest_weights, torch_save_atomically
+from core.model.drf_model import DRFModel, FeatureTable, PreparedBatch
 from core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -93,15 +93,12 @@ def encoder_fingerprint(model: DRFModel) -> str:
         "preprocessing": model.preprocessing,
         "image_load_size": IMAGE_LOAD_SIZE,
     }
-    if (
-        model.encoder_options.get("precision") == "int8"
-    ):  # int8 features depend on the quantisation recipe too
+    # int8 features depend on the quantisation recipe too.
+    if model.encoder_options.get("precision") == "int8":
         described["onnx_recipe"] = ONNX_RECIPE
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     for prefix, encoder in (("image", model.image_encoder), ("text", model.text_encoder)):
-        for name, tensor in encoder.state_dict().items():
-            digest.update(f"{prefix}.{name}".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest_weights(digest, ((f"{prefix}.{name}", w) for name, w in encoder.state_dict().items()))
     return digest.hexdigest()[:20]
 
 
@@ -142,7 +139,7 @@ def _torch_image_runner(model: DRFModel) -> Callable[[Tensor], Tensor]:
 
 
 def _ort_image_runner(model: DRFModel) -> Callable[[Tensor], Tensor] | None:
-    """The frozen image encoder through ONNX Runtime (the encoder's own switch; about 2x faster on this CPU),
+    """The frozen image encoder through ONNX Runtime (the encoder's own switch; faster on a CPU),
     or None when unavailable. Checked against torch on a random batch before it is trusted.
     """
     encoder = model.image_encoder

@@ -1,5 +1,6 @@
 """The evaluation's report: the paper's tables (1, 3, 4), Figure 5, quality AUROC, training diagnostics and the
-model's targets, written as ``report.md``, ``results.json`` and ``figure5.png`` from core/evaluate.py's runs.
+model's targets, written as ``report.md``, ``results.json`` and ``figure5.png`` from an evaluation's results, which
+it reads as plain data (``EvaluationResults``): the report never sees the runs that made them.
 
 Every cell is the mean and sample standard deviation over training seeds of the per-seed results.
 """
@@ -9,15 +10,12 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from core.contracts import MODALITIES
-from core.drf import VARIANTS
-
-if TYPE_CHECKING:  # core.evaluate writes its report through this module
-    from core.evaluate import EvalConfig, Evaluation
-
+from core.drf.head import VARIANTS
 
 ABLATION_NAMES = {
     "sample_recovery": "w/o sample-based recovery",
@@ -124,22 +122,22 @@ def random_curve(
 
 
 def mechanism_section(
-    results: Sequence[dict[str, Any]], auroc_rows: Sequence[dict[str, Any]], config: EvalConfig
+    results: Sequence[dict[str, Any]], auroc_rows: Sequence[dict[str, Any]], config: dict[str, Any]
 ) -> list[str]:
     """DRF with one mechanism of its variant switched back to the paper's: accuracy per test, quality AUROC."""
-    if not config.mechanisms:
+    if not config["mechanisms"]:
         return []
-    tests = ["clean", *(f"{m}/{s}" for m in MODALITIES for s in config.fixed_settings)]
+    tests = ["clean", *(f"{m}/{s}" for m in MODALITIES for s in config["fixed_settings"])]
     header = "| Method | " + " | ".join(tests) + " | AUROC image | AUROC text |"
     lines = [
-        f"## Mechanisms of the {config.variant} variant, one at a time back to the paper's",
+        f"## Mechanisms of the {config['variant']} variant, one at a time back to the paper's",
         "",
         "Trained clean; accuracy in %, mean ± sample std over seeds.",
         "",
         header,
         "|---|" + "---|" * (len(tests) + 2),
     ]
-    for method in ["drf", *(f"drf-paper-{m}" for m in config.mechanisms)]:
+    for method in ["drf", *(f"drf-paper-{m}" for m in config["mechanisms"])]:
         cells = []
         for test in tests:
             agg = aggregate(results, method, "clean", test)
@@ -185,7 +183,7 @@ DIAGNOSTICS = (
 
 
 def diagnostics_table(results: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
-    """The training diagnostics (core.drf.output_diagnostics on dev) at the first and the last epoch of each
+    """The training diagnostics (core.drf.head.output_diagnostics on dev) at the first and the last epoch of each
     DRF variant trained clean, mean over seeds: how the queues and the fusion weights evolve."""
     lines = [
         "| Method | epoch | " + " | ".join(h for _, h in DIAGNOSTICS) + " |",
@@ -214,7 +212,7 @@ def diagnostics_table(results: Sequence[dict[str, Any]], methods: Sequence[str])
 def targets(
     results: Sequence[dict[str, Any]], auroc_rows: Sequence[dict[str, Any]], ratios: Sequence[float]
 ) -> list[dict[str, Any]]:
-    """The acceptance targets of the model (issue 12), each with the numbers it was judged on (accuracy means)."""
+    """The acceptance targets of the model, each with the numbers it was judged on (accuracy means)."""
 
     def acc(method: str, test: str, regime: str = "clean") -> float | None:
         agg = aggregate(results, method, regime, test)
@@ -281,21 +279,20 @@ def targets_table(checks: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot_random(
-    results: Sequence[dict[str, Any]], config: EvalConfig, describe: dict[str, Any], path: Path
-) -> None:
+def plot_random(results: Sequence[dict[str, Any]], describe: dict[str, Any], path: Path) -> None:
     """Figure 5: accuracy against dr, one panel per setting, error bars = sample std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = config.random_settings
+    config = describe["config"]
+    settings = config["random_settings"]
     fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.6), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
-        for method in config.random_methods:
+        for method in config["random_methods"]:
             points = [
-                (r, a) for r, a in random_curve(results, method, setting, config.ratios) if a is not None
+                (r, a) for r, a in random_curve(results, method, setting, config["ratios"]) if a is not None
             ]
             ax.errorbar(
                 [r for r, _ in points],
@@ -310,89 +307,48 @@ def plot_random(
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    seeds = ",".join(str(s) for s in config.seeds)
+    seeds = ",".join(str(s) for s in config["seeds"])
     fig.suptitle(
-        f"{describe['data']['name']} test split, seeds {seeds}, encoders {config.encoders}", fontsize=9
+        f"{describe['data']['name']} test split, seeds {seeds}, encoders {config['encoders']}", fontsize=9
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.md, results.json and figure5.png to ``out_dir``; returns their paths."""
+@dataclass(frozen=True)
+class EvaluationResults:
+    """What an evaluation produced, as plain data: its description (data, encoders, ``config`` as a dict, timings,
+    machine), the per-seed result rows, the quality-AUROC rows, and the methods run in the clean regime."""
+
+    describe: dict[str, Any]
+    results: list[dict[str, Any]]
+    quality_auroc: list[dict[str, Any]]
+    methods: list[str]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.describe["config"]
+
+
+def write_report(data: EvaluationResults, out_dir: str | Path) -> dict[str, Path]:
+    """Write results.json, report.md and (with modality-random runs) figure5.png to ``out_dir``; their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = evaluation.config
-    describe = evaluation.describe()
-    results = evaluation.results
     paths = {"json": out / "results.json", "markdown": out / "report.md"}
-    checks = targets(results, evaluation.quality_auroc, cfg.ratios)
-    paths["json"].write_text(
-        json.dumps(
-            {**describe, "targets": checks, "quality_auroc": evaluation.quality_auroc, "results": results},
-            indent=1,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    drf_methods = [m for m in evaluation.methods_clean() if m.startswith("drf")]
-    drf_and_baselines = [m for m in ("drf", "drf-paper") if m in drf_methods] + list(cfg.baselines)
-    lines = [
-        f"# DRF evaluation on {describe['data']['name']}",
-        "",
-        f"Produced by `postsense evaluate` on {describe['created_at']} in {describe['timings']['total_seconds'] / 60:.1f} "
-        f"min ({describe['timings']['encode_seconds'] / 60:.1f} min of it encoding uncached features); "
-        f"raw per-seed numbers in `results.json`.",
-        "",
-        "## Table 3: without disruption",
-        "",
-        _caption(describe, "test split, clean"),
-        "",
-        *clean_table(results, evaluation.methods_clean()),
-        "",
-        "## Table 1: modality-fixed disruption (trained clean, every test sample disrupted)",
-        "",
-        _caption(describe, "test split, one modality disrupted in every sample"),
-        "",
-        *fixed_table(results, drf_and_baselines, cfg.fixed_settings),
-        "",
-        "## Table 4: ablations under modality-fixed disruption",
-        "",
-        _caption(describe, "test split, one modality disrupted in every sample"),
-        "",
-        *fixed_table(results, ["drf", *(f"drf-no-{a}" for a in cfg.ablations)], cfg.fixed_settings),
-        "",
-        *mechanism_section(results, evaluation.quality_auroc, cfg),
-        "## Quality scores: intact against corrupted inputs",
-        "",
-        "AUROC of the published quality q on the clean test posts (intact) against the same posts with that "
-        "modality corrupted (C), models trained clean; mean ± sample std over seeds.",
-        "",
-        *auroc_table(evaluation.quality_auroc),
-        "",
-        "## Training diagnostics",
-        "",
-        "On the dev split after the first and the last epoch (clean training), mean over seeds: share of offered "
-        "features each queue admitted during the epoch, queue fill and σ, median log q of present and recovered "
-        "features, mean share of each term of (12) for posts with both modalities, mean ‖M‖.",
-        "",
-        *diagnostics_table(results, [m for m in drf_methods if not m.startswith("drf-no-")]),
-        "",
-    ]
-    if cfg.random_settings and cfg.ratios:
+    checks = targets(data.results, data.quality_auroc, data.config["ratios"])
+    document = {
+        **data.describe,
+        "targets": checks,
+        "quality_auroc": data.quality_auroc,
+        "results": data.results,
+    }
+    paths["json"].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    lines = [*_tables(data), *_diagnostics_section(data)]
+    if data.config["random_settings"] and data.config["ratios"]:
         paths["figure"] = out / "figure5.png"
-        plot_random(results, cfg, describe, paths["figure"])
-        lines += [
-            "## Figure 5: modality-random disruption (ratio dr in train, dev and test)",
-            "",
-            _caption(describe, "test split disrupted with ratio dr like training; dr = 0 is Table 3"),
-            "",
-            "![Figure 5](figure5.png)",
-            "",
-        ]
-        for setting in cfg.random_settings:
-            lines += [*random_table(results, cfg.random_methods, setting, cfg.ratios), ""]
+        plot_random(data.results, data.describe, paths["figure"])
+        lines += _figure_section(data)
     lines += [
         "## Targets",
         "",
@@ -403,3 +359,76 @@ def write_report(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
     ]
     paths["markdown"].write_text("\n".join(lines), encoding="utf-8")
     return paths
+
+
+def _tables(data: EvaluationResults) -> list[str]:
+    """The title and Tables 3, 1 and 4, then the mechanisms section."""
+    describe, cfg, results = data.describe, data.config, data.results
+    drf_methods = [m for m in data.methods if m.startswith("drf")]
+    drf_and_baselines = [m for m in ("drf", "drf-paper") if m in drf_methods] + list(cfg["baselines"])
+    timings = describe["timings"]
+    disrupted = _caption(describe, "test split, one modality disrupted in every sample")
+    return [
+        f"# DRF evaluation on {describe['data']['name']}",
+        "",
+        f"Produced by `postsense evaluate` on {describe['created_at']} in {timings['total_seconds'] / 60:.1f} "
+        f"min ({timings['encode_seconds'] / 60:.1f} min of it encoding uncached features); "
+        f"raw per-seed numbers in `results.json`.",
+        "",
+        "## Table 3: without disruption",
+        "",
+        _caption(describe, "test split, clean"),
+        "",
+        *clean_table(results, data.methods),
+        "",
+        "## Table 1: modality-fixed disruption (trained clean, every test sample disrupted)",
+        "",
+        disrupted,
+        "",
+        *fixed_table(results, drf_and_baselines, cfg["fixed_settings"]),
+        "",
+        "## Table 4: ablations under modality-fixed disruption",
+        "",
+        disrupted,
+        "",
+        *fixed_table(results, ["drf", *(f"drf-no-{a}" for a in cfg["ablations"])], cfg["fixed_settings"]),
+        "",
+        *mechanism_section(results, data.quality_auroc, cfg),
+    ]
+
+
+def _diagnostics_section(data: EvaluationResults) -> list[str]:
+    """Quality AUROC, then the training diagnostics of DRF and its paper-mechanism variants."""
+    drf_methods = [m for m in data.methods if m.startswith("drf") and not m.startswith("drf-no-")]
+    return [
+        "## Quality scores: intact against corrupted inputs",
+        "",
+        "AUROC of the published quality q on the clean test posts (intact) against the same posts with that "
+        "modality corrupted (C), models trained clean; mean ± sample std over seeds.",
+        "",
+        *auroc_table(data.quality_auroc),
+        "",
+        "## Training diagnostics",
+        "",
+        "On the dev split after the first and the last epoch (clean training), mean over seeds: share of offered "
+        "features each queue admitted during the epoch, queue fill and σ, median log q of present and recovered "
+        "features, mean share of each term of (12) for posts with both modalities, mean ‖M‖.",
+        "",
+        *diagnostics_table(data.results, drf_methods),
+        "",
+    ]
+
+
+def _figure_section(data: EvaluationResults) -> list[str]:
+    cfg = data.config
+    lines = [
+        "## Figure 5: modality-random disruption (ratio dr in train, dev and test)",
+        "",
+        _caption(data.describe, "test split disrupted with ratio dr like training; dr = 0 is Table 3"),
+        "",
+        "![Figure 5](figure5.png)",
+        "",
+    ]
+    for setting in cfg["random_settings"]:
+        lines += [*random_table(data.results, cfg["random_methods"], setting, cfg["ratios"]), ""]
+    return lines

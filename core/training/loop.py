@@ -1,7 +1,7 @@
 """Training the DRF model (paper section 4.2): AdamW with two learning rates, cosine decay, dev-only model selection.
 
 ``fit`` trains any ``Trainable`` (the DRF model or a baseline head) on batches of pre-projection features from a
-``FeatureSource`` (core/features.py: cached features, or samples encoded on the fly for fine-tuning).
+``FeatureSource`` (core/training/features.py: cached features, or samples encoded on the fly for fine-tuning).
 
 Training is resumable: after every epoch a state file holds weights, optimizer, scheduler, RNG, history and the best
 dev state, so an interrupted run continued with ``resume=True`` ends in the same state as an uninterrupted one.
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.checkpoint import torch_save_atomically
-from core.model import FeatureTable
+from core.files import torch_save_atomically
+from core.model.drf_model import FeatureTable
 from core.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def fit(
     The caller seeds the model's initialisation; ``config.seed`` fixes the batch order and dropout.
     """
     # Quality weights of (12) are products of exponentials; their gradients underflow into denormal floats, which
-    # x86 CPUs handle ~10x slower. Flushing them to zero changes nothing measurable and halves a CPU epoch. It is
+    # x86 CPUs handle far slower. Flushing them to zero changes nothing measurable and speeds a CPU epoch up. It is
     # process-wide CPU state, so it is switched off again (Python starts with it off) for whatever runs next.
     torch.set_flush_denormal(True)
     try:
@@ -197,41 +197,13 @@ def _fit(
 ) -> TrainResult:
     if len(train) == 0 or len(dev) == 0:
         raise ValueError("training needs non-empty train and dev sets")
-    num_classes = _num_classes(model)
-    optimizer = torch.optim.AdamW(
-        model.parameter_groups(config.encoder_lr, config.head_lr), weight_decay=config.weight_decay
-    )
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=config.epochs * steps_per_epoch, eta_min=config.min_lr
-    )
-    result = TrainResult()
-    best_state: dict[str, Tensor] | None = None
-    start_epoch = 0
-    identity = {"config": config.to_dict(), "train_size": len(train), "dev_size": len(dev)}
-    state_file = Path(state_path) if state_path is not None else None
+    run = _Run(model, config, steps_per_epoch, Path(state_path) if state_path is not None else None)
+    run.identity = {"config": config.to_dict(), "train_size": len(train), "dev_size": len(dev)}
     if resume:
-        if state_file is None or not state_file.is_file():
-            raise TrainingError(f"cannot resume: no training state at {state_file}")
-        state = _load_state(state_file)
-        if state["identity"] != identity:
-            raise TrainingError(
-                f"cannot resume from {state_file}: it was written for {state['identity']}, this run is {identity}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"])
-        best_state = state["best"]
-        result = TrainResult(
-            list(state["history"]), int(state["best_epoch"]), float(state["best_dev_accuracy"])
-        )
+        run.resume()
     else:
         torch.manual_seed(config.seed)
-    after_step = getattr(model, "update_queues", None)
-    diagnose = getattr(model, "diagnostics", None)
-    device = _device_of(model)
     started = time.monotonic()
     bar = progress_bar(
         total=config.epochs * steps_per_epoch,
@@ -240,21 +212,88 @@ def _fit(
         disable=not progress,
         leave=False,
     )
-    bar.update(start_epoch * steps_per_epoch)
-    for epoch in range(start_epoch, config.epochs):
+    bar.update(run.start_epoch * steps_per_epoch)
+    for epoch in range(run.start_epoch, config.epochs):
+        losses, admitted = run.train_epoch(train, epoch, bar)
+        record = run.evaluate(dev, epoch, losses, admitted)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev_acc=f"{record['dev_accuracy']:.1f}")
+        log.info(
+            "%s epoch %d/%d: loss %.4f, dev accuracy %.2f",
+            description,
+            epoch + 1,
+            config.epochs,
+            record["train_loss"],
+            record["dev_accuracy"],
+        )
+        run.save(epoch)
+    bar.close()
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    model.train(False)
+    run.result.seconds = time.monotonic() - started
+    return run.result
+
+
+class _Run:
+    """One training run's moving parts (optimiser, schedule, best weights, saved state), one method per step."""
+
+    def __init__(
+        self, model: Trainable, config: TrainConfig, steps_per_epoch: int, state_file: Path | None
+    ) -> None:
+        self.model, self.config, self.state_file = model, config, state_file
+        self.optimizer = torch.optim.AdamW(
+            model.parameter_groups(config.encoder_lr, config.head_lr), weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=config.epochs * steps_per_epoch, eta_min=config.min_lr
+        )
+        self.result = TrainResult()
+        self.best_state: dict[str, Tensor] | None = None
+        self.start_epoch = 0
+        self.identity: dict[str, Any] = {}
+        self.device = _device_of(model)
+        self.num_classes = _num_classes(model)
+
+    def resume(self) -> None:
+        """Continue from the state file, which must have been written by a run of the same configuration."""
+        if self.state_file is None or not self.state_file.is_file():
+            raise TrainingError(f"cannot resume: no training state at {self.state_file}")
+        state = _load_state(self.state_file)
+        if state["identity"] != self.identity:
+            raise TrainingError(
+                f"cannot resume from {self.state_file}: it was written for {state['identity']}, "
+                f"this run is {self.identity}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"])
+        self.best_state = state["best"]
+        self.result = TrainResult(
+            list(state["history"]), int(state["best_epoch"]), float(state["best_dev_accuracy"])
+        )
+
+    def train_epoch(
+        self, train: FeatureSource, epoch: int, bar: Any
+    ) -> tuple[list[float], dict[str, list[int]]]:
+        """One pass over ``train`` in this epoch's seeded order; the losses, and per modality the features the
+        queues accepted and were offered."""
+        model, config = self.model, self.config
         model.train(True)
         order = torch.randperm(
             len(train), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         )
-        losses = []
+        after_step = getattr(model, "update_queues", None)
+        losses: list[float] = []
         admitted = {"image": [0, 0], "text": [0, 0]}  # accepted, offered (present) features this epoch
         for index in order.split(config.batch_size):
-            batch = train.features(index).to(device)
+            batch = train.features(index).to(self.device)
             out = model.forward_features(batch, labels=batch.labels)
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-            optimizer.step()
-            scheduler.step()
+            self.optimizer.step()
+            self.scheduler.step()
             if after_step is not None:
                 accepted = after_step(out)
                 for name, mask, present in zip(
@@ -264,51 +303,45 @@ def _fit(
                     admitted[name][1] += int(present.sum())
             losses.append(float(out.loss.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", dev_acc=f"{result.best_dev_accuracy:.1f}")
-        dev_scores = score(model, dev, num_classes)
+        return losses, admitted
+
+    def evaluate(
+        self, dev: FeatureSource, epoch: int, losses: list[float], admitted: dict[str, list[int]]
+    ) -> dict[str, float]:
+        """Score dev, record the epoch in the history, and keep the weights if they are the best so far."""
+        dev_scores = score(self.model, dev, self.num_classes)
         record = {
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
             "dev_accuracy": dev_scores["accuracy"],
         }
+        diagnose = getattr(self.model, "diagnostics", None)
         if diagnose is not None:
             record.update({f"acceptance_{k}": a / max(1, n) for k, (a, n) in admitted.items()})
-            record.update(diagnose(dev.features(torch.arange(len(dev))).to(device)))
-        result.history.append(record)
-        if dev_scores["accuracy"] > result.best_dev_accuracy:
-            result.best_dev_accuracy, result.best_epoch = dev_scores["accuracy"], epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev_acc=f"{dev_scores['accuracy']:.1f}")
-        log.info(
-            "%s epoch %d/%d: loss %.4f, dev accuracy %.2f",
-            description,
-            epoch + 1,
-            config.epochs,
-            record["train_loss"],
-            record["dev_accuracy"],
-        )
-        if state_file is not None:
-            torch_save_atomically(
-                {
-                    "identity": identity,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "best": best_state,
-                    "best_epoch": result.best_epoch,
-                    "best_dev_accuracy": result.best_dev_accuracy,
-                    "history": result.history,
-                },
-                state_file,
-            )
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.train(False)
-    result.seconds = time.monotonic() - started
-    return result
+            record.update(diagnose(dev.features(torch.arange(len(dev))).to(self.device)))
+        self.result.history.append(record)
+        if dev_scores["accuracy"] > self.result.best_dev_accuracy:
+            self.result.best_dev_accuracy, self.result.best_epoch = dev_scores["accuracy"], epoch + 1
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return record
+
+    def save(self, epoch: int) -> None:
+        """The full training state after ``epoch``, when the run has a state file."""
+        if self.state_file is None:
+            return
+        state = {
+            "identity": self.identity,
+            "epoch": epoch + 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "best": self.best_state,
+            "best_epoch": self.result.best_epoch,
+            "best_dev_accuracy": self.result.best_dev_accuracy,
+            "history": self.result.history,
+        }
+        torch_save_atomically(state, self.state_file)
 
 
 @contextmanager

@@ -8,7 +8,7 @@
 Every number is the mean and sample standard deviation over training seeds.  The disruption is drawn once
 (``disruption_seed``) so that every method and seed is scored on exactly the same disrupted samples (a paired
 comparison).  Model selection uses the dev split only.  Encoders are frozen and features cached
-(core/features.py), so each run trains only a head.  Outputs (core/report.py): ``report.md``, ``results.json``
+(core/training/features.py), so each run trains only a head.  Outputs (core/evaluation/report.py): ``report.md``, ``results.json``
 and ``figure5.png``.
 """
 
@@ -18,7 +18,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,23 +26,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.baselines import BASELINES, HEADS, BaselineHead, Router
 from core.contracts import MODALITIES
 from core.data import Dataset, load_dataset
-from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, Setting, disrupt_dataset
-from core.drf import DEFAULT_VARIANT, MECHANISMS, VARIANTS
-from core.encoders import Encoders
-from core.features import CachedSource, FeatureCache, encode_padding, encode_samples, feature_cache_for
-from core.model import ABLATIONS, DRFModel, FeatureTable, create_model
+from core.data.disruption import Setting, disrupt_dataset
+from core.drf.head import VARIANTS
+from core.encoders.configs import Encoders
+from core.evaluation.baselines import HEADS, BaselineHead, Router
+from core.evaluation.config import ENCODER_DESCRIPTIONS, EvalConfig
+from core.evaluation.report import EvaluationResults, write_report
+from core.model.drf_model import DRFModel, FeatureTable, create_model
 from core.progress import progress as progress_bar
-from core.report import write_report
-from core.train import (
-    CPU_DIM,
-    CPU_QUEUE_SIZE,
-    CPU_TRAIN,
+from core.training.features import (
+    CachedSource,
+    FeatureCache,
+    encode_padding,
+    encode_samples,
+    feature_cache_for,
+)
+from core.training.loop import (
     Scorable,
     Trainable,
-    TrainConfig,
     classification_scores,
     fit,
     one_thread,
@@ -50,89 +53,6 @@ from core.train import (
 )
 
 log = logging.getLogger(__name__)
-
-ENCODER_DESCRIPTIONS = {
-    "offline": "offline: EfficientNet-Lite0 (ImageNet, 1280-d) + all-MiniLM-L6-v2 (384-d), frozen, cached features",
-    "paper": "paper: ViT-B/16 + BERT-base (768-d), frozen, cached features",
-    "tiny": "tiny: random-init test encoders, frozen, cached features",
-}
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What to run; the defaults are the CPU configuration of the full report (see docs/evaluation.md).
-
-    It departs from the paper's section 4.2 to fit a shared 2-core CPU: core.train.CPU_DIM, CPU_QUEUE_SIZE and
-    CPU_TRAIN.  Figure 5 has the D and C+D panels by default; C (corrupt only) needs ~6,000 more image encodings
-    on this CPU (``random_settings=SETTINGS`` adds it).
-    """
-
-    data: str = "vader"
-    encoders: str = "offline"
-    encoder_options: dict[str, Any] = field(default_factory=dict)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    dim: int = CPU_DIM
-    queue_size: int = CPU_QUEUE_SIZE
-    epochs: int = CPU_TRAIN.epochs
-    batch_size: int = CPU_TRAIN.batch_size
-    encoder_lr: float = CPU_TRAIN.encoder_lr
-    head_lr: float = CPU_TRAIN.head_lr
-    min_lr: float = CPU_TRAIN.min_lr
-    disruption_seed: int = 0
-    fixed_settings: tuple[Setting, ...] = SETTINGS
-    random_settings: tuple[Setting, ...] = ("D", "C+D")
-    ratios: tuple[float, ...] = DISRUPTION_RATIOS
-    ablations: tuple[str, ...] = ABLATIONS
-    baselines: tuple[str, ...] = BASELINES
-    random_methods: tuple[str, ...] = ("drf", "concat")
-    variant: str = DEFAULT_VARIANT  # the DRF variant of "drf" and its ablations (core.drf.VARIANTS)
-    # Mechanisms of the variant to switch back to the paper's one at a time ("drf-paper-<mechanism>", clean regime).
-    mechanisms: tuple[str, ...] = ()
-    compare_paper: bool = True  # also run the paper-literal variant ("drf-paper") on the clean regime
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            problems.append(f"seeds must be distinct and non-empty, got {self.seeds}")
-        for name, values, known in (
-            ("fixed_settings", self.fixed_settings, SETTINGS),
-            ("random_settings", self.random_settings, SETTINGS),
-            ("ablations", self.ablations, ABLATIONS),
-            ("mechanisms", self.mechanisms, MECHANISMS),
-            ("baselines", self.baselines, BASELINES),
-            ("random_methods", self.random_methods, ("drf", "drf-paper", *BASELINES)),
-        ):
-            unknown = [v for v in values if v not in known]
-            if unknown:
-                problems.append(f"{name}: unknown {unknown}; known: {list(known)}")
-        if self.variant not in VARIANTS:
-            problems.append(f"variant: unknown {self.variant!r}; known: {list(VARIANTS)}")
-        if "router" in (*self.baselines, *self.random_methods) and not {
-            "concat",
-            "text_only",
-            "image_only",
-        } <= set(self.baselines):
-            problems.append(
-                "the router baseline is composed of the concat, text_only and image_only baselines"
-            )
-        if any(not 0 < r <= 1 for r in self.ratios):
-            problems.append(f"ratios must lie in (0, 1], got {self.ratios}")
-        if problems:
-            raise ValueError("invalid evaluation configuration: " + "; ".join(problems))
-        self.train_config(0)  # validates the optimisation settings
-
-    def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            encoder_lr=self.encoder_lr,
-            head_lr=self.head_lr,
-            min_lr=self.min_lr,
-            seed=seed,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -154,6 +74,7 @@ class Evaluation:
         started = time.monotonic()
         self.dataset: Dataset = load_dataset(config.data)
         self.labels = list(self.dataset.label_names)
+        torch.manual_seed(0)  # random-init encoders (tiny) get the same weights in every run: reproducible
         self.base = create_model(
             config.encoders,
             self.labels,
@@ -309,6 +230,10 @@ class Evaluation:
 
     # -- output
 
+    def outcome(self) -> EvaluationResults:
+        """The results as plain data, for the report."""
+        return EvaluationResults(self.describe(), self.results, self.quality_auroc, self.methods_clean())
+
     def describe(self) -> dict[str, Any]:
         ds = self.dataset
         return {
@@ -381,4 +306,4 @@ def run_evaluation(
     """Run every configured experiment and write the report."""
     evaluation = Evaluation(config, cache_root, progress=progress)
     evaluation.execute()
-    return write_report(evaluation, out_dir)
+    return write_report(evaluation.outcome(), out_dir)

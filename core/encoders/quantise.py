@@ -1,22 +1,18 @@
 """int8 encoders: ONNX Runtime quantisation of an exported encoder, and the images the image model calibrates on.
 
-Only the export step (core/onnx_runtime.py) calls this, at build time: a serving process loads the int8 files.
+Only the export step (core/encoders/export.py) calls this, at build time: a serving process loads the int8 files.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from core.encoder_base import EncoderUnavailableError
-
-if TYPE_CHECKING:
-    from core.onnx_runtime import OnnxExport
-
+from core.encoders.base import EncoderUnavailableError
 
 #: Images the int8 image model is calibrated on ("a few hundred").
 CALIBRATION_IMAGES = 320
@@ -55,14 +51,16 @@ def calibration_images(directory: str | None = None, count: int = CALIBRATION_IM
     return images
 
 
-def quantise(fp32: Path, spec: OnnxExport) -> Path:
+def quantise(fp32: Path, calibration: Callable[[], Iterator[dict[str, np.ndarray]]] | None) -> Path:
     """int8 weights (per output channel for convolutions); activations: calibrated static ranges for the CNN,
-    computed per batch (dynamic) for the transformer, whose activation ranges vary from text to text."""
+    computed per batch (dynamic) for the transformer, whose activation ranges vary from text to text.
+
+    ``calibration`` yields the image model's calibration feeds; None (texts) means dynamic quantisation."""
     import onnx
     from onnxruntime import quantization as q
 
     out = fp32.with_name("int8.onnx")
-    if spec.calibration is None:
+    if calibration is None:
         # The feed-forward output projections stay fp32: their inputs (GELU outputs) carry outliers that one
         # dynamic int8 range per tensor crushes (min cosine to fp32 0.95 -> 0.98 on tweets; bench/parity.py).
         graph = onnx.load(fp32, load_external_data=False).graph
@@ -81,7 +79,6 @@ def quantise(fp32: Path, spec: OnnxExport) -> Path:
             nodes_to_exclude=outliers,
         )
         return out
-    calibration = spec.calibration
     prepared = fp32.with_name("prepared.onnx")
     q.quant_pre_process(fp32, prepared, skip_symbolic_shape=True)
     # Only the network's own float ops. timm's TF "same" padding computes pad sizes in float at run time
@@ -92,9 +89,11 @@ def quantise(fp32: Path, spec: OnnxExport) -> Path:
         n.name for n in graph.node if n.op_type == "Clip" and produced_by.get(n.input[0]) != "Conv"
     ]
 
+    feeds = calibration
+
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
-            self.feeds = calibration()
+            self.feeds = feeds()
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)

@@ -1,5 +1,5 @@
 """The encoder implementations: a timm image backbone and a Hugging Face text transformer (each with an ONNX Runtime
-switch for CPU inference, core/onnx_runtime.py), and the tiny random-init pair the tests use.
+switch for CPU inference, core/encoders/switch.py), and the tiny random-init pair the tests use.
 
 Text features are the attention-masked mean of the last hidden states for every encoder (the pooling
 all-MiniLM-L6-v2 was trained with).
@@ -17,24 +17,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from core.encoder_base import ImageEncoder, ImagePreprocessing, TextEncoder, masked_mean
-from core.onnx_runtime import OnnxExport, OnnxOnly, OnnxSwitch
+from core.encoders.base import ImageEncoder, ImagePreprocessing, TextEncoder, masked_mean
+from core.encoders.export import OnnxExport
+from core.encoders.switch import OnnxOnly, OnnxSwitch
 
 #: Images per ONNX Runtime call. ONNX Runtime's arena keeps the largest call's activations for good, and a CPU
-#: gains nothing from larger calls: int8, 32 texts + 28 images per batch took the same time in calls of 1, 2, 4 or
-#: 8 images, while the process grew by 75, 99, 144 and 234 MiB (2 threads; without the arena: 95 MiB, 1.5x slower).
+#: gains no speed from larger calls, only memory (BENCHMARKS.md, memory).
 ONNX_IMAGE_CHUNK = 1
-#: Texts per ONNX Runtime call, each call cut to its own longest text. Same reason: 32 texts up to 128 tokens grew
-#: the process by 140 MiB in one call, 97 in calls of 16, 48 in calls of 8, within the noise of one speed. The
-#: texts are ordered by length before they are cut into calls, so a call pads to texts like its own: 64 tweets
-#: took 4.3-4.6 instead of 6.3-7.1 ms each (int8, 2 threads), with the same features.
+#: Texts per ONNX Runtime call, each call cut to its own longest text, for the same reason. The texts are ordered
+#: by length before they are cut into calls, so a call pads to texts like its own, with the same features.
 ONNX_TEXT_CHUNK = 8
 
 
 class TimmImageEncoder(OnnxSwitch, ImageEncoder):
     """A timm backbone with its classifier removed; features are its pooled pre-logits.
 
-    EfficientNet-Lite0 runs 1.5-3.4x faster under ONNX Runtime than in eager torch on this CPU (bench/levers.py);
+    EfficientNet-Lite0 runs faster under ONNX Runtime than in eager torch on a CPU (bench/levers.py);
     its int8 model is statically quantised on ``calibration`` images (default: ``calibration_images()``).
     ``model=None`` with ``onnx_only`` is the inference-only encoder (``dim`` then says its width).
     """
@@ -58,7 +56,7 @@ class TimmImageEncoder(OnnxSwitch, ImageEncoder):
         self.dim = int(dim if model is None else model.num_features)  # type: ignore[arg-type]
         self.preprocessing = preprocessing
         self.calibration = calibration
-        # channels_last speeds convolutions up ~1.5x on CPU (bench/levers.py).
+        # channels_last speeds convolutions up on CPU (bench/levers.py).
         self.channels_last = channels_last
         if channels_last and model is not None:
             model.to(memory_format=torch.channels_last)
@@ -75,17 +73,17 @@ class TimmImageEncoder(OnnxSwitch, ImageEncoder):
         return self.model(pixel_values)
 
     def onnx_calibration_id(self) -> str:
-        from core.quantise import CALIBRATION_IMAGES
+        from core.encoders.quantise import CALIBRATION_IMAGES
 
         return f"{self.calibration or 'sample-photos'}:{CALIBRATION_IMAGES}:{self.preprocessing}"
 
     def onnx_export(self) -> OnnxExport:
-        from core.quantise import calibration_images
+        from core.encoders.quantise import calibration_images
 
         assert self.model is not None
         size = self.preprocessing.size
 
-        # Small batches: calibration keeps every activation of a batch alive (~3 GiB peak at 16, build time only).
+        # Small batches: calibration keeps every activation of a batch alive (build time only, but GiBs at 16).
         def feeds(batch: int = 4) -> Iterator[dict[str, np.ndarray]]:
             images = calibration_images(self.calibration)
             for start in range(0, len(images), batch):
@@ -123,8 +121,8 @@ class _PooledText(nn.Module):
 class FastTokenizer:
     """A Hugging Face fast tokenizer driven directly (the Rust ``tokenizers`` library): dynamic padding to the
     longest text, truncation to ``max_length``, the same ids as ``AutoTokenizer(..., padding=True,
-    truncation=True)``. Read from the directory's tokenizer.json it needs no transformers import, which is ~40 MiB
-    of a serving process; a directory without one goes through AutoTokenizer's conversion.
+    truncation=True)``. Read from the directory's tokenizer.json it needs no transformers import, which would weigh on
+    a serving process's memory; a directory without one goes through AutoTokenizer's conversion.
     """
 
     def __init__(self, directory: Path, max_length: int) -> None:

@@ -12,9 +12,9 @@ import torch
 from core.checkpoint import save_checkpoint
 from core.data.records import Sample, stratified_split
 from core.data.vader import load_vader
-from core.features import CachedSource, encode_samples, feature_cache_for
-from core.model import create_model
-from core.train import CPU_DIM, CPU_QUEUE_SIZE, CPU_TRAIN, fit, one_thread
+from core.model.drf_model import create_model
+from core.training.features import CachedSource, encode_samples, feature_cache_for
+from core.training.loop import CPU_DIM, CPU_QUEUE_SIZE, CPU_TRAIN, fit, one_thread
 
 log = logging.getLogger(__name__)
 

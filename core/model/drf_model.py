@@ -1,4 +1,4 @@
-"""DRFModel = image/text encoders + learned projections to the DRF width + the DRF head (core/drf.py).
+"""DRFModel = image/text encoders + learned projections to the DRF width + the DRF head (core/drf/head.py).
 
 ``create_model(name, labels, **kw)`` builds one by encoder configuration name, timm style.  The trainer can run the
 encoders separately (``encode_images``/``encode_texts`` give pre-projection features) and cache them while the
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distribution import DEFAULT_QUEUE_SIZE, QueueStats
-from core.drf import DEFAULT_VARIANT, VARIANTS, DRFConfig, DRFHead, DRFOutput, output_diagnostics
-from core.encoders import Encoders, create_encoders
+from core.drf.distribution import DEFAULT_QUEUE_SIZE, QueueStats
+from core.drf.head import DEFAULT_VARIANT, VARIANTS, DRFConfig, DRFHead, DRFOutput, output_diagnostics
+from core.encoders.configs import Encoders, create_encoders
 
 DEFAULT_DIM = 768
 ABLATIONS = (
@@ -262,7 +262,7 @@ class DRFModel(nn.Module):
 
     @torch.no_grad()
     def diagnostics(self, features: FeatureTable) -> dict[str, float]:
-        """``core.drf.output_diagnostics`` of an eval-mode pass, plus each queue's fill and sigma."""
+        """``core.drf.head.output_diagnostics`` of an eval-mode pass, plus each queue's fill and sigma."""
         was_training = self.training
         self.train(False)
         out = self.forward_features(features)

@@ -1,13 +1,13 @@
-"""The DRF head (paper sections 3.2-3.5): converters, quality-weighted fusion of three expanded samples, losses.
-Over ~400 lines on purpose: equations (3)-(16) of one head, checked against the paper side by side, stay together.
+"""The DRF head (paper sections 3.2-3.5): converters, quality-weighted fusion of three expanded samples, and the
+losses of (15), (16) (the terms of (3), (4) and (7) are in core/drf/losses.py).
 
-It works on features already projected to the DRF width d; encoders and projections live in core/model.py.
+It works on features already projected to the DRF width d; encoders and projections live in core/model/.
 Names follow the paper: f^v, f^t features, lambda^v, lambda^t presence flags, C_{v->t}, C_{t->v} converters,
 F the shared fusion MLP, M the fused feature, Q_v, Q_t the feature queues.
 
 Decisions where the paper is silent:
 
-* Fusion weights (12) use qualities q = p / p(mu) (core/distribution.py).  Every term of (12) multiplies one
+* Fusion weights (12) use qualities q = p / p(mu) (core/drf/distribution.py).  Every term of (12) multiplies one
   image-distribution density by one text-distribution density, so the dropped factor 1/(2 pi sigma_v sigma_t) is
   common to all three terms: keeping it would only rescale M and tie the classifier's scale to the queues' sigma.
 * A missing modality's feature is replaced by zeros (never NaN/garbage) and its terms are removed by lambda, with
@@ -39,19 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.distribution import (
+from core.drf.distribution import (
     ADMISSION_RULES,
     DEFAULT_ADMISSION_FLOOR,
     DEFAULT_QUEUE_SIZE,
     LOG_QUALITY_FLOOR,
     FeatureQueue,
     QueueStats,
-    distribution_moments,
     stats_log_quality,
 )
+from core.drf.losses import distribution_constraint, distribution_recovery_loss, sample_recovery_loss
 
-#: Cap on the exponent of (3): exp(30) ~ 1e13 keeps the loss finite in float32 for any feature.
-DIS_EXPONENT_CAP = 30.0
 #: Index of each expanded sample in ``fusion_weights`` (column order of (12)).
 EXPANSIONS = ("intact", "image+recovered_text", "recovered_image+text")
 FUSION_RULES = ("softmax", "product")
@@ -77,7 +75,7 @@ class DRFConfig:
     expansion: bool = True  # False: only the intact term, or the one term the available modality allows
     distribution_constraint: bool = True  # loss (3)
     # Mechanisms where the robust variant departs from the paper (VARIANTS); the defaults are the robust ones.
-    admission: str = "floor"  # queue admission: "floor" or the paper's "rule13" (core/distribution.py)
+    admission: str = "floor"  # queue admission: "floor" or the paper's "rule13" (core/drf/distribution.py)
     admission_floor: float = DEFAULT_ADMISSION_FLOOR  # log q floor of the "floor" rule
     fusion: str = (
         "softmax"  # weights of (12): "softmax" over present terms, or the paper's "product" lambda q q
@@ -174,7 +172,7 @@ class DRFOutput:
     loss_dis: Tensor | None = None  # (3)
     loss_rec: Tensor | None = None  # (8)
     loss_cls: Tensor | None = None  # (15)
-    loss_terms: dict[str, Tensor] = field(default_factory=dict)  # the four recovery terms of (8)
+    recovery_terms: dict[str, Tensor] = field(default_factory=dict)  # the four recovery terms of (8)
     term_logits: Tensor | None = None  # [3, B, S], each expanded sample classified on its own
 
     @property
@@ -226,34 +224,6 @@ def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def distribution_constraint(
-    f_v: Tensor, f_t: Tensor, lam_v: Tensor, lam_t: Tensor, mu_v: Tensor, mu_t: Tensor
-) -> Tensor:
-    """L_dis of (3), averaged over the batch: pull each feature to its own mean, push it from the other's.
-
-    Features and means share one space (width d: the projected one).
-    """
-    mu_v, mu_t = mu_v.to(f_v), mu_t.to(f_v)
-    image_term = torch.linalg.vector_norm(f_v - mu_v, dim=-1) - torch.linalg.vector_norm(f_v - mu_t, dim=-1)
-    text_term = torch.linalg.vector_norm(f_t - mu_t, dim=-1) - torch.linalg.vector_norm(f_t - mu_v, dim=-1)
-    loss = (
-        lam_v * image_term.clamp_max(DIS_EXPONENT_CAP).exp()
-        + lam_t * text_term.clamp_max(DIS_EXPONENT_CAP).exp()
-    )
-    return loss.mean()
-
-
-def sample_recovery_loss(recovered: Tensor, target: Tensor, both_present: Tensor) -> Tensor:
-    """L^s of (4), averaged over the batch: lambda^v lambda^t ||C(f) - f_other||_2."""
-    return (both_present * torch.linalg.vector_norm(recovered - target, dim=-1)).mean()
-
-
-def distribution_recovery_loss(converter: nn.Module, source_queue: Tensor, target: QueueStats) -> Tensor:
-    """L^d of (7): ||mu_{a->b} - mu_b||_2 + |sigma_{a->b} - sigma_b|, with (5), (6) over C(Q_a)."""
-    mu, sigma = distribution_moments(converter(source_queue))
-    return torch.linalg.vector_norm(mu - target.mean.to(mu)) + (sigma - target.sigma.to(sigma)).abs()
-
-
 class DRFHead(nn.Module):
     """Converters C_{v->t}, C_{t->v} (2-layer MLPs), fusion F (3-layer MLP), classifier (14), queues Q_v, Q_t.
 
@@ -293,25 +263,13 @@ class DRFHead(nn.Module):
         ``stats`` overrides the queues' own statistics (the service's shared reference queues).
         """
         cfg = self.config
-        d_v, d_t = cfg.widths
-        if (
-            image_features.dim() != 2
-            or text_features.dim() != 2
-            or image_features.shape[0] != text_features.shape[0]
-            or image_features.shape[-1] != d_v
-            or text_features.shape[-1] != d_t
-        ):
-            raise ValueError(
-                f"image and text features must be [B, {d_v}] and [B, {d_t}], got "
-                f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
-            )
+        self._check_shapes(image_features, text_features)
         project_v, project_t = projections if projections is not None else (nn.Identity(), nn.Identity())
         batch = image_features.shape[0]
         present_v = image_present.to(device=image_features.device, dtype=torch.bool).reshape(batch)
         present_t = text_present.to(device=image_features.device, dtype=torch.bool).reshape(batch)
         f_v = torch.where(present_v[:, None], image_features, torch.zeros_like(image_features))
         f_t = torch.where(present_t[:, None], text_features, torch.zeros_like(text_features))
-        lam_v, lam_t = present_v.float(), present_t.float()
         stats = stats or self.queue_stats()
         stats_v, stats_t = stats["image"], stats["text"]
 
@@ -325,29 +283,8 @@ class DRFHead(nn.Module):
         lq_t = stats_log_quality(f_t, stats_t, floor)
         lq_t2v = stats_log_quality(f_t2v, stats_v, floor)
         lq_v2t = stats_log_quality(f_v2t, stats_t, floor)
-
-        # Weights of (12): lambda^v lambda^t q^v q^t, lambda^v q^v q^{v->t}, lambda^t q^{t->v} q^t.
-        if cfg.expansion:
-            lams = torch.stack([lam_v * lam_t, lam_v, lam_t], dim=-1)
-        else:
-            lams = torch.stack([lam_v * lam_t, lam_v * (1 - lam_t), (1 - lam_v) * lam_t], dim=-1)
-        if cfg.cap_recovered:
-            # A converter regresses towards the mean, so a recovered feature looks more typical than any real one;
-            # it counts at most as a typical real feature (log q = -1/2: the mean over the queue, by (2)).
-            lq_t2v_w, lq_v2t_w = lq_t2v.clamp_max(TYPICAL_LOG_QUALITY), lq_v2t.clamp_max(TYPICAL_LOG_QUALITY)
-        else:
-            lq_t2v_w, lq_v2t_w = lq_t2v, lq_v2t
-        log_q = torch.stack([lq_v + lq_t, lq_v + lq_v2t_w, lq_t2v_w + lq_t], dim=-1)
-        if cfg.detach_quality:
-            log_q = log_q.detach()
-        if not cfg.gaussian_weights:
-            log_q = torch.zeros_like(log_q)
-        if cfg.fusion == "softmax":
-            scores = torch.where(lams > 0, log_q / cfg.temperature, float("-inf"))
-            any_term = (lams > 0).any(dim=-1, keepdim=True)
-            weights = torch.where(any_term, scores.softmax(dim=-1), 0.0)
-        else:
-            weights = lams * log_q.exp()
+        lams = self._term_presence(present_v.float(), present_t.float())
+        weights = self._fusion_weights(lams, lq_v, lq_t, lq_t2v, lq_v2t)
 
         p_v, p_t, p_v2t, p_t2v = project_v(f_v), project_t(f_t), project_t(f_v2t), project_v(f_t2v)
         pairs = torch.cat(
@@ -389,6 +326,48 @@ class DRFHead(nn.Module):
                 means = (project_v(stats_v.mean.to(p_v)[None])[0], project_t(stats_t.mean.to(p_t)[None])[0])
             self._add_losses(out, labels.to(logits.device), lams, (p_v, p_t), means, stats_v, stats_t)
         return out
+
+    def _check_shapes(self, image_features: Tensor, text_features: Tensor) -> None:
+        d_v, d_t = self.config.widths
+        if (
+            image_features.dim() != 2
+            or text_features.dim() != 2
+            or image_features.shape[0] != text_features.shape[0]
+            or image_features.shape[-1] != d_v
+            or text_features.shape[-1] != d_t
+        ):
+            raise ValueError(
+                f"image and text features must be [B, {d_v}] and [B, {d_t}], got "
+                f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+            )
+
+    def _term_presence(self, lam_v: Tensor, lam_t: Tensor) -> Tensor:
+        """[B, 3]: which of the three terms of (12) exist: intact pair, image + recovered text, recovered image +
+        text. With the expansion, a post with both modalities has all three; without it, only its own."""
+        if self.config.expansion:
+            return torch.stack([lam_v * lam_t, lam_v, lam_t], dim=-1)
+        return torch.stack([lam_v * lam_t, lam_v * (1 - lam_t), (1 - lam_v) * lam_t], dim=-1)
+
+    def _fusion_weights(
+        self, lams: Tensor, lq_v: Tensor, lq_t: Tensor, lq_t2v: Tensor, lq_v2t: Tensor
+    ) -> Tensor:
+        """[B, 3] weights of (12): lambda^v lambda^t q^v q^t, lambda^v q^v q^{v->t}, lambda^t q^{t->v} q^t (the
+        paper's product rule), or a softmax of the present terms' log q over a temperature (the robust rule)."""
+        cfg = self.config
+        if cfg.cap_recovered:
+            # A converter regresses towards the mean, so a recovered feature looks more typical than any real one;
+            # it counts at most as a typical real feature (log q = -1/2: the mean over the queue, by (2)).
+            lq_t2v, lq_v2t = lq_t2v.clamp_max(TYPICAL_LOG_QUALITY), lq_v2t.clamp_max(TYPICAL_LOG_QUALITY)
+        log_q = torch.stack([lq_v + lq_t, lq_v + lq_v2t, lq_t2v + lq_t], dim=-1)
+        if cfg.detach_quality:
+            log_q = log_q.detach()
+        if not cfg.gaussian_weights:
+            log_q = torch.zeros_like(log_q)
+        if cfg.fusion == "softmax":
+            scores = torch.where(lams > 0, log_q / cfg.temperature, float("-inf"))
+            any_term = (lams > 0).any(dim=-1, keepdim=True)
+            return torch.where(any_term, scores.softmax(dim=-1), 0.0)
+        return lams * log_q.exp()
 
     def _add_losses(
         self,
@@ -433,16 +412,16 @@ class DRFHead(nn.Module):
             loss_cls = F.cross_entropy(out.logits.float(), labels.long(), ignore_index=-100)
         else:
             loss_cls = zero
-        loss_terms = zero
+        loss_per_term = zero
         if out.term_logits is not None and bool(labelled.any()):
             # Each expanded sample that exists (lambda > 0) is a training sample of its own.
             exists = (lams.T > 0) & labelled[None, :]
             per_term = F.cross_entropy(
                 out.term_logits.flatten(0, 1), labels.long().repeat(3).clamp_min(0), reduction="none"
             ).reshape(3, -1)
-            loss_terms = cfg.term_loss * (per_term * exists).sum() / exists.sum().clamp_min(1)
-        out.loss_dis, out.loss_rec, out.loss_cls, out.loss_terms = loss_dis, loss_rec, loss_cls, terms
-        out.loss = loss_dis + loss_rec + loss_cls + loss_terms
+            loss_per_term = cfg.term_loss * (per_term * exists).sum() / exists.sum().clamp_min(1)
+        out.loss_dis, out.loss_rec, out.loss_cls, out.recovery_terms = loss_dis, loss_rec, loss_cls, terms
+        out.loss = loss_dis + loss_rec + loss_cls + loss_per_term
 
     @torch.no_grad()
     def update_queues(self, out: DRFOutput) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@
 
 These methods cannot take a missing modality, so, as the paper does for such methods, a missing image is replaced
 by the features of a blank (black) image and a missing text by those of an all-[MASK] text
-(``core.features.encode_padding``).  Corrupted modalities are used as they are.
+(``core.training.features.encode_padding``).  Corrupted modalities are used as they are.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.drf import mlp
-from core.model import FeatureTable
+from core.drf.head import mlp
+from core.model.drf_model import FeatureTable
 
 HEADS = ("concat", "concat_dropout", "text_only", "image_only")
 BASELINES = (*HEADS, "router")

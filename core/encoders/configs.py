@@ -8,9 +8,8 @@
   files or an existing Hugging Face cache only; nothing is ever downloaded.
 * ``tiny``: small random-init encoders for tests (a two-layer CNN on 32x32 images, hashed word embeddings).
 
-The interfaces are in core/encoder_base.py, the implementations in core/torch_encoders.py, the ONNX Runtime path
-in core/onnx_runtime.py. ``python -m core.encoders CHECKPOINT --precision int8`` exports a checkpoint's encoders
-for ONNX Runtime serving (``core.onnx_runtime.main``).
+The interfaces are in core/encoders/base.py, the networks in core/encoders/networks.py, the ONNX Runtime path in
+core/encoders/sessions.py, export.py and switch.py.
 """
 
 from __future__ import annotations
@@ -28,15 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.encoder_base import EncoderUnavailableError, ImageEncoder, ImagePreprocessing, TextEncoder
-from core.onnx_runtime import OnnxOnly, require_onnxruntime, served_by_onnx
-from core.torch_encoders import (
+from core.encoders.base import EncoderUnavailableError, ImageEncoder, ImagePreprocessing, TextEncoder
+from core.encoders.networks import (
     FastTokenizer,
     HFTextEncoder,
     TimmImageEncoder,
     TinyImageEncoder,
     TinyTextEncoder,
 )
+from core.encoders.sessions import require_onnxruntime, served_by_onnx
+from core.encoders.switch import OnnxOnly
 
 ENCODER_CONFIGS = ("offline", "paper", "tiny")
 
@@ -226,7 +226,7 @@ def _offline(
     )
     image = _offline_image(pretrained, image_runtime, precision, int8_calibration, serving)
     # Options beyond these two are recorded only when they differ from the default, so the fingerprints of
-    # existing checkpoints and feature caches (core/train.py) stay what they were.
+    # existing checkpoints and feature caches (core/training/features.py) stay what they were.
     options: dict[str, Any] = {"max_length": max_length, "image_runtime": image_runtime}
     extra = {"text_runtime": text_runtime, "precision": precision, "int8_calibration": int8_calibration}
     defaults = {"text_runtime": "torch", "precision": "fp32", "int8_calibration": None}
@@ -337,9 +337,3 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
     except TypeError as exc:
         raise ValueError(f"invalid options for encoder configuration {name!r}: {exc}") from exc
     return builder(pretrained, **options)
-
-
-if __name__ == "__main__":
-    from core.onnx_runtime import main
-
-    main()

@@ -17,7 +17,7 @@ Decisions where the paper is silent (documented here, tested in tests/core/drf/t
 * Warm-up: while a queue holds fewer than its capacity L, every present feature is enqueued unconditionally, and
   while it holds fewer than 2 features (no spread to measure) every feature has quality 1.
 
-Admission (which features enter the queue) has two rules, chosen by the head's configuration (core/drf.py):
+Admission (which features enter the queue) has two rules, chosen by the head's configuration (core/drf/head.py):
 
 * ``"rule13"``, the paper's (13): q_i > mean_j q(f_j).  It admits only features closer to the mean than the queue's
   own average, so each generation of the queue is tighter than the last: sigma shrinks and acceptance falls towards

@@ -1,0 +1,26 @@
+"""The paper's maths, torch only: feature queues and quality (``distribution``), the DRF head (``head``)."""
+
+from core.drf.distribution import (
+    DEFAULT_QUEUE_SIZE,
+    SIGMA_EPS,
+    FeatureQueue,
+    QueueStats,
+    log_quality,
+    queue_statistics,
+)
+from core.drf.head import DEFAULT_VARIANT, MECHANISMS, VARIANTS, DRFConfig, DRFHead, DRFOutput
+
+__all__ = [
+    "DEFAULT_QUEUE_SIZE",
+    "DEFAULT_VARIANT",
+    "MECHANISMS",
+    "SIGMA_EPS",
+    "VARIANTS",
+    "DRFConfig",
+    "DRFHead",
+    "DRFOutput",
+    "FeatureQueue",
+    "QueueStats",
+    "log_quality",
+    "queue_statistics",
+]
