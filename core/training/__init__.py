@@ -1,5 +1,12 @@
-"""Training: the feature cache and encoding (``features``), the fit loop and scoring (``loop``), the demo model."""
+"""Training: the feature cache and encoding (``features``), the fit loop and scoring (``loop``), calibration
+(``calibration``: ECE, NLL, reliability bins, temperature scaling), the demo model."""
 
+from core.training.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    reliability_bins,
+)
 from core.training.demo_model import ensure_demo_model
 from core.training.features import (
     CachedSource,
@@ -37,9 +44,13 @@ __all__ = [
     "classification_scores",
     "encode_samples",
     "ensure_demo_model",
+    "expected_calibration_error",
     "feature_cache_for",
     "fit",
+    "fit_temperature",
+    "negative_log_likelihood",
     "one_thread",
     "predict_probabilities",
+    "reliability_bins",
     "score",
 ]
