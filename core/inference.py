@@ -22,8 +22,8 @@ from core.checkpoint import load_checkpoint
 from core.drf.distribution import QueueStats
 from core.encoders.configs import CpuServing, cpu_serving
 from core.encoders.export import onnx_dir_for
-from core.encoders.sessions import cpu_threads
-from core.encoders.switch import configure_cpu_inference
+from core.encoders.sessions import AUTO_RUNTIME, auto_runtime, cpu_threads
+from core.encoders.switch import OnnxSwitch, configure_cpu_inference
 from core.model.drf_model import DRFModel, PreparedBatch
 
 __all__ = ["BatchPrediction", "OutOfMemoryAtOnePost", "PreparedBatch", "Predictor", "resolve_device"]
@@ -40,7 +40,9 @@ class BatchPrediction:
     """One batch's results, all numpy / Python on CPU."""
 
     labels: list[str | None]  # None where abstained
-    probabilities: np.ndarray  # [B, S] float32
+    probabilities: (
+        np.ndarray
+    )  # [B, S] float32: softmax(logits / T), T the checkpoint's temperature (1 if none)
     quality_image: np.ndarray  # [B] in (0, 1], NaN where the image is absent
     quality_text: np.ndarray  # [B]
     recovered: list[str | None]  # "image" | "text" | None: the missing modality a converter stood in for
@@ -104,6 +106,8 @@ class Predictor:
         self.model_name = f"drf-{model.encoder_name}"
         self.model_version = model_version
         self._stats = {k: v.to(device) for k, v in model.head.queue_stats().items()}
+        # Temperature scaling fitted on dev (None: never fitted, probabilities are the plain softmax, as before).
+        self.calibration_temperature = model.calibration_temperature
         # bfloat16 where the GPU supports it: same exponent range as float32, so no loss scaling is needed.
         self._amp_dtype: torch.dtype | None = None
         if device.type == "cuda" and mixed_precision:
@@ -126,8 +130,9 @@ class Predictor:
     ) -> Predictor:
         """``mixed_precision`` applies on CUDA only (the CPU path always runs in float32).
 
-        On CPU, ``image_runtime``/``text_runtime`` ("torch" or "onnxruntime") and ``precision`` ("fp32" or
-        "int8") switch how the encoders run without retraining (None: as the checkpoint says). An encoder ONNX
+        On CPU, ``image_runtime``/``text_runtime`` ("torch", "onnxruntime", or "auto": ONNX Runtime for every
+        encoder that can switch when it is installed) and ``precision`` ("fp32" or "int8") switch how the encoders
+        run without retraining (None: as the checkpoint says). An encoder ONNX
         Runtime serves is loaded inference-only, from the file ``python -m core.encoders`` put beside the
         checkpoint (or the ONNX cache): no torch copy of it in memory. A GPU ignores them: torch, autocast.
         """
@@ -138,21 +143,52 @@ class Predictor:
         # torch's default is the node's cores, not the pod's CPU quota.
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))
+        auto = (image_runtime == AUTO_RUNTIME, text_runtime == AUTO_RUNTIME)
+        image_runtime = auto_runtime() if auto[0] else image_runtime
+        text_runtime = auto_runtime() if auto[1] else text_runtime
         with cpu_serving(CpuServing(image_runtime, text_runtime, precision, (onnx_dir_for(path),))):
             checkpoint = load_checkpoint(path)
         model = checkpoint.model
-        # The offline encoders took the settings when built; the others are switched (or refuse) here.
-        for encoder, runtime in ((model.image_encoder, image_runtime), (model.text_encoder, text_runtime)):
+        # The offline encoders took the settings when built; the others are switched (or refuse) here, except
+        # that "auto" passes over an encoder with no other runtime (the tiny test encoders).
+        encoders = (model.image_encoder, model.text_encoder)
+        for encoder, runtime, automatic in zip(encoders, (image_runtime, text_runtime), auto, strict=True):
+            if automatic and not isinstance(encoder, OnnxSwitch):
+                continue
             if runtime is not None or precision is not None:
                 configure_cpu_inference(encoder, runtime, precision)
         _return_freed_heap()
         return cls(model, resolved, checkpoint.model_version, mixed_precision)
+
+    def runtime_summary(self) -> str:
+        """How each encoder runs, for the start-up log: e.g. "image onnxruntime fp32, text onnxruntime fp32"."""
+        parts = []
+        for name, encoder in (("image", self.model.image_encoder), ("text", self.model.text_encoder)):
+            if self.device.type != "cpu" or not isinstance(encoder, OnnxSwitch):
+                parts.append(f"{name} torch on {self.device}")
+            elif (
+                encoder.onnx_only is not None
+                or encoder.runtime == "onnxruntime"
+                or encoder.precision == "int8"
+            ):
+                parts.append(f"{name} onnxruntime {encoder.precision}")
+            else:
+                parts.append(f"{name} torch fp32")
+        return ", ".join(parts)
 
     @classmethod
     def from_model(
         cls, model: DRFModel, device: str = "cpu", model_version: str = "unversioned"
     ) -> Predictor:
         return cls(model, resolve_device(device), model_version)
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """How ``probabilities`` are calibrated, for the sentiment record: ``{"method": "temperature",
+        "temperature": T}``, or None when the checkpoint has no fitted temperature (plain softmax)."""
+        if self.calibration_temperature is None:
+            return None
+        return {"method": "temperature", "temperature": float(self.calibration_temperature)}
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """[3, H, W] float tensor, the encoder's own resize/crop/normalisation; thread-safe."""
@@ -236,7 +272,12 @@ class Predictor:
         image_present = out.image_present.cpu().numpy()
         text_present = out.text_present.cpu().numpy()
         abstained = out.abstained.cpu().numpy()
-        probabilities = out.probabilities.float().cpu().numpy()
+        # Labels are the argmax of the unscaled softmax, so a temperature cannot move one (not even on a float tie);
+        # the published probabilities are softmax(logits / T).
+        predicted = out.probabilities.float().cpu().numpy().argmax(-1)
+        temperature = self.calibration_temperature
+        scaled = out.probabilities if temperature is None else (out.logits.float() / temperature).softmax(-1)
+        probabilities = scaled.float().cpu().numpy()
         image_features = out.image_features.float()
         text_features = out.text_features.float()
         # The shared queues admit by the same rule as training did (the head's admission rule).
@@ -248,10 +289,7 @@ class Predictor:
             for v, t in zip(image_present, text_present, strict=True)
         ]
         return BatchPrediction(
-            labels=[
-                None if a else self.labels[i]
-                for a, i in zip(abstained, probabilities.argmax(-1), strict=True)
-            ],
+            labels=[None if a else self.labels[i] for a, i in zip(abstained, predicted, strict=True)],
             probabilities=probabilities.astype(np.float32),
             quality_image=np.where(image_present, out.log_quality_image.exp().cpu().numpy(), np.nan),
             quality_text=np.where(text_present, out.log_quality_text.exp().cpu().numpy(), np.nan),

@@ -27,9 +27,11 @@ def load_predictor(settings: Settings, checkpoint: Path) -> Predictor:
 
     m = settings.model
     chosen = {"image_runtime": m.image_runtime, "text_runtime": m.text_runtime, "precision": m.precision}
-    return Predictor.from_checkpoint(
+    predictor = Predictor.from_checkpoint(
         checkpoint, m.device, m.mixed_precision, **{k: v for k, v in chosen.items() if v != "checkpoint"}
     )
+    log.info("encoders: %s", predictor.runtime_summary())
+    return predictor
 
 
 def open_reference_queues(settings: Settings, predictor: Predictor, metrics: Metrics) -> ReferenceQueues:

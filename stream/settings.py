@@ -53,11 +53,12 @@ class ModelSettings(Section):
     checkpoint: Path | None = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     mixed_precision: bool = True
-    # CPU inference of the image encoder: as the checkpoint says, eager torch, or ONNX Runtime (1.5-3.4x here,
-    # BENCHMARKS.md; needs the `onnx` extra). GPUs always use torch.
-    image_runtime: Literal["checkpoint", "torch", "onnxruntime"] = "checkpoint"
-    # The same for the text encoder (ONNX Runtime: features within ~1e-6 of torch).
-    text_runtime: Literal["checkpoint", "torch", "onnxruntime"] = "checkpoint"
+    # CPU inference of the image encoder: "auto" (ONNX Runtime fp32 when it is installed, for encoders that have an
+    # ONNX export: faster, features within float tolerance of torch; BENCHMARKS.md), as the checkpoint says,
+    # eager torch, or ONNX Runtime. GPUs always use torch.
+    image_runtime: Literal["auto", "checkpoint", "torch", "onnxruntime"] = "auto"
+    # The same for the text encoder.
+    text_runtime: Literal["auto", "checkpoint", "torch", "onnxruntime"] = "auto"
     # CPU encoders' precision: "int8" runs both encoders through ONNX Runtime int8 models (parity on real posts
     # in BENCHMARKS.md). GPUs ignore it: the CUDA path keeps its mixed precision.
     precision: Literal["checkpoint", "fp32", "int8"] = "checkpoint"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.checkpoint import load_checkpoint
 from core.encoders.export import onnx_dir_for, onnx_model_file
-from core.encoders.sessions import PRECISIONS
+from core.encoders.sessions import PRECISIONS, auto_runtime
 from core.encoders.switch import OnnxSwitch, configure_cpu_inference
 
 
@@ -28,6 +28,18 @@ def prepare_onnx(checkpoint: str | Path, precision: str, out: Path | None = None
         assert isinstance(encoder, OnnxSwitch)  # configure_cpu_inference refuses any other
         files.append(onnx_model_file(encoder.onnx_export(), precision, out or onnx_dir_for(checkpoint)))
     return files
+
+
+def prepare_cpu_serving(checkpoint: str | Path) -> list[Path]:
+    """The fp32 files that CPU serving loads by default (``model.image_runtime = "auto"``), beside a checkpoint
+    just written: training calls it, so that a first ``serve`` needs no export of its own. None when ONNX Runtime
+    is not installed or the encoders have no ONNX export (the tiny test encoders)."""
+    if auto_runtime() is None:
+        return []
+    model = load_checkpoint(checkpoint).model
+    if not all(isinstance(e, OnnxSwitch) for e in (model.image_encoder, model.text_encoder)):
+        return []
+    return prepare_onnx(checkpoint, "fp32")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

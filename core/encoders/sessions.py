@@ -7,6 +7,7 @@ build on it.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import threading
 from collections.abc import Mapping
@@ -35,6 +36,16 @@ def cpu_threads() -> int:
     except (OSError, ValueError):
         pass
     return cores
+
+
+#: The serving runtime setting that picks ONNX Runtime for every encoder that can switch, when it is installed:
+#: CPU inference of a frozen encoder is faster there, with features within float tolerance of torch.
+AUTO_RUNTIME = "auto"
+
+
+def auto_runtime() -> str | None:
+    """What ``AUTO_RUNTIME`` means on this machine: "onnxruntime" when installed, else None (the checkpoint's)."""
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") is not None else None
 
 
 def served_by_onnx(runtime: str, precision: str) -> bool:

@@ -12,9 +12,11 @@ import torch
 from core.checkpoint import save_checkpoint
 from core.data.records import Sample, stratified_split
 from core.data.vader import load_vader
+from core.encoders.__main__ import prepare_cpu_serving
 from core.model.drf_model import create_model
+from core.provenance import training_record
 from core.training.features import CachedSource, encode_samples, feature_cache_for
-from core.training.loop import CPU_DIM, CPU_QUEUE_SIZE, CPU_TRAIN, fit, one_thread
+from core.training.loop import CPU_DIM, CPU_QUEUE_SIZE, CPU_TRAIN, calibrate_temperature, fit, one_thread
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +45,25 @@ def ensure_demo_model(data_dir: str | Path, out_path: str | Path, progress: bool
     torch.manual_seed(0)
     model = create_model("offline", dataset.label_names, dim=CPU_DIM, queue_size=CPU_QUEUE_SIZE)
     cache = feature_cache_for(model, Path(data_dir) / "features")
-    train = encode_samples(
-        model, _stratified_subset(dataset["train"], DEMO_TRAIN_SAMPLES), cache, progress=progress
-    )
-    dev = encode_samples(
-        model, _stratified_subset(dataset["dev"], DEMO_DEV_SAMPLES), cache, progress=progress
-    )
+    splits = {
+        "train": _stratified_subset(dataset["train"], DEMO_TRAIN_SAMPLES),
+        "dev": _stratified_subset(dataset["dev"], DEMO_DEV_SAMPLES),
+    }
+    train = encode_samples(model, splits["train"], cache, progress=progress)
+    dev = encode_samples(model, splits["dev"], cache, progress=progress)
     config = replace(CPU_TRAIN, batch_size=32, epochs=10)
     with one_thread():
         result = fit(
             model, CachedSource(train), CachedSource(dev), config, progress=progress, description="demo model"
         )
-    log.info("demo model: best dev accuracy %.1f%% at epoch %d", result.best_dev_accuracy, result.best_epoch)
-    save_checkpoint(model, out)
+        temperature = calibrate_temperature(model, CachedSource(dev))  # temperature scaling on dev
+    log.info(
+        "demo model: best dev accuracy %.1f%% at epoch %d, calibration temperature %.3f",
+        result.best_dev_accuracy,
+        result.best_epoch,
+        temperature,
+    )
+    # Said at every serve and score start: a demo model, and how to train on one's own posts (core.provenance).
+    save_checkpoint(model, out, training=training_record(f"vader:{data_dir}", splits, result.best_dev_accuracy))
+    prepare_cpu_serving(out)
     return out

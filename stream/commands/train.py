@@ -22,14 +22,17 @@ from core.data import SPEC_HELP, DataFormatError, load_dataset
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
 from core.drf import DEFAULT_QUEUE_SIZE, DEFAULT_VARIANT, VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
+from core.encoders.__main__ import prepare_cpu_serving
 from core.inference import resolve_device
 from core.model import ABLATIONS, create_model
+from core.provenance import training_record
 from core.training import (
     CachedSource,
     FeatureSource,
     SampleSource,
     TrainConfig,
     TrainingError,
+    calibrate_temperature,
     encode_samples,
     feature_cache_for,
     fit,
@@ -138,14 +141,29 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     state = args.state or args.out.with_name(args.out.name + ".state")
     with nullcontext() if args.fine_tune else one_thread():
         result = fit(model, train, dev, config, state_path=state, resume=args.resume, progress=progress)
-    version = save_checkpoint(model, args.out)
+        # Temperature scaling on dev, for the selected weights: saved with the checkpoint, applied by the Predictor.
+        temperature = calibrate_temperature(model, dev)
     test_scores = score(model, test, len(dataset.label_names))
+    record = training_record(
+        args.data,
+        {s: dataset[s] for s in ("train", "dev", "test")},
+        result.best_dev_accuracy,
+        test_scores["accuracy"],
+        modality_random=None
+        if args.modality_random is None
+        else {"dr": args.modality_random, "setting": args.setting, "seed": args.disruption_seed},
+    )
+    version = save_checkpoint(model, args.out, training=record)
+    onnx_files = prepare_cpu_serving(args.out)
     summary = {
         "checkpoint": str(args.out),
         "model_version": version,
+        "onnx_files": [str(p) for p in onnx_files],
         "best_epoch": result.best_epoch,
         "best_dev_accuracy": round(result.best_dev_accuracy, 2),
+        "calibration_temperature": round(temperature, 4),
         "test": {k: round(v, 2) for k, v in test_scores.items()},
+        "training": record,
         "history": result.history,
     }
     print(json.dumps(summary, indent=2))

@@ -218,7 +218,55 @@ def test_serving_settings_switch_the_text_encoder_to_onnxruntime(tmp_path) -> No
 
     path = tmp_path / "offline.pt"
     save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
-    settings = load_settings(flags={"model": {"text_runtime": "onnxruntime", "device": "cpu"}})
-    predictor = load_predictor(settings, path)
+    model = {"text_runtime": "onnxruntime", "image_runtime": "checkpoint", "device": "cpu"}
+    predictor = load_predictor(load_settings(flags={"model": model}), path)
     assert predictor.model.text_encoder.runtime == "onnxruntime"
     assert predictor.model.image_encoder.runtime == "torch"
+
+
+def test_default_settings_serve_both_offline_encoders_through_onnxruntime(tmp_path, caplog) -> None:
+    """A CPU worker with no runtime setting takes the fast path: ONNX Runtime fp32 for both encoders, from the
+    files training put beside the checkpoint (no export in the serving process), and says so; same answers."""
+    from core.checkpoint import save_checkpoint
+    from core.encoders.__main__ import prepare_cpu_serving
+    from stream.components import load_predictor
+    from stream.settings import load_settings
+
+    torch.manual_seed(3)
+    path = tmp_path / "offline.pt"
+    save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
+    files = prepare_cpu_serving(path)
+    assert sorted(f.parent for f in files) == [tmp_path / "offline.pt.onnx"] * 2
+    photo = Image.fromarray(sklearn_datasets.load_sample_image("china.jpg"))
+    results = {}
+    for runtime in ("auto", "checkpoint"):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            settings = load_settings(
+                flags={"model": {"image_runtime": runtime, "text_runtime": runtime, "device": "cpu"}}
+            )
+            predictor = load_predictor(settings, path)
+        results[runtime] = predictor.predict(predictor.prepare([predictor.preprocess_image(photo)], ["nice"]))
+        if runtime == "auto":
+            assert load_settings().model.image_runtime == load_settings().model.text_runtime == "auto"
+            assert predictor.runtime_summary() == "image onnxruntime fp32, text onnxruntime fp32"
+            assert predictor.model.image_encoder.onnx_only is not None  # no torch copy in memory
+            assert predictor.model.text_encoder.onnx_only is not None
+            assert "exporting in this process" not in caplog.text
+        else:
+            assert predictor.runtime_summary() == "image torch fp32, text torch fp32"
+        assert f"encoders: {predictor.runtime_summary()}" in caplog.text
+    assert abs(results["auto"].probabilities - results["checkpoint"].probabilities).max() < 1e-4
+    assert results["auto"].labels == results["checkpoint"].labels
+
+
+def test_auto_runtime_passes_over_encoders_without_an_export(tmp_path) -> None:
+    from core.checkpoint import save_checkpoint
+    from core.encoders.__main__ import prepare_cpu_serving
+
+    save_checkpoint(create_model("tiny", ["a", "b"]), tmp_path / "tiny.pt")
+    assert prepare_cpu_serving(tmp_path / "tiny.pt") == []
+    predictor = Predictor.from_checkpoint(
+        tmp_path / "tiny.pt", "cpu", image_runtime="auto", text_runtime="auto"
+    )
+    assert predictor.runtime_summary() == "image torch on cpu, text torch on cpu"
