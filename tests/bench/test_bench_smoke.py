@@ -137,7 +137,7 @@ def test_spread_and_percentile_agree_with_numpy() -> None:
         spread([])
 
 
-def test_targets_are_judged_against_the_issue_bounds() -> None:
+def test_targets_are_judged_against_the_project_bounds() -> None:
     forward = {
         "rows": [
             {
@@ -159,11 +159,13 @@ def test_targets_are_judged_against_the_issue_bounds() -> None:
     e2e = {
         "config": "offline",
         "rows": [
-            {"throughput": {"batch": 32, "posts_per_s": 36.0}},  # 0.9 of bare forward: met
-            {"throughput": {"batch": 8, "posts_per_s": 24.0}},  # 0.8: not met
+            {
+                "throughput": {"batch": 32, "posts_per_s": 36.0}
+            },  # best: 0.9 of the best bare forward (40/s): met
+            {"throughput": {"batch": 8, "posts_per_s": 24.0}},  # 0.8 of its own batch size: reported only
         ],
     }
-    naive = {"runs": [{"config": "offline", "posts_per_s": 5.0}]}  # best e2e 36/s = 7.2x: not met
+    naive = {"runs": [{"config": "offline", "posts_per_s": 5.0}]}  # best e2e 36/s = 7.2x: reported only
     stages = {
         "runs": [
             {
@@ -184,9 +186,13 @@ def test_targets_are_judged_against_the_issue_bounds() -> None:
     cpu_soak = {**soak, "steady_rss_mib": {"median": 600.0}, "serve_torch": "2.13.0+cpu"}
     results = {"forward": forward, "e2e": e2e, "naive": naive, "stages": stages, "soak": soak}
     verdicts = {r["target"]: r["met"] for r in targets({**results, "soak-cpu-torch": cpu_soak})}
-    assert verdicts["end to end / bare forward, offline batch 32"] is True
-    assert verdicts["end to end / bare forward, offline batch 8"] is False
-    assert verdicts["end to end (batch 32) / naive loop, offline"] is False
+    best = "end to end (batch 32) / bare forward (batch 32), offline, best batch sizes"
+    assert verdicts[best] is True
+    assert verdicts["end to end / bare forward, offline batch 8"] is None  # reported, no target of its own
+    assert verdicts["end to end (batch 32) / naive loop, offline"] is None
+    slower = {**e2e, "rows": [{"throughput": {"batch": 8, "posts_per_s": 35.0}}]}  # 35/40 < 0.9 at best sizes
+    worse = targets({**results, "e2e": slower})
+    assert next(r["met"] for r in worse if "best batch sizes" in r["target"]) is False
     assert verdicts["DRF head / encoders (forward), offline batch 32"] is True  # 3 %
     assert verdicts["DRF head / encoders (serve path), offline batch 32"] is True
     assert verdicts["Redis round trips per batch (max), offline"] is False
