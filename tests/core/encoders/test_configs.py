@@ -14,10 +14,8 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from core.encoders import (
-    EncoderUnavailableError,  # noqa: E402 - the offline switches first
-    create_encoders,
-)
+# The offline switches are set before the project's modules are imported.
+from core.encoders import EncoderUnavailableError, create_encoders  # noqa: E402
 from core.encoders.configs import efficientnet_lite0_state_for_timm  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.model import DRFModel, create_model  # noqa: E402

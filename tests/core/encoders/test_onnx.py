@@ -23,9 +23,9 @@ sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 from core.encoders import (  # noqa: E402
     ONNX_CACHE_ENV,
-    ImagePreprocessing,  # noqa: E402
+    ImagePreprocessing,
     configure_cpu_inference,
-    create_encoders,  # noqa: E402
+    create_encoders,
     onnx_cache_dir,
 )
 from core.encoders.networks import TimmImageEncoder  # noqa: E402

@@ -21,9 +21,9 @@ pytest.importorskip("sklearn.datasets")
 
 from core.encoders import (  # noqa: E402
     ONNX_CACHE_ENV,
-    ImagePreprocessing,  # noqa: E402
+    ImagePreprocessing,
     configure_cpu_inference,
-    create_encoders,  # noqa: E402
+    create_encoders,
     onnx_cache_dir,
     onnx_dir_for,
 )
