@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -59,6 +60,11 @@ def save_checkpoint(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {"torch": str(torch.__version__), "postsense": __version__},
     }
+    if model.calibration_temperature is not None:  # absent from checkpoints of uncalibrated models (T = 1)
+        payload["calibration"] = {
+            "method": "temperature",
+            "temperature": float(model.calibration_temperature),
+        }
     data = torch_bytes(payload)
     digest = hashlib.sha256(data).hexdigest()
     version = model_version or f"drf-{model.encoder_name}-{digest[:12]}"
@@ -121,6 +127,26 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict[str, Any], int]:
     return header, end
 
 
+def _calibration_temperature(calibration: Any, path: Path) -> float | None:
+    """The payload's fitted temperature; None for a checkpoint without one (saved before calibration existed)."""
+    if calibration is None:
+        return None
+    temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
+    if (
+        not isinstance(calibration, dict)
+        or calibration.get("method") != "temperature"
+        or isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} has an unusable calibration {calibration!r} "
+            "(expected {'method': 'temperature', 'temperature': T > 0})"
+        )
+    return float(temperature)
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a checkpoint onto the CPU; raises CheckpointError with the reason when it cannot be used."""
     path = Path(path)
@@ -145,6 +171,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"checkpoint {path} does not match the {config['encoders']!r} model: {exc}"
         ) from exc
+    model.calibration_temperature = _calibration_temperature(payload.get("calibration"), path)
     model.eval()
     metadata = {k: payload[k] for k in ("created_at", "versions") if k in payload}
     metadata["config"] = config

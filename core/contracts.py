@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -289,11 +289,13 @@ def sentiment_document(
     fusion_weights: Sequence[float],
     model: tuple[str, str],
     processed_at: str,
+    calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sentiment record of one post (``core/schemas/sentiment.v1.json``).
 
     ``probabilities`` None means the model abstained (no usable modality): then no label either, since an
     abstention's softmax is the classifier bias, not evidence. ``source`` is (topic, partition, offset).
+    ``calibration`` says how the probabilities were calibrated (``Predictor.calibration``; None: not at all).
     """
     abstained = probabilities is None
     intact, image_recovered_text, recovered_image_text = (float(w) for w in fusion_weights)
@@ -317,4 +319,5 @@ def sentiment_document(
         "processed_at": processed_at,
         "metadata": post.metadata,
         "text_truncated": post.text_truncated,
+        "calibration": None if calibration is None else dict(calibration),
     }

@@ -260,4 +260,5 @@ class BatchProcessor:
             fusion_weights=prediction.fusion_weights[row],
             model=(self.predictor.model_name, self.predictor.model_version),
             processed_at=processed_at,
+            calibration=self.predictor.calibration,
         )

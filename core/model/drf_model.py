@@ -144,6 +144,9 @@ class DRFModel(nn.Module):
             )
         )
         self.freeze_encoders = freeze_encoders
+        # Temperature scaling of the published probabilities (softmax(logits / T)), fitted on dev by the trainer and
+        # kept in the checkpoint's payload, not the state dict; None: never fitted (T = 1, probabilities unscaled).
+        self.calibration_temperature: float | None = None
         for encoder in (self.image_encoder, self.text_encoder):
             encoder.requires_grad_(not freeze_encoders)
         self.train(True)  # nn.Module's default mode, with frozen encoders kept in eval

@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from core.files import torch_save_atomically
-from core.model.drf_model import FeatureTable
+from core.model.drf_model import DRFModel, FeatureTable
 from core.progress import progress as progress_bar
+from core.training.calibration import fit_temperature
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,34 @@ def predict_probabilities(model: Scorable, source: FeatureSource, batch_size: in
         out.append(logits.float().softmax(-1).cpu())
     model.train(was_training)
     return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def predict_logits(
+    model: Scorable, source: FeatureSource, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [n, S] in eval mode, and [n] bool: the row had a modality (else its logits are only the bias)."""
+    was_training = getattr(model, "training", False)
+    model.train(False)
+    device = _device_of(model)
+    logits, present = [], []
+    for index in torch.arange(len(source)).split(batch_size):
+        features = source.features(index)
+        logits.append(model.forward_features(features.to(device)).logits.float().cpu())
+        present.append((features.image_present | features.text_present).cpu())
+    model.train(was_training)
+    if not logits:
+        return np.zeros((0, _num_classes(model)), dtype=np.float32), np.zeros(0, dtype=bool)
+    return torch.cat(logits).numpy(), torch.cat(present).numpy()
+
+
+def calibrate_temperature(model: DRFModel, dev: FeatureSource) -> float:
+    """Temperature scaling: fit T on ``dev`` (rows with a modality; an abstention publishes no probabilities),
+    store it as ``model.calibration_temperature`` (saved with the checkpoint) and return it."""
+    logits, present = predict_logits(model, dev)
+    temperature = fit_temperature(logits[present], dev.labels.numpy()[present])
+    model.calibration_temperature = temperature
+    return temperature
 
 
 def classification_scores(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict[str, float]:

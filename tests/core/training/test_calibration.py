@@ -1,19 +1,31 @@
-"""Calibration metrics and temperature scaling (core/training/calibration.py) on synthetic data with known answers."""
+"""Calibration metrics and temperature scaling (core/training/calibration.py) on synthetic data with known answers,
+and `postsense train` storing the temperature it fitted on dev."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from training_data import make_dataset
 
+from core.checkpoint import load_checkpoint
+from core.data import load_dataset
+from core.inference import Predictor
 from core.training import (
+    CachedSource,
+    encode_samples,
     expected_calibration_error,
+    feature_cache_for,
     fit_temperature,
     negative_log_likelihood,
+    predict_logits,
     reliability_bins,
 )
+from stream.cli import main
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -102,3 +114,43 @@ def test_fit_temperature_accepts_tensors_and_handles_edge_cases() -> None:
         fit_temperature(separated, np.array([0, 2]))
     with pytest.raises(ValueError, match="finite"):
         fit_temperature(np.array([[np.nan, 0.0]]), np.array([0]))
+
+
+def test_cli_train_fits_the_temperature_on_dev_and_stores_it(tmp_path: Path, capsys) -> None:
+    data_root = make_dataset(tmp_path / "data")
+    out = tmp_path / "model.ckpt"
+    args = [
+        "--device",
+        "cpu",
+        "train",
+        "--data",
+        f"jsonl:{data_root}",
+        "--encoders",
+        "tiny",
+        "--out",
+        str(out),
+    ]
+    args += ["--epochs", "3", "--batch-size", "32", "--queue-size", "32", "--head-lr", "3e-3"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n") :])  # the run's summary, after the data set's
+    model = load_checkpoint(out).model
+    temperature = model.calibration_temperature
+    assert temperature is not None and 0.05 <= temperature <= 20.0 and temperature != 1.0
+    assert summary["calibration_temperature"] == pytest.approx(temperature, abs=1e-4)
+    # It is the NLL-optimal temperature of the saved model's logits on the dev split (not train, not test).
+    dataset = load_dataset(f"jsonl:{data_root}")
+    cache = feature_cache_for(model, tmp_path / "cache")
+    logits, present = predict_logits(model, CachedSource(encode_samples(model, dataset["dev"], cache)))
+    dev_labels = np.array([sample.label for sample in dataset["dev"]])
+    assert temperature == pytest.approx(fit_temperature(logits[present], dev_labels[present]), rel=1e-4)
+    assert negative_log_likelihood(_softmax(logits / temperature), dev_labels) <= negative_log_likelihood(
+        _softmax(logits), dev_labels
+    )
+    assert Predictor.from_checkpoint(out, device="cpu").calibration == {
+        "method": "temperature",
+        "temperature": temperature,
+    }
