@@ -34,6 +34,21 @@ def load_predictor(settings: Settings, checkpoint: Path) -> Predictor:
     return predictor
 
 
+def announce_training(checkpoint: Path) -> None:
+    """Say what the checkpoint was trained on, and warn when it is a demo model (``serve`` and ``score`` start)."""
+    from core.checkpoint import CheckpointError
+    from core.provenance import DEMO_WARNING, describe, is_demo, read_training
+
+    try:
+        record = read_training(checkpoint)
+    except CheckpointError as exc:  # it loaded a moment ago; a header that fails now is only worth a note
+        log.warning("model %s: training data unreadable (%s)", checkpoint, exc)
+        return
+    log.info("model %s: %s", checkpoint, describe(record))
+    if is_demo(record):
+        log.warning("model %s: %s", checkpoint, DEMO_WARNING)
+
+
 def open_reference_queues(settings: Settings, predictor: Predictor, metrics: Metrics) -> ReferenceQueues:
     """The shared Redis reference queues, seeded from the checkpoint when absent (online mode only)."""
     from connectors.reference_queues import ReferenceQueues, checkpoint_reference

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from core.checkpoint import CheckpointError
-    from stream.components import load_predictor
+    from stream.components import announce_training, load_predictor
 
     source = args.input
     if not source.exists():
@@ -66,6 +66,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except (CheckpointError, OSError, ValueError) as exc:
         log.error("cannot load the model: %s", exc)
         return EXIT_INPUT
+    for path in (checkpoint, args.compare) if args.compare else (checkpoint,):
+        announce_training(path)
     summary = score(
         source, args.out, settings, predictor, shadow, args.batch_size or settings.batch.max_posts
     )

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from connectors.metrics import Metrics
     from connectors.metrics_server import MetricsServer
     from core.checkpoint import CheckpointError
-    from stream.components import load_predictor, open_reference_queues
+    from stream.components import announce_training, load_predictor, open_reference_queues
 
     if args.precision:
         settings = settings.model_copy(
@@ -66,6 +66,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         log.error("cannot load the model: %s", exc)
         return EXIT_SETTINGS
     log.info("model %s %s on %s", predictor.model_name, predictor.model_version, predictor.device)
+    announce_training(checkpoint)
     if args.create_topics:
         from connectors.kafka import ensure_topics
 
