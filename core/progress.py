@@ -2,7 +2,9 @@
 
 tqdm redraws its bar with carriage returns; written to a file or a pipe (``make demo > log``, a container's
 stdout) every redraw becomes a line, hundreds per bar. ``progress()`` keeps tqdm's bar and its rate on a
-terminal and otherwise sends the same meter text through ``logging`` at most every ``interval_s``.
+terminal and otherwise sends the same meter text through ``logging`` at most every ``interval_s``, starting
+``interval_s`` after the bar (no ``0/N [?it/s]`` line of placeholders first; a bar done sooner logs only its final
+count, and only if it is kept: ``leave``), and a postfix set on it shows in its next line rather than forcing one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,27 @@ class _LogWriter:
         pass
 
 
+class _LoggedBar(tqdm):
+    """A bar whose postfix and description wait for its next timed line instead of writing one each (a loop that
+    sets them per step or epoch would otherwise log a line each time)."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        super().set_postfix_str(s, refresh=False)
+
+    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
+        super().set_description(desc, refresh=False)
+
+    def close(self) -> None:
+        # A bar kept (``leave``) that finished before its first line still logs its final count, once.
+        delay: float = getattr(self, "delay", 0.0)
+        if not self.disable and self.leave and self.last_print_t < self.start_t + delay:
+            self.delay = 0
+        super().close()
+
+
 def is_terminal(stream: IO[str] | None) -> bool:
     return bool(stream is not None and hasattr(stream, "isatty") and stream.isatty())
 
@@ -58,7 +81,7 @@ def progress(
     stream = sys.stderr if file is None else file
     if is_terminal(stream):
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave, file=stream)
-    return tqdm(
+    return _LoggedBar(
         iterable,
         total=total,
         desc=desc,
@@ -68,6 +91,7 @@ def progress(
         file=_LogWriter(logger or log),
         mininterval=interval_s,
         maxinterval=interval_s,
+        delay=interval_s,
         ascii=True,
         ncols=100,
     )

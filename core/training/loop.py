@@ -245,8 +245,10 @@ def _fit(
     for epoch in range(run.start_epoch, config.epochs):
         losses, admitted = run.train_epoch(train, epoch, bar)
         record = run.evaluate(dev, epoch, losses, admitted)
+        # Shown in the bar's next line (on a terminal at once; off one at most every 10 s, core.progress), so a
+        # run of many short epochs does not log a line each; the history has every epoch.
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev_acc=f"{record['dev_accuracy']:.1f}")
-        log.info(
+        log.debug(
             "%s epoch %d/%d: loss %.4f, dev accuracy %.2f",
             description,
             epoch + 1,
