@@ -8,7 +8,7 @@ test needs CUDA's allocator and stays skipped there (``tests/core/test_gpu_oom_s
 Tolerances, on a fixed sample of real posts (crops of scikit-learn's two photos, VADER's rated tweets, some
 posts without image or text) against the float32 CPU result of the same model:
 
-* labels agree on >= 99 % of posts (the issue's bar), in float32 and in mixed precision;
+* labels agree on >= 99 % of posts (the project's bar), in float32 and in mixed precision;
 * quality ``q = exp(-d)`` is compared through ``d = -log q`` (the scaled squared distance to the reference
   mean), relative to ``max(1, d)``: float32 on the GPU within 1 %, because cuDNN convolutions run in TF32 by
   default (10-bit mantissa, ~1e-3 relative per product) and that error grows through ~20 layers; mixed
