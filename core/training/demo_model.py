@@ -64,6 +64,8 @@ def ensure_demo_model(data_dir: str | Path, out_path: str | Path, progress: bool
         temperature,
     )
     # Said at every serve and score start: a demo model, and how to train on one's own posts (core.provenance).
-    save_checkpoint(model, out, training=training_record(f"vader:{data_dir}", splits, result.best_dev_accuracy))
+    save_checkpoint(
+        model, out, training=training_record(f"vader:{data_dir}", splits, result.best_dev_accuracy)
+    )
     prepare_cpu_serving(out)
     return out
