@@ -63,6 +63,10 @@ class RedisSettings(Section):
     # Every Redis call on the hot path is bounded by this; the consumer never waits longer.
     op_timeout_s: float = Field(0.5, gt=0, le=30)
     reconnect_backoff_max_s: float = Field(30.0, gt=0)
+    # Score quality against the checkpoint's own statistics, never the shared queues' live ones, so `postsense
+    # score` on the same posts gives the same labels and probabilities (an exact shadow test).  The queues are
+    # still read (drift metric) and, online, still offered this worker's accepted features.
+    pin_to_checkpoint: bool = False
 
     @model_validator(mode="after")
     def _url_from_file(self) -> RedisSettings:
@@ -133,6 +137,7 @@ class ReferenceQueues:
     def __init__(self, redis_settings: RedisSettings, model_version: str, metrics: Any = None) -> None:
         self.settings = redis_settings
         self.online = redis_settings.mode == QueueMode.ONLINE
+        self.pinned = redis_settings.pin_to_checkpoint
         self.store = QueueStore(connect(redis_settings), redis_settings.key_prefix, model_version)
         self.metrics = metrics
         self.dropped_updates = 0  # features not offered: Redis down, queues unusable, or not finite
@@ -152,6 +157,12 @@ class ReferenceQueues:
         self._refresh(announce_unseeded=not self.online)
         self._thread = threading.Thread(target=self._run, name="reference-queues", daemon=True)
         self._thread.start()
+        if self.pinned:
+            log.info(
+                "quality is scored against the checkpoint's own statistics (redis.pin_to_checkpoint); the shared "
+                "queues under %s still give the drift metric (and, online, still take this worker's features)",
+                self.store.base,
+            )
 
     # --- runtime API -------------------------------------------------------------------------------------------
 
@@ -161,13 +172,14 @@ class ReferenceQueues:
         return bool(self._available)
 
     def stats(self) -> dict[str, QueueStats] | None:
-        """The cached statistics per modality (None before the first successful read).
+        """The statistics to score against: the cached ones per modality; None before the first successful read,
+        and always when pinned (``pin_to_checkpoint``), so the predictor keeps the checkpoint's own.
 
         The same dict object is returned until the statistics change, so a caller can swap them into the
         predictor only when ``stats() is not last``.  Never touches Redis.
         """
         cache = self._cache
-        return None if cache is None else cache.stats
+        return None if cache is None or self.pinned else cache.stats
 
     def reference_stats(self) -> dict[str, QueueStats] | None:
         """The checkpoint queues' statistics, the origin of the drift metric."""

@@ -8,7 +8,8 @@ the same document ``serve`` publishes (core/schemas/sentiment.v1.json); its ``so
 (``topic``), 0 (``partition``) and the line number from 1 (``offset``; 0 for a directory's files). Records
 that are not posts go to ``OUT.rejected.jsonl`` with the dead-letter reason and the original line. Batching
 and decoding are the serve path's (``stream.processor.BatchProcessor``); quality is scored against the
-checkpoint's reference queues (Redis is not contacted).
+checkpoint's reference queues (Redis is not contacted), as a ``serve`` pinned to them (``redis.pin_to_checkpoint``)
+does: then both give the same labels and probabilities on the same posts.
 
 Interrupted? Run the same command again: lines already in OUT or in the rejected file are skipped, a torn
 last line is cut off. ``--compare CHECKPOINT`` scores every post with a second model too (the shadow test):
