@@ -6,6 +6,7 @@ The data is tests/training_data.py's tiny synthetic image-text set, on which the
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from core.data import load_dataset
 from core.data.disruption import disrupt_dataset
 from core.inference import Predictor
 from core.model import create_model
+from core.provenance import read_training
 from core.training import (
     CachedSource,
     FeatureCache,
@@ -207,7 +209,13 @@ def test_cli_train_writes_a_checkpoint_the_service_loads(data_root, tmp_path, ca
     with pytest.raises(SystemExit) as done:
         main(args)
     assert done.value.code == 0
-    assert '"best_dev_accuracy"' in capsys.readouterr().out
+    output = capsys.readouterr().out
+    summary = json.loads(output[output.index("{\n") :])
+    record = read_training(out)  # what serve, score and config say about the model
+    assert record is not None and record["data"] == f"jsonl:{data_root}"
+    assert record["sizes"] == {"train": 120, "dev": 40, "test": 40} and record["modality_random"]["dr"] == 0.4
+    assert record["dev_accuracy"] == summary["best_dev_accuracy"]
+    assert record["test_accuracy"] == summary["test"]["accuracy"]
     predictor = Predictor.from_checkpoint(out, device="cpu")
     batch = predictor.prepare([None], ["great happy day"])
     assert predictor.predict(batch).labels[0] in ("positive", "neutral", "negative")
