@@ -28,8 +28,8 @@ SPLIT_ORDER = ("train", "dev", "test")
 DEMO_WARNING = (
     "this is a demo model, trained on the VADER demo set (tweets paired with generated images): on real posts it "
     "scores worse than always answering the majority class. Train one on your own labelled posts with "
-    "`postsense train --data jsonl:DIR --out model.ckpt` (or mvsa-single:DIR, tenfold:DIR/10-fold-1, ...; "
-    "`postsense train --help`) and point model.checkpoint at it"
+    "`postsense train --data jsonl:PATH --out model.ckpt` (PATH: a JSONL file of posts with their `label`, or a "
+    "directory of train/dev/test.jsonl; other data sets: `postsense train --help`) and set model.checkpoint to it"
 )
 
 
