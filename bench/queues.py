@@ -1,4 +1,4 @@
-"""Issue 6: what the shared reference queues cost per batch, against the batch's inference time.
+"""What the shared reference queues cost per batch, against the batch's inference time.
 
 Per batch the hot path makes one ``propose()``: one EVALSHA that appends the accepted features, trims the
 queue to L, bumps its version and counts the cap, for both modalities at once.  Measured here with every
