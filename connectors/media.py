@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import io
 import re
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from connectors.fetch import FetchError, FetchPolicy, fetch_url, read_local_file
 from core.contracts import DEFAULT_LIMITS, ModalityState
+from core.data.images import DRAFT_SIZE, FORMATS, decode_image
 
 __all__ = [
     "DecodedImage",
@@ -31,8 +30,6 @@ __all__ = [
 
 _DATA_URI_PREFIX = re.compile(r"^data:[\w.+/-]*(;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
-_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
-_WHITE = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -47,8 +44,8 @@ class MediaLimits:
 
     max_image_bytes: int = DEFAULT_LIMITS.max_image_bytes
     max_image_pixels: int = DEFAULT_LIMITS.max_image_pixels
-    draft_size: tuple[int, int] = (448, 448)
-    formats: tuple[str, ...] = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
+    draft_size: tuple[int, int] = DRAFT_SIZE
+    formats: tuple[str, ...] = FORMATS
 
     def __post_init__(self) -> None:
         if self.max_image_bytes <= 0 or self.max_image_pixels <= 0:
@@ -79,55 +76,13 @@ def _failed(reason: str, nbytes: int) -> DecodedImage:
     return DecodedImage(ModalityState.undecodable, reason, None, nbytes)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB whatever the source mode; transparency is composited on white, not dropped to black."""
-    if im.mode in _SIXTEEN_BIT_MODES:
-        # convert("L") clips 16-bit values at 255 instead of scaling, which turns most photos white.
-        im = im.point(lambda v: v * (1 / 256)).convert("L")
-    if im.has_transparency_data:
-        rgba = im.convert("RGBA")
-        background = Image.new("RGB", rgba.size, _WHITE)
-        background.paste(rgba, mask=rgba.getchannel("A"))  # ~2.5x faster than alpha_composite
-        return background
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def _classify_decode_error(exc: Exception) -> str:
-    text = str(exc).lower()
-    if "truncated" in text or isinstance(exc, EOFError):
-        return "truncated"
-    return "decode_error"
-
-
 def decode_image_bytes(data: bytes, limits: MediaLimits) -> DecodedImage:
-    """Decode raw image bytes (first frame, EXIF orientation applied) under `limits`."""
-    nbytes = len(data)
-    if nbytes == 0:
-        return DecodedImage(ModalityState.empty, "zero_bytes", None, 0)
-    if nbytes > limits.max_image_bytes:
-        return _failed("too_large", nbytes)
-    try:
-        im = Image.open(io.BytesIO(data), formats=limits.formats)
-    except UnidentifiedImageError:
-        return _failed("not_an_image", nbytes)
-    except Image.DecompressionBombError:  # Pillow's process-wide ceiling (2 x Image.MAX_IMAGE_PIXELS)
-        return _failed("too_many_pixels", nbytes)
-    except Exception as exc:  # a corrupt header can raise almost anything from a plugin
-        return _failed(_classify_decode_error(exc), nbytes)
-    width, height = im.size
-    if width <= 0 or height <= 0:
-        return _failed("zero_size", nbytes)
-    if width * height > limits.max_image_pixels:  # checked before load(): nothing allocated yet
-        return _failed("too_many_pixels", nbytes)
-    try:
-        im.draft("RGB", limits.draft_size)  # no-op for non-JPEG formats
-        im.load()  # the first frame of an animation
-        with contextlib.suppress(Exception):  # malformed EXIF: the pixels are still good, keep them unrotated
-            ImageOps.exif_transpose(im, in_place=True)
-        rgb = _to_rgb(im)
-    except Exception as exc:
-        return _failed(_classify_decode_error(exc), nbytes)
-    return DecodedImage(ModalityState.ok, None, rgb, nbytes)
+    """Decode raw image bytes (first frame, EXIF orientation applied) under `limits`: core.data.images.decode_image,
+    the one decode the evaluation's damaged images go through too."""
+    outcome = decode_image(
+        data, limits.max_image_bytes, limits.max_image_pixels, limits.draft_size, limits.formats
+    )
+    return DecodedImage(outcome.state, outcome.reason, outcome.image, len(data))
 
 
 def _decode_base64(text: str, limits: MediaLimits) -> bytes | DecodedImage:
