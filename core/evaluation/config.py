@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from core.data.damage import DAMAGE_CONDITIONS
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, Setting
 from core.drf.head import DEFAULT_VARIANT, MECHANISMS, VARIANTS
 from core.evaluation.baselines import BASELINES
@@ -49,6 +50,14 @@ class EvalConfig:
     # Mechanisms of the variant to switch back to the paper's one at a time ("drf-paper-<mechanism>", clean regime).
     mechanisms: tuple[str, ...] = ()
     compare_paper: bool = True  # also run the paper-literal variant ("drf-paper") on the clean regime
+    # Realistic damage conditions ("image/truncated", ...; core.data.damage) tested beside the paper's C/D/C+D.
+    damage: tuple[str, ...] = ()
+    # Cross-validation (core/evaluation/crossval.py): 0 runs the data set's own splits; K >= 2 pools every post and
+    # makes each of K stratified folds the test set in turn (folds drawn with ``fold_seed``).
+    folds: int = 0
+    fold_seed: int = 0
+    # Test conditions whose reliability bins are kept (for the reliability diagram).
+    reliability_tests: tuple[str, ...] = ("clean", "image/jpeg_q5", "text/typos")
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,6 +83,24 @@ class EvalConfig:
         } <= set(self.baselines):
             problems.append(
                 "the router baseline is composed of the concat, text_only and image_only baselines"
+            )
+        unknown_damage = [d for d in self.damage if d not in DAMAGE_CONDITIONS]
+        if unknown_damage:
+            problems.append(f"damage: unknown {unknown_damage}; known: {list(DAMAGE_CONDITIONS)}")
+        if "gated_router" in (*self.baselines, *self.random_methods) and not {
+            "concat",
+            "text_only",
+            "image_only",
+        } <= set(self.baselines):
+            problems.append(
+                "the gated router is composed of DRF and the concat, text_only and image_only baselines"
+            )
+        if self.folds == 1 or self.folds < 0:
+            problems.append(f"folds must be 0 (the data set's own splits) or at least 2, got {self.folds}")
+        if self.folds and (self.random_settings or self.ablations or self.mechanisms):
+            problems.append(
+                "cross-validation runs the clean-trained regime only: no Figure 5 (random_settings), "
+                "ablations or mechanisms (those stay in the published-split report)"
             )
         if any(not 0 < r <= 1 for r in self.ratios):
             problems.append(f"ratios must lie in (0, 1], got {self.ratios}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +30,24 @@ METHOD_NAMES = {
     "concat": "Concat (padded)",
     "concat_dropout": "Concat + modality dropout",
     "router": "Router (specialist per post)",
+    "gated_router": "Quality-gated router",
     "text_only": "Text only",
     "image_only": "Image only",
 }
+#: Calibration scores of a result row (core/evaluation/scoring.py), averaged by ``aggregate`` when every row has them.
+CALIBRATION = ("ece", "ece_raw", "nll", "nll_raw", "confidence", "confidence_raw")
 
 
 def aggregate(
     results: Sequence[dict[str, Any]], method: str, regime: str, test: str
 ) -> dict[str, float] | None:
-    """Mean and sample standard deviation over seeds of one (method, regime, test) cell; None if not run."""
+    """Mean and sample standard deviation over seeds (and folds) of one (method, regime, test) cell; None if not
+    run."""
     rows = [r for r in results if (r["method"], r["regime"], r["test"]) == (method, regime, test)]
     if not rows:
         return None
     out: dict[str, float] = {"n": float(len(rows))}
-    for metric in ("accuracy", "weighted_f1"):
+    for metric in ("accuracy", "weighted_f1", *(m for m in CALIBRATION if all(m in r for r in rows))):
         values = [r[metric] for r in rows]
         out[metric] = statistics.fmean(values)
         out[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -237,7 +241,9 @@ def targets(
         )
 
     clean_baselines = [
-        a for m in ("concat", "concat_dropout", "router") if (a := acc(m, "clean")) is not None
+        a
+        for m in ("concat", "concat_dropout", "router", "gated_router")
+        if (a := acc(m, "clean")) is not None
     ]
     best = max(clean_baselines, default=None)
     check("clean ≥ best baseline − 0.5", acc("drf", "clean"), best, -0.5)
@@ -248,7 +254,7 @@ def targets(
         check(f"{modality} D ≥ concat + 5", acc("drf", test), acc("concat", test), 5.0)
         for setting in ("C", "C+D"):
             test = f"{modality}/{setting}"
-            for baseline in ("concat", "concat_dropout", "router"):
+            for baseline in ("concat", "concat_dropout", "router", "gated_router"):
                 check(f"{modality} {setting} ≥ {baseline}", acc("drf", test), acc(baseline, test))
             check(f"{modality} {setting} ≥ {specialist} − 1", acc("drf", test), acc(specialist, test), -1.0)
     curve = {r: acc("drf", "test", f"random C+D dr={r:g}") for r in ratios}
@@ -325,6 +331,7 @@ class EvaluationResults:
     results: list[dict[str, Any]]
     quality_auroc: list[dict[str, Any]]
     methods: list[str]
+    damage_auroc: list[dict[str, Any]] = field(default_factory=list)  # DRF's quality AUROC per damaged test
 
     @property
     def config(self) -> dict[str, Any]:
@@ -341,6 +348,7 @@ def write_report(data: EvaluationResults, out_dir: str | Path) -> dict[str, Path
         **data.describe,
         "targets": checks,
         "quality_auroc": data.quality_auroc,
+        "damage_auroc": data.damage_auroc,
         "results": data.results,
     }
     paths["json"].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")

@@ -18,7 +18,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,15 @@ import numpy as np
 import torch
 
 from core.contracts import MODALITIES
-from core.data import Dataset, load_dataset
-from core.data.disruption import Setting, disrupt_dataset
+from core.data import Dataset, Sample, load_dataset
+from core.data.damage import damage_samples
+from core.data.disruption import Setting, disrupt_dataset, modality_fixed
 from core.drf.head import VARIANTS
 from core.encoders.configs import Encoders
-from core.evaluation.baselines import HEADS, BaselineHead, Router
+from core.evaluation.baselines import HEADS, BaselineHead, GatedRouter, Router, choose_gates
 from core.evaluation.config import ENCODER_DESCRIPTIONS, EvalConfig
-from core.evaluation.report import EvaluationResults, write_report
+from core.evaluation.report import EvaluationResults
+from core.evaluation.scoring import auroc, calibrated_scores, damage_auroc
 from core.model.drf_model import DRFModel, FeatureTable, create_model
 from core.progress import progress as progress_bar
 from core.training.features import (
@@ -46,10 +48,8 @@ from core.training.features import (
 from core.training.loop import (
     Scorable,
     Trainable,
-    classification_scores,
     fit,
     one_thread,
-    predict_probabilities,
 )
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class Conditions:
     train: FeatureTable
     dev: FeatureTable
     tests: dict[str, FeatureTable]
+    # The dev posts with one modality corrupted by the paper's protocol (C): what the gated router's gates are
+    # picked on, besides the clean dev posts.
+    dev_damaged: dict[str, FeatureTable] = field(default_factory=dict)
 
 
 class Evaluation:
@@ -91,14 +94,19 @@ class Evaluation:
         self.padding = encode_padding(self.base, self.cache)
         self.results: list[dict[str, Any]] = []
         self.quality_auroc: list[dict[str, Any]] = []
+        self.damage_auroc: list[dict[str, Any]] = []
+        self.fold: int | None = None  # the fold being run in cross-validation (core/evaluation/crossval.py)
         self.disruption_stats: dict[str, Any] = {}
-        self._models: dict[tuple[str, int, str], tuple[Trainable, dict[str, Any]]] = {}
+        self._models: dict[tuple[str, int, str, int | None], tuple[Trainable, dict[str, Any]]] = {}
 
     # -- features
 
     def _encode(self, dataset: Dataset, split: str) -> FeatureTable:
+        return self._encode_samples(dataset[split])
+
+    def _encode_samples(self, samples: Sequence[Sample]) -> FeatureTable:
         started = time.monotonic()
-        table = encode_samples(self.base, dataset[split], self.cache, progress=self.progress)
+        table = encode_samples(self.base, samples, self.cache, progress=self.progress)
         self.encode_seconds += time.monotonic() - started
         return table
 
@@ -113,7 +121,18 @@ class Evaluation:
                 name = f"{modality}/{setting}"
                 self.disruption_stats[f"fixed {name}"] = {k: dict(v.disrupted) for k, v in stats.items()}
                 tests[name] = self._encode(disrupted, "test")
-        return Conditions(self._encode(self.dataset, "train"), self._encode(self.dataset, "dev"), tests)
+        for condition in self.config.damage:
+            damaged, damage = damage_samples(self.dataset["test"], condition, self.config.disruption_seed)
+            self.disruption_stats[f"damage {condition}"] = damage.to_dict()
+            tests[condition] = self._encode_samples(damaged)
+        dev_damaged = {}
+        if "gated_router" in self.config.baselines:
+            for modality in MODALITIES:
+                corrupted, _ = modality_fixed(self.dataset["dev"], modality, "C", self.config.disruption_seed)
+                dev_damaged[f"{modality}/C"] = self._encode_samples(corrupted)
+        return Conditions(
+            self._encode(self.dataset, "train"), self._encode(self.dataset, "dev"), tests, dev_damaged
+        )
 
     def random_conditions(self, setting: Setting, dr: float) -> Conditions:
         """Every split disrupted with ratio ``dr`` (training, model selection and test alike)."""
@@ -151,16 +170,27 @@ class Evaluation:
     def trained(
         self, method: str, seed: int, regime: str, conditions: Conditions
     ) -> tuple[Scorable, dict[str, Any]]:
-        """The model of ``method`` trained on ``conditions`` (baseline heads are kept: the router reuses them)."""
-        key = (method, seed, regime)
+        """The model of ``method`` trained on ``conditions`` (baseline heads and DRF are kept: the routers reuse
+        them); a cross-validation run keys them by fold too."""
+        key = (method, seed, regime, self.fold)
         if key in self._models:
             return self._models[key]
-        if method == "router":
+        composed = {"best_epoch": 0, "best_dev_accuracy": float("nan"), "train_seconds": 0.0}
+        if method in ("router", "gated_router"):
             parts = [
                 self.trained(m, seed, regime, conditions)[0] for m in ("concat", "text_only", "image_only")
             ]
             heads = [part for part in parts if isinstance(part, BaselineHead)]
-            return Router(*heads), {"best_epoch": 0, "best_dev_accuracy": float("nan"), "train_seconds": 0.0}
+            router = Router(*heads)
+            if method == "router":
+                return router, composed
+            drf = self.trained("drf", seed, regime, conditions)[0]
+            assert isinstance(drf, DRFModel)
+            gated = GatedRouter(drf, router)
+            gated.gate_image, gated.gate_text = choose_gates(
+                gated, [conditions.dev, *conditions.dev_damaged.values()]
+            )
+            return gated, {**composed, "gate_image": gated.gate_image, "gate_text": gated.gate_text}
         model = self.build(method, seed)
         with one_thread():  # encoding keeps every thread; heads train faster on one
             result = fit(
@@ -175,22 +205,41 @@ class Evaluation:
             "train_seconds": result.seconds,
             "history": result.history,
         }
-        if method in HEADS:
+        if method in HEADS or method == "drf":
             self._models[key] = (model, info)
         return model, info
 
     def run(self, method: str, seed: int, regime: str, conditions: Conditions) -> None:
+        """Score one method on every test condition (``fold`` None outside cross-validation); DRF models also get
+        their quality AUROC against the paper's corruption (C) and against every other damaged condition."""
         model, info = self.trained(method, seed, regime, conditions)
-        for test_name, table in conditions.tests.items():
-            test = CachedSource(table)
-            predicted = predict_probabilities(model, test).argmax(-1)
-            scores = classification_scores(test.labels.numpy(), predicted, len(self.labels))
+        scores = calibrated_scores(
+            model, conditions.dev, conditions.tests, len(self.labels), self.config.reliability_tests
+        )
+        history = {"history": info["history"]} if "history" in info else {}
+        info = {k: v for k, v in info.items() if k != "history"}
+        for position, (test_name, test_scores) in enumerate(scores.items()):
             self.results.append(
-                {"method": method, "seed": seed, "regime": regime, "test": test_name, **scores, **info}
+                {
+                    "method": method,
+                    "seed": seed,
+                    "fold": self.fold,
+                    "regime": regime,
+                    "test": test_name,
+                    **test_scores,
+                    **info,
+                    **(history if position == 0 else {}),  # once per run, on its first test condition
+                }
             )
-        if isinstance(model, DRFModel) and {"clean", "image/C", "text/C"} <= set(conditions.tests):
+        if not isinstance(model, DRFModel) or "clean" not in conditions.tests:
+            return
+        if {"image/C", "text/C"} <= set(conditions.tests):
             self.quality_auroc.append(
-                {"method": method, "seed": seed, **quality_auroc(model, conditions.tests)}
+                {"method": method, "seed": seed, "fold": self.fold, **quality_auroc(model, conditions.tests)}
+            )
+        for test_name, value in damage_auroc(model, conditions.tests).items():
+            self.damage_auroc.append(
+                {"method": method, "seed": seed, "fold": self.fold, "test": test_name, "auroc": value}
             )
 
     def methods_clean(self) -> list[str]:
@@ -232,7 +281,9 @@ class Evaluation:
 
     def outcome(self) -> EvaluationResults:
         """The results as plain data, for the report."""
-        return EvaluationResults(self.describe(), self.results, self.quality_auroc, self.methods_clean())
+        return EvaluationResults(
+            self.describe(), self.results, self.quality_auroc, self.methods_clean(), self.damage_auroc
+        )
 
     def describe(self) -> dict[str, Any]:
         ds = self.dataset
@@ -261,27 +312,6 @@ class Evaluation:
 # ----------------------------------------------------------------------------------------- quality scores
 
 
-def auroc(positive: Sequence[float] | np.ndarray, negative: Sequence[float] | np.ndarray) -> float:
-    """Probability that a random ``positive`` scores above a random ``negative`` (ties count half)."""
-    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError("AUROC needs at least one score on each side")
-    ranks = _ranks(np.concatenate([pos, neg]))
-    return float((ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank."""
-    order = values.argsort(kind="mergesort")
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.arange(1, values.size + 1)
-    unique, inverse = np.unique(values, return_inverse=True)
-    if unique.size != values.size:
-        sums = np.bincount(inverse, weights=ranks)
-        ranks = (sums / np.bincount(inverse))[inverse]
-    return ranks
-
-
 @torch.no_grad()
 def quality_auroc(model: DRFModel, tests: dict[str, FeatureTable]) -> dict[str, float]:
     """How well the published quality separates intact from corrupted inputs: AUROC of q on the clean test
@@ -298,12 +328,3 @@ def quality_auroc(model: DRFModel, tests: dict[str, FeatureTable]) -> dict[str, 
 
     clean = log_q(tests["clean"])
     return {m: auroc(clean[m], log_q(tests[f"{m}/C"])[m]) for m in MODALITIES}
-
-
-def run_evaluation(
-    config: EvalConfig, out_dir: str | Path, cache_root: str | Path, progress: bool = True
-) -> dict[str, Path]:
-    """Run every configured experiment and write the report."""
-    evaluation = Evaluation(config, cache_root, progress=progress)
-    evaluation.execute()
-    return write_report(evaluation.outcome(), out_dir)

@@ -1,7 +1,9 @@
 """Reproduce the paper's evaluation (Tables 1, 3, 4 and Figure 5) with baselines, as Markdown, JSON and PNG.
 
 Without --full: one seed, Tables 1 and 3 with the baselines (a quick look).  With --full: three seeds, the
-ablations of Table 4 and the modality-random curves of Figure 5.  Any option below overrides either.
+ablations of Table 4 and the modality-random curves of Figure 5.  With --folds K: K-fold cross-validation over
+every post (seeds 0 and 1, every realistic damage condition, no ablations, Figure 5 or paper-literal DRF; fold in
+every result row).  Any option below overrides these.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core.data import SPEC_HELP, DataFormatError
+from core.data.damage import DAMAGE_CONDITIONS
 from core.data.disruption import SETTINGS
 from core.drf import MECHANISMS, VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
@@ -21,12 +24,22 @@ from core.model import ABLATIONS
 from stream.settings import Settings
 
 QUICK = {"seeds": (0,), "random_settings": (), "ablations": ()}
+CROSSVAL = {
+    "seeds": (0, 1),
+    "random_settings": (),
+    "ablations": (),
+    "compare_paper": False,
+    "damage": DAMAGE_CONDITIONS,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="vader", help=f"data set: {SPEC_HELP} (default: vader)")
     parser.add_argument(
-        "--out", type=Path, required=True, help="folder for report.md, results.json, figure5.png"
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for report.md, results.json, figure5.png (reliability.png with --folds)",
     )
     parser.add_argument(
         "--full", action="store_true", help="3 seeds, ablations and Figure 5 (the full report)"
@@ -40,6 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         choices=MECHANISMS,
         help="also train DRF with each of these switched back to the paper's, one at a time",
+    )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        help="K-fold cross-validation over every post (K >= 2): report.md, results.json, reliability.png",
+    )
+    parser.add_argument("--fold-seed", type=int, help="seed of the folds (default 0)")
+    parser.add_argument(
+        "--damage",
+        nargs="*",
+        choices=DAMAGE_CONDITIONS,
+        help="realistic damage conditions to test (default with --folds: all; none: skip)",
     )
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--dim", type=int, help="DRF width d of every head (default 128)")
@@ -63,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    values: dict[str, Any] = {} if args.full else dict(QUICK)
+    values: dict[str, Any] = dict(CROSSVAL) if args.folds else {} if args.full else dict(QUICK)
     for f in fields(EvalConfig):
         given = getattr(args, f.name, None)
         if given is not None:

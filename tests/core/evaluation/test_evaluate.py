@@ -102,6 +102,7 @@ def test_results_json_holds_every_run_per_seed(report) -> None:
         "concat",
         "concat_dropout",
         "router",
+        "gated_router",
         "text_only",
         "image_only",
     ]
@@ -113,7 +114,9 @@ def test_results_json_holds_every_run_per_seed(report) -> None:
     for method in ("drf", "concat"):
         for dr in ("0.5", "1"):
             assert (method, 1, f"random C+D dr={dr}", "test") in runs
-    trained = [r for r in doc["results"] if r["method"] != "router"]  # the router is composed, not trained
+    # The routers are composed, not trained.
+    trained = [r for r in doc["results"] if r["method"] not in ("router", "gated_router")]
+    assert all(r["fold"] is None for r in doc["results"])  # a single-split run: no fold
     assert all(0 <= r["accuracy"] <= 100 and 1 <= r["best_epoch"] <= config.epochs for r in trained)
     # DRF runs carry the per-epoch diagnostics of their training.
     history = next(r["history"] for r in doc["results"] if r["method"] == "drf")
