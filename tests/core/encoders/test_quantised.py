@@ -128,8 +128,8 @@ def test_serve_precision_setting_and_flag_switch_a_fp32_checkpoint(tmp_path) -> 
     assert parser.parse_args(["--precision", "int8"]).precision == "int8"
     path = tmp_path / "offline.pt"
     save_checkpoint(create_model("offline", ["negative", "neutral", "positive"], dim=32), path)
-    settings = load_settings(flags={"model": {"precision": "int8", "device": "cpu"}})
-    predictor = load_predictor(settings, path)
+    model_settings = {"precision": "int8", "text_runtime": "checkpoint", "device": "cpu"}
+    predictor = load_predictor(load_settings(flags={"model": model_settings}), path)
     model = predictor.model
     assert model.image_encoder.precision == model.text_encoder.precision == "int8"
     assert model.text_encoder.runtime == "torch"  # the runtime setting is separate; int8 implies ONNX Runtime
