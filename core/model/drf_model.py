@@ -2,7 +2,8 @@
 
 ``create_model(name, labels, **kw)`` builds one by encoder configuration name, timm style.  The trainer can run the
 encoders separately (``encode_images``/``encode_texts`` give pre-projection features) and cache them while the
-encoders are frozen, then train from the cache with ``forward_features``.
+encoders are frozen, then train from the cache with ``forward_features``.  ``train_text_modules`` fine-tunes the text
+encoder (or its top layers) alone, the image encoder staying frozen (core/training/finetune.py).
 """
 
 from __future__ import annotations
@@ -144,6 +145,10 @@ class DRFModel(nn.Module):
             )
         )
         self.freeze_encoders = freeze_encoders
+        # Parts of the frozen text encoder that are trained anyway (``train_text_modules``), and the record of a
+        # text fine-tuning (``{"layers": N or "all"}``; kept in config(), so a checkpoint says it was fine-tuned).
+        self._trained_text: list[nn.Module] = []
+        self.text_finetune: dict[str, Any] | None = None
         # Temperature scaling of the published probabilities (softmax(logits / T)), fitted on dev by the trainer and
         # kept in the checkpoint's payload, not the state dict; None: never fitted (T = 1, probabilities unscaled).
         self.calibration_temperature: float | None = None
@@ -154,7 +159,10 @@ class DRFModel(nn.Module):
     def config(self) -> dict[str, Any]:
         """Everything (besides weights) needed to rebuild this model; JSON-serialisable."""
         head = self.head.config.to_dict()
+        # Only a fine-tuned model has the key: every other configuration (and version hash) stays what it was.
+        finetune = {} if self.text_finetune is None else {"text_finetune": dict(self.text_finetune)}
         return {
+            **finetune,
             "encoders": self.encoder_name,
             "encoder_options": self.encoder_options,
             "labels": self.labels,
@@ -171,7 +179,7 @@ class DRFModel(nn.Module):
         encoders = create_encoders(config["encoders"], pretrained=pretrained, **config["encoder_options"])
         # A checkpoint from before the variants existed lacks their switches: it was trained as the paper's.
         head = {**VARIANTS["paper"], **config["head"]}
-        return cls(
+        model = cls(
             encoders,
             config["labels"],
             dim=config["dim"],
@@ -179,14 +187,40 @@ class DRFModel(nn.Module):
             freeze_encoders=config["freeze_encoders"],
             **head,
         )
+        model.text_finetune = config.get("text_finetune")
+        return model
 
     def train(self, mode: bool = True) -> DRFModel:
-        """Frozen encoders stay in eval mode (BatchNorm statistics and dropout of pretrained weights untouched)."""
+        """Frozen encoders stay in eval mode (BatchNorm statistics and dropout of pretrained weights untouched);
+        the text modules being fine-tuned (``train_text_modules``) follow ``mode`` (their dropout on in training)."""
         super().train(mode)
         if self.freeze_encoders:
             self.image_encoder.eval()
             self.text_encoder.eval()
+            for module in self._trained_text:
+                module.train(mode)
         return self
+
+    def train_text_modules(self, modules: Sequence[nn.Module]) -> None:
+        """Fine-tune ``modules`` of the frozen text encoder (``[self.text_encoder]``: all of it; ``[]``: freeze it
+        again); the image encoder stays frozen. Their parameters get ``requires_grad`` (and so the encoder learning
+        rate in ``parameter_groups``), ``encode_texts`` keeps the autograd graph, and they alone of the encoders
+        follow train/eval mode. core/training/finetune.py picks the modules (all, or the top N layers)."""
+        if not self.freeze_encoders:
+            raise ValueError("the encoders are trained whole already (freeze_encoders=False)")
+        owned = {id(m) for m in self.text_encoder.modules()}
+        if any(id(m) not in owned for m in modules):
+            raise ValueError("only modules of the text encoder can be fine-tuned this way")
+        self.text_encoder.requires_grad_(False)
+        for module in modules:
+            module.requires_grad_(True)
+        self._trained_text = list(modules)
+        self.train(self.training)
+
+    @property
+    def text_trainable(self) -> bool:
+        """Whether any of the text encoder is being trained (fine-tuned alone, or with ``freeze_encoders=False``)."""
+        return not self.freeze_encoders or bool(self._trained_text)
 
     def parameter_groups(self, encoder_lr: float, head_lr: float) -> list[dict[str, Any]]:
         """Optimiser groups with the paper's two learning rates (encoders vs everything else)."""
@@ -206,8 +240,8 @@ class DRFModel(nn.Module):
             return self.image_encoder(pixel_values)
 
     def encode_texts(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
-        """Pre-projection text features [B, D_t]."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
+        """Pre-projection text features [B, D_t] (with an autograd graph only while the text encoder trains)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable):
             return self.text_encoder(text_inputs)
 
     def forward_features(

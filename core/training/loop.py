@@ -1,7 +1,8 @@
 """Training the DRF model (paper section 4.2): AdamW with two learning rates, cosine decay, dev-only model selection.
 
 ``fit`` trains any ``Trainable`` (the DRF model or a baseline head) on batches of pre-projection features from a
-``FeatureSource`` (core/training/features.py: cached features, or samples encoded on the fly for fine-tuning).
+``FeatureSource`` (core/training/features.py: cached features, or samples encoded on the fly for fine-tuning;
+core/training/finetune.py: cached image features with texts encoded on the fly, ``--finetune text``).
 
 Training is resumable: after every epoch a state file holds weights, optimizer, scheduler, RNG, history and the best
 dev state, so an interrupted run continued with ``resume=True`` ends in the same state as an uninterrupted one.
@@ -349,7 +350,12 @@ class _Run:
         diagnose = getattr(self.model, "diagnostics", None)
         if diagnose is not None:
             record.update({f"acceptance_{k}": a / max(1, n) for k, (a, n) in admitted.items()})
-            record.update(diagnose(dev.features(torch.arange(len(dev))).to(self.device)))
+            # Dev features as scoring sees them: a source that encodes on the fly (fine-tuning) does so in eval
+            # mode, without an autograd graph over every dev post (train_epoch sets train mode again).
+            self.model.train(False)
+            with torch.no_grad():
+                dev_features = dev.features(torch.arange(len(dev)))
+            record.update(diagnose(dev_features.to(self.device)))
         self.result.history.append(record)
         if dev_scores["accuracy"] > self.result.best_dev_accuracy:
             self.result.best_dev_accuracy, self.result.best_epoch = dev_scores["accuracy"], epoch + 1

@@ -1,8 +1,10 @@
 """Train a DRF model on a data set and write its checkpoint (model selection on the dev split only).
 
-Frozen encoders (default): features are encoded once and cached, then the head trains on them.  --fine-tune trains
-the encoders too (the paper's setting; needs a GPU to be practical).  The state after every epoch goes to --state;
---resume continues an interrupted run from it.
+Frozen encoders (default): features are encoded once and cached, then the head trains on them.  --finetune text
+trains the text encoder too (all of it, or its top --finetune-layers layers), the image encoder frozen and its
+features cached (core/training/finetune.py); dev and test are then scored on texts encoded by the fine-tuned encoder.
+--fine-tune trains both encoders (the paper's setting; needs a GPU to be practical).  The state after every epoch
+goes to --state; --resume continues an interrupted run from it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from core.inference import resolve_device
 from core.model import ABLATIONS, create_model
 from core.provenance import training_record
 from core.training import (
+    FINETUNE_ENCODER_LR,
     CachedSource,
     FeatureSource,
     SampleSource,
@@ -35,6 +38,8 @@ from core.training import (
     calibrate_temperature,
     encode_samples,
     feature_cache_for,
+    finetune_text_encoder,
+    finetuned_feature_cache,
     fit,
     one_thread,
     score,
@@ -57,12 +62,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    parser.add_argument("--encoder-lr", type=float, default=DEFAULTS.encoder_lr)
+    parser.add_argument(
+        "--encoder-lr",
+        type=float,
+        help=f"encoders' learning rate (default {FINETUNE_ENCODER_LR} with --finetune text, "
+        f"{DEFAULTS.encoder_lr} with --fine-tune)",
+    )
     parser.add_argument("--head-lr", type=float, default=DEFAULTS.head_lr)
     parser.add_argument("--min-lr", type=float, default=DEFAULTS.min_lr, help="end of the cosine decay")
     parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     parser.add_argument("--seed", type=int, default=0, help="initialisation, batch order and dropout")
-    parser.add_argument("--fine-tune", action="store_true", help="train the encoders too (no feature cache)")
+    parser.add_argument("--fine-tune", action="store_true", help="train both encoders too (no feature cache)")
+    parser.add_argument(
+        "--finetune",
+        choices=["text"],
+        help="text: fine-tune the text encoder, the image encoder frozen (its features cached)",
+    )
+    parser.add_argument(
+        "--finetune-layers",
+        type=int,
+        metavar="N",
+        help="with --finetune text: only the text encoder's top N transformer layers (default: all of it; "
+        "0: none; an encoder without layers, tiny, trains whole)",
+    )
     parser.add_argument(
         "--modality-random",
         type=float,
@@ -99,10 +121,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
+    if args.finetune and args.fine_tune:
+        raise ValueError(
+            "--fine-tune trains both encoders already; --finetune text trains the text encoder only"
+        )
+    if args.finetune_layers is not None and not args.finetune:
+        raise ValueError("--finetune-layers needs --finetune text")
+    encoder_lr = args.encoder_lr
+    if encoder_lr is None:
+        encoder_lr = FINETUNE_ENCODER_LR if args.finetune else DEFAULTS.encoder_lr
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
-        encoder_lr=args.encoder_lr,
+        encoder_lr=encoder_lr,
         head_lr=args.head_lr,
         min_lr=args.min_lr,
         weight_decay=args.weight_decay,
@@ -130,7 +161,27 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     train: FeatureSource
     dev: FeatureSource
     test: FeatureSource
-    if args.fine_tune:
+    state = args.state or args.out.with_name(args.out.name + ".state")
+    if args.finetune:
+        # The cache of the model as created holds the images (and stays right for them: the image encoder is frozen).
+        image_cache = feature_cache_for(model, args.cache_dir)
+        result = finetune_text_encoder(
+            model,
+            dataset["train"],
+            dataset["dev"],
+            config,
+            image_cache,
+            layers=args.finetune_layers,
+            state_path=state,
+            resume=args.resume,
+            progress=progress,
+        )
+        # Dev and test texts encoded by the fine-tuned encoder, cached under its new fingerprint.
+        cache = finetuned_feature_cache(model, args.cache_dir, image_cache)
+        dev, test = (
+            CachedSource(encode_samples(model, dataset[s], cache, progress=progress)) for s in ("dev", "test")
+        )
+    elif args.fine_tune:
         train, dev, test = (SampleSource(model, dataset[s]) for s in ("train", "dev", "test"))
     else:
         cache = feature_cache_for(model, args.cache_dir)
@@ -138,9 +189,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             CachedSource(encode_samples(model, dataset[s], cache, progress=progress))
             for s in ("train", "dev", "test")
         )
-    state = args.state or args.out.with_name(args.out.name + ".state")
-    with nullcontext() if args.fine_tune else one_thread():
-        result = fit(model, train, dev, config, state_path=state, resume=args.resume, progress=progress)
+    with nullcontext() if args.fine_tune or args.finetune else one_thread():
+        if not args.finetune:
+            result = fit(model, train, dev, config, state_path=state, resume=args.resume, progress=progress)
         # Temperature scaling on dev, for the selected weights: saved with the checkpoint, applied by the Predictor.
         temperature = calibrate_temperature(model, dev)
     test_scores = score(model, test, len(dataset.label_names))
@@ -159,6 +210,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         "checkpoint": str(args.out),
         "model_version": version,
         "onnx_files": [str(p) for p in onnx_files],
+        "text_finetune": model.text_finetune,
         "best_epoch": result.best_epoch,
         "best_dev_accuracy": round(result.best_dev_accuracy, 2),
         "calibration_temperature": round(temperature, 4),
