@@ -12,6 +12,7 @@ from PIL import Image
 from torch import Tensor, nn
 from training_data import make_dataset
 
+from core.evaluation import CrossValidation, EvalConfig
 from core.evaluation.baselines import BaselineHead, GatedRouter, Router, choose_gates
 from core.evaluation.cv_report import results_from_json, write_cv_report
 from core.model import FeatureTable
@@ -164,3 +165,39 @@ def test_gates_are_picked_on_dev_to_route_low_quality_posts_to_the_specialist() 
     assert bool((concat[20:] != text_only[20:]).any())
     gate_image, gate_text = choose_gates(gated, [FeatureTable(image, text, present, present, labels)])
     assert -5.0 < gate_image <= 0.0 and gate_text == float("-inf")
+
+
+def test_features_are_encoded_once_for_all_folds(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "data")
+    config = EvalConfig(
+        data=f"jsonl:{root}",
+        encoders="tiny",
+        seeds=(0,),
+        dim=16,
+        queue_size=16,
+        epochs=1,
+        batch_size=64,
+        fixed_settings=("C",),
+        random_settings=(),
+        ablations=(),
+        compare_paper=False,
+        baselines=("concat", "text_only", "image_only", "gated_router"),
+        damage=("text/typos",),
+        folds=3,
+    )
+    crossval = CrossValidation(config, tmp_path / "cache", progress=False)
+    encoded = crossval.pooled_conditions
+
+    def encode_once() -> dict[str, FeatureTable]:
+        tables = encoded()
+
+        def refuse(samples: object) -> FeatureTable:
+            raise AssertionError("a fold encoded features")
+
+        crossval._encode_samples = refuse  # type: ignore[method-assign]
+        return tables
+
+    crossval.pooled_conditions = encode_once  # type: ignore[method-assign]
+    crossval.execute()
+    assert {r["fold"] for r in crossval.results} == {0, 1, 2}
+    assert sum(s["test"] for s in crossval.fold_sizes) == 200
