@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[bool, bool, list[str]]] = {
     "stages": (True, True, []),
     "naive": (True, True, []),
     "e2e": (True, True, ["--batch-sizes", "1", "8", "32", "64", "--posts", "768"]),  # 12 batches of 64
+    "defaults": (True, True, []),
     "soak": (True, True, []),
     "soak-cpu-torch": (True, True, ["--minutes", "5"]),
 }

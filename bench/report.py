@@ -18,6 +18,8 @@ from typing import Any
 from bench.common import RESULTS_DIR, print_table
 
 E2E_OVER_FORWARD = 0.9
+#: ``serve`` with a fresh install's settings against the fastest fp32 configuration (bench/defaults.py).
+DEFAULTS_OVER_FASTEST = 0.9
 #: Steady RSS while serving real photos.
 STEADY_RSS_MIB = 800.0
 HEAD_OVER_ENCODERS = 0.05
@@ -43,6 +45,7 @@ def targets(results: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
         rows += _end_to_end_rows(forward, e2e, naive)
     else:
         rows.append(_missing("end to end / bare forward", "forward, e2e"))
+    rows.append(_defaults_row(results.get("defaults")))
     if forward:
         for r in forward["rows"]:
             if r["batch_size"] == 32 and r["config"] in REAL_ENCODERS:
@@ -116,6 +119,16 @@ def _end_to_end_rows(
             ratio = best["posts_per_s"] / run["posts_per_s"]
             rows.append(_report(f"end to end (batch {best['batch']}) / naive loop, {config}", ratio))
     return rows
+
+
+def _defaults_row(defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """Default settings against the fastest of the fp32 configurations measured in the same run."""
+    if not defaults:
+        return _missing("serve with default settings / fastest fp32 configuration", "defaults")
+    speed = {r["configuration"]: r["posts_per_s"] for r in defaults["rows"]}
+    fastest = max(speed, key=lambda name: speed[name])
+    label = f"serve with default settings / fastest fp32 ({fastest}), {defaults['config']} batch {defaults['batch']}"
+    return _row(label, speed["default"] / speed[fastest], DEFAULTS_OVER_FASTEST, ">=")
 
 
 def _report(target: str, measured: float) -> dict[str, Any]:
@@ -215,7 +228,7 @@ def _pyplot() -> Any:
 
 def report(out: Path, smoke: bool) -> list[dict[str, Any]]:
     suffix = ".smoke" if smoke else ""
-    names = ("forward", "e2e", "naive", "stages", "soak")
+    names = ("forward", "e2e", "naive", "stages", "soak", "defaults")
     results = {name: load(out, name, smoke) for name in names}
     results["soak-cpu-torch"] = load(out / "cpu-torch", "soak", smoke)
     rows = targets(results)

@@ -53,7 +53,7 @@ def test_smoke_suite_runs_every_benchmark_and_writes_results(services, tmp_path:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = {}
-    for name in ("forward", "levers", "queues", "stages", "naive", "e2e", "soak"):
+    for name in ("forward", "levers", "queues", "stages", "naive", "e2e", "soak", "defaults"):
         document = json.loads((tmp_path / f"{name}.smoke.json").read_text())
         assert PROVENANCE <= set(document), name
         assert document["smoke"] is True and document["machine"]["cpus_usable"] >= 1
@@ -79,6 +79,9 @@ def test_smoke_suite_runs_every_benchmark_and_writes_results(services, tmp_path:
     (naive,) = results["naive"]["runs"]
     assert naive["posts_per_s"] > 0 and len(naive["service_times_ms"]) == naive["measured_posts"]
     assert all(row["throughput"]["complete"] for row in results["e2e"]["rows"])
+    # Default settings measured beside eager torch (tiny encoders: no ONNX Runtime configuration to compare).
+    assert {r["configuration"] for r in results["defaults"]["rows"]} == {"default", "checkpoint"}
+    assert all(r["complete"] and r["posts_per_s"] > 0 for r in results["defaults"]["rows"])
     soak = results["soak"]
     assert soak["exit_code"] == 0  # serve drained and stopped cleanly on SIGTERM after the run
     assert soak["peak_rss_mib"] >= soak["steady_rss_mib"]["median"] > 50
@@ -203,5 +206,7 @@ def test_targets_are_judged_against_the_project_bounds() -> None:
 
 
 def test_targets_say_what_was_not_run() -> None:
-    rows = targets({"forward": None, "e2e": None, "naive": None, "stages": None, "soak": None})
+    rows = targets(
+        {"forward": None, "e2e": None, "naive": None, "stages": None, "soak": None, "defaults": None}
+    )
     assert rows and all(r["met"] is None and r["bound"].startswith("needs ") for r in rows)
