@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -189,6 +190,13 @@ class Predictor:
         if self.calibration_temperature is None:
             return None
         return {"method": "temperature", "temperature": float(self.calibration_temperature)}
+
+    @property
+    def decode_size(self) -> int:
+        """The shorter side the image preprocessing scales to before its centre crop: a JPEG decoded (DCT-scaled)
+        down to no less than this loses nothing the encoder would see."""
+        preprocessing = self.model.image_encoder.preprocessing
+        return math.ceil(preprocessing.size / preprocessing.crop_pct)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """[3, H, W] float tensor, the encoder's own resize/crop/normalisation; thread-safe."""

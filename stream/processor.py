@@ -172,8 +172,11 @@ class BatchProcessor:
         self.output_topic = settings.kafka.output_topic
         self.dead_letter_topic = settings.kafka.dead_letter_topic
         self.limits = settings.limits
+        # JPEGs decode DCT-scaled to the model's own input size, not larger: fewer pixels to decode and resize.
         self.media_limits = MediaLimits(
-            max_image_bytes=settings.limits.max_image_bytes, max_image_pixels=settings.limits.max_image_pixels
+            max_image_bytes=settings.limits.max_image_bytes,
+            max_image_pixels=settings.limits.max_image_pixels,
+            draft_size=(predictor.decode_size, predictor.decode_size),
         )
         self.fetch_policy = settings.media.policy()
 

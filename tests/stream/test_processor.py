@@ -112,3 +112,37 @@ def test_reference_queues_feed_the_predictor_and_take_its_accepted_features(serv
         queues.refresh()
         assert queues.stats()["image"].count == 16 + 4
         assert queues.stats()["text"].count == 16 + 4
+
+
+def test_jpegs_decode_at_the_models_input_size_and_not_larger(predictor, monkeypatch):
+    """A camera-sized JPEG is DCT-scaled down to the shorter side the model's preprocessing needs (not more), so
+    the decode pool does not decode and resize pixels the encoder never sees; the input tensor is the encoder's."""
+    import io
+
+    from connectors import media
+
+    processor = BatchProcessor(load_settings(None, {}), predictor, Metrics())
+    size = predictor.decode_size
+    assert processor.media_limits.draft_size == (size, size)
+    buffer = io.BytesIO()
+    Image.new("RGB", (size * 9, size * 6), (200, 40, 40)).save(buffer, "JPEG", quality=90)
+    seen = []
+    real_decode = media.decode_image_field
+
+    def spy(field, limits, policy):
+        outcome = real_decode(field, limits, policy)
+        seen.append(outcome.image.size)
+        return outcome
+
+    monkeypatch.setattr("stream.processor.decode_image_field", spy)
+    import base64
+
+    doc = {"id": "big", "text": "hi", "image": {"base64": base64.b64encode(buffer.getvalue()).decode()}}
+    assert run(processor, [doc])["big"]["modalities"]["image"]["state"] == "ok"
+    (decoded,) = seen
+    assert size <= min(decoded) < 2 * size  # 6x the size on its shorter side: decoded at 1/4 scale, not 1/1
+
+
+def test_decode_size_follows_the_preprocessing_of_each_encoder_configuration():
+    tiny = Predictor.from_model(create_model("tiny", LABELS))
+    assert tiny.decode_size == tiny.model.image_encoder.preprocessing.size == 32
