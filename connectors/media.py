@@ -37,8 +37,8 @@ class MediaLimits:
     """Per-call bounds on what one post's image may cost.
 
     draft_size: JPEGs are decoded by libjpeg at the smallest 1/2, 1/4 or 1/8 scale that is still at
-    least this size (a 4000x3000 photo decodes at 1000x750), since the image encoder resizes to 224
-    anyway. formats: the Pillow decoders allowed; a short list keeps rarely-audited parsers (and
+    least this size (a 4000x3000 photo decodes at 1000x750); the service sets it to the model's own input
+    size (``Predictor.decode_size``), since the image encoder resizes to that anyway. formats: the Pillow decoders allowed; a short list keeps rarely-audited parsers (and
     EPS, which runs Ghostscript) away from untrusted bytes.
     """
 
