@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,3 +65,32 @@ def tiny_model_with_queues(labels: list[str], seed: int = 0) -> DRFModel:
     model.head.image_queue.push(torch.randn(8, 32) * 0.1)
     model.head.text_queue.push(torch.randn(8, 32) * 0.1)
     return model
+
+
+def train_with_cli(
+    data_root: Path, work: Path, capsys: Any, *extra: str, epochs: int = 2
+) -> tuple[Path, dict[str, Any]]:
+    """``postsense train`` on ``data_root`` with the tiny encoders, as a user runs it; the checkpoint it wrote and
+    the summary it printed (after the data set's report). ``extra`` are more train options."""
+    from stream.cli import main
+
+    out = work / "model.ckpt"
+    args = [
+        "--device",
+        "cpu",
+        "train",
+        "--data",
+        f"jsonl:{data_root}",
+        "--encoders",
+        "tiny",
+        "--out",
+        str(out),
+    ]
+    args += ["--epochs", str(epochs), "--batch-size", "32", "--queue-size", "32"]
+    args += ["--cache-dir", str(work / "cache"), "--no-progress", *extra]
+    try:
+        main(args)
+    except SystemExit as done:
+        assert done.code == 0, f"postsense train exited {done.code}"
+    printed = capsys.readouterr().out
+    return out, json.loads(printed[printed.index("{\n") :])

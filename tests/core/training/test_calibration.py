@@ -3,14 +3,13 @@ and `postsense train` storing the temperature it fitted on dev."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from training_data import make_dataset
+from training_data import make_dataset, train_with_cli
 
 from core.checkpoint import load_checkpoint
 from core.data import load_dataset
@@ -25,7 +24,6 @@ from core.training import (
     predict_logits,
     reliability_bins,
 )
-from stream.cli import main
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -118,25 +116,7 @@ def test_fit_temperature_accepts_tensors_and_handles_edge_cases() -> None:
 
 def test_cli_train_fits_the_temperature_on_dev_and_stores_it(tmp_path: Path, capsys) -> None:
     data_root = make_dataset(tmp_path / "data")
-    out = tmp_path / "model.ckpt"
-    args = [
-        "--device",
-        "cpu",
-        "train",
-        "--data",
-        f"jsonl:{data_root}",
-        "--encoders",
-        "tiny",
-        "--out",
-        str(out),
-    ]
-    args += ["--epochs", "3", "--batch-size", "32", "--queue-size", "32", "--head-lr", "3e-3"]
-    args += ["--cache-dir", str(tmp_path / "cache"), "--no-progress"]
-    with pytest.raises(SystemExit) as done:
-        main(args)
-    assert done.value.code == 0
-    printed = capsys.readouterr().out
-    summary = json.loads(printed[printed.index("{\n") :])  # the run's summary, after the data set's
+    out, summary = train_with_cli(data_root, tmp_path, capsys, "--head-lr", "3e-3", epochs=3)
     model = load_checkpoint(out).model
     temperature = model.calibration_temperature
     assert temperature is not None and 0.05 <= temperature <= 20.0 and temperature != 1.0

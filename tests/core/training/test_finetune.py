@@ -6,7 +6,6 @@ round-trips the fine-tuned weights. Tiny encoders only (plus a two-layer BERT bu
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor
-from training_data import make_dataset
+from training_data import make_dataset, train_with_cli
 
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.data import load_dataset
@@ -302,34 +301,7 @@ def test_finetuning_refuses_an_onnx_text_encoder(dataset) -> None:
 
 
 def test_cli_train_finetune_text_writes_a_checkpoint_the_service_loads(data_root, tmp_path, capsys) -> None:
-    out = tmp_path / "model.ckpt"
-    args = [
-        "--device",
-        "cpu",
-        "train",
-        "--data",
-        f"jsonl:{data_root}",
-        "--encoders",
-        "tiny",
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "32",
-        "--queue-size",
-        "32",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--no-progress",
-        "--finetune",
-        "text",
-    ]
-    with pytest.raises(SystemExit) as done:
-        main(args)
-    assert done.value.code == 0
-    output = capsys.readouterr().out
-    summary = json.loads(output[output.index("{\n") :])
+    out, summary = train_with_cli(data_root, tmp_path, capsys, "--finetune", "text")
     assert summary["text_finetune"] == {"layers": "all"} and len(summary["history"]) == 2
     checkpoint = load_checkpoint(out)
     assert checkpoint.metadata["config"]["text_finetune"] == {"layers": "all"}

@@ -6,14 +6,13 @@ The data is tests/training_data.py's tiny synthetic image-text set, on which the
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from training_data import make_dataset
+from training_data import make_dataset, train_with_cli
 
 import core.training.loop as train_module
 from core.data import load_dataset
@@ -183,34 +182,7 @@ def test_invalid_training_configuration_is_rejected_clearly() -> None:
 
 
 def test_cli_train_writes_a_checkpoint_the_service_loads(data_root, tmp_path, capsys) -> None:
-    out = tmp_path / "model.ckpt"
-    args = [
-        "--device",
-        "cpu",
-        "train",
-        "--data",
-        f"jsonl:{data_root}",
-        "--encoders",
-        "tiny",
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "32",
-        "--queue-size",
-        "32",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--no-progress",
-        "--modality-random",
-        "0.4",
-    ]
-    with pytest.raises(SystemExit) as done:
-        main(args)
-    assert done.value.code == 0
-    output = capsys.readouterr().out
-    summary = json.loads(output[output.index("{\n") :])
+    out, summary = train_with_cli(data_root, tmp_path, capsys, "--modality-random", "0.4")
     record = read_training(out)  # what serve, score and config say about the model
     assert record is not None and record["data"] == f"jsonl:{data_root}"
     assert record["sizes"] == {"train": 120, "dev": 40, "test": 40} and record["modality_random"]["dr"] == 0.4
@@ -221,9 +193,8 @@ def test_cli_train_writes_a_checkpoint_the_service_loads(data_root, tmp_path, ca
     assert predictor.predict(batch).labels[0] in ("positive", "neutral", "negative")
     assert (tmp_path / "model.ckpt.state").is_file()
     # Resuming a finished run is a no-op that rewrites the same model.
-    with pytest.raises(SystemExit) as done:
-        main([*args, "--resume"])
-    assert done.value.code == 0
+    resumed, again = train_with_cli(data_root, tmp_path, capsys, "--modality-random", "0.4", "--resume")
+    assert resumed == out and again["best_dev_accuracy"] == summary["best_dev_accuracy"]
 
 
 def test_cli_train_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:
