@@ -14,7 +14,9 @@ saved, then the fp32 ONNX files ``train`` writes beside it. Each serving configu
 
 A configuration the encoders cannot take (the tiny test encoders have no ONNX Runtime path) is skipped, and says so.
 
-``bench.report`` checks default / the fastest fp32 configuration >= 0.9. Prints a table and writes
+Two of the three are the same path on a machine with ONNX Runtime, so order and warm-up must not decide: the
+configurations run in ``--rounds`` rounds (default 2), the order reversed each round, and each reports its best
+round. ``bench.report`` checks default / the fastest fp32 configuration >= 0.9. Prints a table and writes
 bench/results/defaults.json.
 """
 
@@ -71,21 +73,31 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--posts", type=int, default=None, help="backlog size per configuration")
     parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="runs per configuration (default 2; smoke 1)"
+    )
     args = parser.parse_args()
+    rounds = args.rounds or (1 if args.smoke else 2)
     config = args.config or ("tiny" if args.smoke else "offline")
     posts = args.posts or (40 if args.smoke else 384)
-    rows = []
+    best: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="postsense-defaults-") as tmp, local_services(args) as endpoints:
         checkpoint = trained_checkpoint(config, Path(tmp))
+        predictors = {}
         for name, overrides in CONFIGURATIONS.items():
             try:
-                predictor = serving_predictor(checkpoint, overrides)
+                predictors[name] = serving_predictor(checkpoint, overrides)
             except ValueError as exc:  # e.g. the tiny encoders have no ONNX Runtime path
                 print(f"{name}: skipped ({exc})", flush=True)
-                continue
-            run = throughput_run(endpoints, predictor, args.batch, posts, args.decode_workers)
-            rows.append({"configuration": name, "encoders": predictor.runtime_summary(), **run})
-            print(f"{name}: {run['posts_per_s']:.1f} posts/s ({predictor.runtime_summary()})", flush=True)
+        for round_ in range(rounds):
+            for name in list(predictors)[:: -1 if round_ % 2 else 1]:
+                predictor = predictors[name]
+                run = throughput_run(endpoints, predictor, args.batch, posts, args.decode_workers)
+                summary = predictor.runtime_summary()
+                print(f"{name}, round {round_ + 1}: {run['posts_per_s']:.1f} posts/s ({summary})", flush=True)
+                if name not in best or run["posts_per_s"] > best[name]["posts_per_s"]:
+                    best[name] = {"configuration": name, "encoders": summary, "rounds": rounds, **run}
+    rows = [best[name] for name in predictors]
     print_table(
         f"serve end to end by settings ({config} encoders, batch {args.batch}, {posts} posts)",
         ["configuration", "encoders", "posts/s", "backlog done"],
