@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor
-from training_data import make_dataset, train_with_cli
+from training_data import train_with_cli
 
 from core.checkpoint import load_checkpoint, save_checkpoint
-from core.data import load_dataset
 from core.encoders.base import TextEncoder, masked_mean
 from core.encoders.configs import Encoders
 from core.encoders.networks import TinyImageEncoder
@@ -41,16 +39,6 @@ from core.training.features import encoder_fingerprint
 from stream.cli import main
 
 CONFIG = TrainConfig(epochs=3, batch_size=16, encoder_lr=1e-2, head_lr=3e-3, min_lr=1e-5, seed=0)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("synthetic-finetune"))
-
-
-@pytest.fixture(scope="module")
-def dataset(data_root: Path):
-    return load_dataset(f"jsonl:{data_root}")
 
 
 def tiny_model(labels, seed: int = 0) -> DRFModel:

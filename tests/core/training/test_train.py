@@ -7,15 +7,13 @@ The data is tests/training_data.py's tiny synthetic image-text set, on which the
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from training_data import make_dataset, train_with_cli
+from training_data import train_with_cli
 
 import core.training.loop as train_module
-from core.data import load_dataset
 from core.data.disruption import disrupt_dataset
 from core.inference import Predictor
 from core.model import create_model
@@ -37,16 +35,6 @@ from core.training.features import image_key
 from stream.cli import main
 
 FAST = TrainConfig(epochs=12, batch_size=16, head_lr=3e-3, min_lr=1e-5, seed=0)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("synthetic"))
-
-
-@pytest.fixture(scope="module")
-def dataset(data_root: Path):
-    return load_dataset(f"jsonl:{data_root}")
 
 
 def tiny_model(labels, seed: int = 0):
