@@ -19,6 +19,10 @@ ENCODER_DESCRIPTIONS = {
 }
 
 
+#: Training regimes (``EvalConfig.regimes``); result rows carry theirs.
+REGIMES = ("clean", "product")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """What to run; the defaults are the CPU configuration of the full report (see docs/evaluation.md).
@@ -56,6 +60,11 @@ class EvalConfig:
     # makes each of K stratified folds the test set in turn (folds drawn with ``fold_seed``).
     folds: int = 0
     fold_seed: int = 0
+    # Training regimes: "clean" (the paper's protocol: trained clean, tested damaged) and "product" (each training
+    # and dev post shown intact with probability ``product_intact``, else under one of its damaged variants, every
+    # test condition's but C+D; core/training/mixing.py).  "product" needs cross-validation (folds >= 2).
+    regimes: tuple[str, ...] = ("clean",)
+    product_intact: float = 0.5
     # Test conditions whose reliability bins are kept (for the reliability diagram).
     reliability_tests: tuple[str, ...] = ("clean", "image/jpeg_q5", "text/typos")
 
@@ -102,6 +111,13 @@ class EvalConfig:
                 "cross-validation runs the clean-trained regime only: no Figure 5 (random_settings), "
                 "ablations or mechanisms (those stay in the published-split report)"
             )
+        unknown_regimes = [r for r in self.regimes if r not in REGIMES]
+        if unknown_regimes or not self.regimes or "clean" not in self.regimes:
+            problems.append(f"regimes: {list(self.regimes)}; known: {list(REGIMES)}, clean always runs")
+        if "product" in self.regimes and not self.folds:
+            problems.append("the product regime runs in cross-validation only (folds >= 2)")
+        if not 0 <= self.product_intact < 1:
+            problems.append(f"product_intact must lie in [0, 1), got {self.product_intact}")
         if any(not 0 < r <= 1 for r in self.ratios):
             problems.append(f"ratios must lie in (0, 1], got {self.ratios}")
         if problems:

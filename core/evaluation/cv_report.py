@@ -15,126 +15,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.evaluation.cv_tables import (
+    _conditions,
+    comparison_table,
+    metric_table,
+    shortfalls,
+)
+from core.evaluation.product_report import product_section, product_targets
 from core.evaluation.report import EvaluationResults, _method_name, aggregate, targets
-
-#: Damage kinds no quality score can see (the modality is intact but wrong): reported, no quality target.
-NO_QUALITY_TARGET = ("image/mismatched",)
-SPECIALIST = {"image": "text_only", "text": "image_only"}
-
-
-def _conditions(config: dict[str, Any]) -> list[str]:
-    paper = [f"{m}/{s}" for m in ("image", "text") for s in config["fixed_settings"]]
-    damage = list(config["damage"])
-    ordered = [c for m in ("image", "text") for c in (*paper, *damage) if c.startswith(f"{m}/")]
-    return ["clean", *dict.fromkeys(ordered)]
-
-
-def _cell(agg: dict[str, float] | None, metric: str, digits: int = 1) -> str:
-    if agg is None or metric not in agg:
-        return "–"
-    return f"{agg[metric]:.{digits}f} ± {agg[f'{metric}_sd']:.{digits}f}"
-
-
-def _auroc(rows: Sequence[dict[str, Any]], test: str) -> list[float]:
-    return [r["auroc"] for r in rows if r["method"] == "drf" and r["test"] == test and r["auroc"] is not None]
-
-
-def _auroc_cell(rows: Sequence[dict[str, Any]], test: str) -> str:
-    if test == "clean":
-        return "–"
-    values = _auroc(rows, test)
-    if not values:
-        return "n/a (modality missing)" if any(r["test"] == test for r in rows) else "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
-
-
-def metric_table(
-    results: Sequence[dict[str, Any]],
-    methods: Sequence[str],
-    tests: Sequence[str],
-    metric: str,
-    digits: int = 1,
-) -> list[str]:
-    """One row per condition, one column per method: ``metric`` mean ± sd over folds × seeds."""
-    lines = [
-        "| Condition | " + " | ".join(_method_name(m) for m in methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for test in tests:
-        cells = [_cell(aggregate(results, m, "clean", test), metric, digits) for m in methods]
-        lines.append(f"| {test} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def comparison_table(data: EvaluationResults, tests: Sequence[str], baselines: Sequence[str]) -> list[str]:
-    """Per condition: DRF, the best baseline, the intact modality's specialist, the gaps, quality AUROC and ECE."""
-    results = data.results
-    lines = [
-        "| Condition | DRF | best baseline | intact specialist | DRF − best | DRF − specialist | quality AUROC "
-        "| ECE DRF | ECE best baseline | what the damage did |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    stats = data.describe.get("disruption", {})
-    for test in tests:
-        drf = aggregate(results, "drf", "clean", test)
-        if drf is None:
-            continue
-        scored = [(m, a) for m in baselines if (a := aggregate(results, m, "clean", test)) is not None]
-        best_name, best = max(scored, key=lambda ma: ma[1]["accuracy"], default=(None, None))
-        modality = test.partition("/")[0]
-        specialist = (
-            aggregate(results, SPECIALIST[modality], "clean", test) if modality in SPECIALIST else None
-        )
-        damage = stats.get(f"damage {test}")
-        what = (
-            f"{damage['damaged']} damaged, {damage['became_missing']} became missing"
-            + (f", {damage['unchanged']} unchanged" if damage.get("unchanged") else "")
-            if isinstance(damage, dict) and "damaged" in damage
-            else ""
-        )
-        best_cell = f"{_method_name(best_name)} {best['accuracy']:.1f}" if best and best_name else "–"
-        specialist_cell = (
-            f"{_method_name(SPECIALIST[modality])} {specialist['accuracy']:.1f}" if specialist else "–"
-        )
-        cells = [
-            test,
-            _cell(drf, "accuracy"),
-            best_cell,
-            specialist_cell,
-            f"{drf['accuracy'] - best['accuracy']:+.1f}" if best else "–",
-            f"{drf['accuracy'] - specialist['accuracy']:+.1f}" if specialist else "–",
-            _auroc_cell(data.damage_auroc, test),
-            _cell(drf, "ece", 3),
-            _cell(best, "ece", 3),
-            what,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def shortfalls(
-    results: Sequence[dict[str, Any]], tests: Sequence[str], baselines: Sequence[str]
-) -> list[dict[str, Any]]:
-    """Every (condition, comparator) where DRF's mean accuracy is below a baseline's or the intact specialist's."""
-    found = []
-    for test in tests:
-        drf = aggregate(results, "drf", "clean", test)
-        if drf is None:
-            continue
-        for method in dict.fromkeys([*baselines, *SPECIALIST.values()]):
-            other = aggregate(results, method, "clean", test)
-            if other is not None and other["accuracy"] > drf["accuracy"]:
-                found.append(
-                    {
-                        "test": test,
-                        "method": method,
-                        "drf": round(drf["accuracy"], 2),
-                        "other": round(other["accuracy"], 2),
-                        "gap": round(drf["accuracy"] - other["accuracy"], 2),
-                    }
-                )
-    return found
 
 
 def confidence_summary(results: Sequence[dict[str, Any]], tests: Sequence[str]) -> str:
@@ -163,7 +51,11 @@ def _pooled_bins(
     results: Sequence[dict[str, Any]], method: str, test: str
 ) -> list[tuple[float, float, float]]:
     """(confidence, accuracy, count) per non-empty bin, pooled over folds × seeds."""
-    rows = [r for r in results if r["method"] == method and r["test"] == test and r.get("reliability")]
+    rows = [
+        r
+        for r in results
+        if (r["method"], r["regime"], r["test"]) == (method, "clean", test) and r.get("reliability")
+    ]
     if not rows:
         return []
     pooled = []
@@ -228,13 +120,16 @@ def write_cv_report(data: EvaluationResults, out_dir: str | Path) -> dict[str, P
     baselines = [m for m in cfg["baselines"] if m in methods]
     checks = [
         {**c, "margin": round(c["drf"] - c["bound"], 3)}
-        for c in targets(data.results, data.quality_auroc, ())
+        for c in targets(
+            data.results, [r for r in data.quality_auroc if r.get("regime", "clean") == "clean"], ()
+        )
     ]
     gaps = shortfalls(data.results, tests, baselines)
     document = {
         **data.describe,
         "targets": checks,
         "shortfalls": gaps,
+        "product_targets": product_targets(data, tests, baselines),
         "quality_auroc": data.quality_auroc,
         "damage_auroc": data.damage_auroc,
         "results": data.results,
@@ -367,7 +262,7 @@ def _sections(
     ]
     if not gaps:
         lines.insert(-1, "None: DRF's mean is at or above every baseline and specialist in every condition.")
-    return lines
+    return lines + product_section(data, tests, baselines)
 
 
 def _targets_count(checks: Sequence[dict[str, Any]]) -> str:
@@ -394,7 +289,7 @@ def _mean_gate(rows: Sequence[dict[str, Any]], key: str) -> str:
 def results_from_json(path: str | Path) -> EvaluationResults:
     """The plain results a cross-validation's ``results.json`` holds, to write its report again."""
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    derived = ("targets", "shortfalls", "quality_auroc", "damage_auroc", "results")
+    derived = ("targets", "shortfalls", "product_targets", "quality_auroc", "damage_auroc", "results")
     describe = {k: v for k, v in doc.items() if k not in derived}
     methods = list(dict.fromkeys(r["method"] for r in doc["results"]))
     return EvaluationResults(describe, doc["results"], doc["quality_auroc"], methods, doc["damage_auroc"])

@@ -46,11 +46,13 @@ from core.training.features import (
     feature_cache_for,
 )
 from core.training.loop import (
+    FeatureSource,
     Scorable,
     Trainable,
     fit,
     one_thread,
 )
+from core.training.mixing import DamageMix
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class Conditions:
     # The dev posts with one modality corrupted by the paper's protocol (C): what the gated router's gates are
     # picked on, besides the clean dev posts.
     dev_damaged: dict[str, FeatureTable] = field(default_factory=dict)
+    # The product regime: the training posts' damaged variants (with "clean"), mixed per batch (DamageMix).
+    train_variants: dict[str, FeatureTable] | None = None
 
 
 class Evaluation:
@@ -192,13 +196,13 @@ class Evaluation:
             )
             return gated, {**composed, "gate_image": gated.gate_image, "gate_text": gated.gate_text}
         model = self.build(method, seed)
+        train: FeatureSource = (
+            DamageMix(conditions.train_variants, self.config.product_intact, seed)
+            if conditions.train_variants
+            else CachedSource(conditions.train)
+        )
         with one_thread():  # encoding keeps every thread; heads train faster on one
-            result = fit(
-                model,
-                CachedSource(conditions.train),
-                CachedSource(conditions.dev),
-                self.config.train_config(seed),
-            )
+            result = fit(model, train, CachedSource(conditions.dev), self.config.train_config(seed))
         info = {
             "best_epoch": result.best_epoch,
             "best_dev_accuracy": result.best_dev_accuracy,
@@ -235,11 +239,24 @@ class Evaluation:
             return
         if {"image/C", "text/C"} <= set(conditions.tests):
             self.quality_auroc.append(
-                {"method": method, "seed": seed, "fold": self.fold, **quality_auroc(model, conditions.tests)}
+                {
+                    "method": method,
+                    "seed": seed,
+                    "fold": self.fold,
+                    "regime": regime,
+                    **quality_auroc(model, conditions.tests),
+                }
             )
         for test_name, value in damage_auroc(model, conditions.tests).items():
             self.damage_auroc.append(
-                {"method": method, "seed": seed, "fold": self.fold, "test": test_name, "auroc": value}
+                {
+                    "method": method,
+                    "seed": seed,
+                    "fold": self.fold,
+                    "regime": regime,
+                    "test": test_name,
+                    "auroc": value,
+                }
             )
 
     def methods_clean(self) -> list[str]:

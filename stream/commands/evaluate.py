@@ -2,8 +2,8 @@
 
 Without --full: one seed, Tables 1 and 3 with the baselines (a quick look).  With --full: three seeds, the
 ablations of Table 4 and the modality-random curves of Figure 5.  With --folds K: K-fold cross-validation over
-every post (seeds 0 and 1, every realistic damage condition, no ablations, Figure 5 or paper-literal DRF; fold in
-every result row).  Any option below overrides these.
+every post (seeds 0 and 1, every realistic damage condition, both training regimes, no ablations, Figure 5 or
+paper-literal DRF; fold and regime in every result row).  Any option below overrides these.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from core.data.disruption import SETTINGS
 from core.drf import MECHANISMS, VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
 from core.evaluation import EvalConfig, run_evaluation
+from core.evaluation.config import REGIMES
 from core.model import ABLATIONS
 from stream.settings import Settings
 
@@ -30,6 +31,7 @@ CROSSVAL = {
     "ablations": (),
     "compare_paper": False,
     "damage": DAMAGE_CONDITIONS,
+    "regimes": REGIMES,
 }
 
 
@@ -65,6 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         choices=DAMAGE_CONDITIONS,
         help="realistic damage conditions to test (default with --folds: all; none: skip)",
+    )
+    parser.add_argument(
+        "--regimes",
+        nargs="+",
+        choices=REGIMES,
+        help="training regimes with --folds (default: both): clean (the paper's) and product (trained on damaged "
+        "posts too)",
+    )
+    parser.add_argument(
+        "--product-intact", type=float, help="product regime: chance a training post is shown intact (0.5)"
     )
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--dim", type=int, help="DRF width d of every head (default 128)")

@@ -65,7 +65,9 @@ def test_folds_run_end_to_end_and_every_row_carries_its_fold_and_calibration(cro
     doc = json.loads((crossval / "results.json").read_text())
     assert doc["crossval"]["folds"] == 2 and doc["crossval"]["posts"] == 200
     assert sum(s["test"] for s in doc["crossval"]["fold_sizes"]) == 200
-    rows = doc["results"]
+    everything = doc["results"]
+    assert {r["regime"] for r in everything} == {"clean", "product"}
+    rows = [r for r in everything if r["regime"] == "clean"]
     assert {r["fold"] for r in rows} == {0, 1}
     for key in ("ece", "ece_raw", "nll", "nll_raw", "confidence", "temperature"):
         assert all(key in r for r in rows), key
@@ -87,6 +89,35 @@ def test_folds_run_end_to_end_and_every_row_carries_its_fold_and_calibration(cro
     assert truncated["became_missing"] == 200 - truncated["skipped_single_modality"]  # PNG cut short: missing
     assert all(0 <= r["auroc"] <= 1 for r in doc["damage_auroc"] if r["auroc"] is not None)
     assert all("margin" in c for c in doc["targets"])
+
+
+def test_the_product_regime_trains_every_method_again_and_is_judged_on_its_own_targets(
+    crossval: Path,
+) -> None:
+    doc = json.loads((crossval / "results.json").read_text())
+    product = [r for r in doc["results"] if r["regime"] == "product"]
+    clean_tests = {r["test"] for r in doc["results"] if r["regime"] == "clean"}
+    methods = {"drf", "concat", "concat_dropout", "text_only", "image_only", "router", "gated_router"}
+    assert {r["method"] for r in product} == methods
+    for fold in (0, 1):
+        for method in methods:
+            assert {r["test"] for r in product if r["fold"] == fold and r["method"] == method} == clean_tests
+
+    # Trained differently: the same fold, seed and test give other scores than the clean-trained model's.
+    def nll(regime: str) -> list[float]:
+        return [r["nll"] for r in doc["results"] if (r["method"], r["regime"]) == ("drf", regime)]
+
+    assert nll("product") != nll("clean")
+    assert {r["regime"] for r in doc["quality_auroc"]} == {"clean", "product"}
+    names = {c["target"] for c in doc["product_targets"]}
+    assert "clean ≥ 74 %" in names and "quality AUROC image (C) ≥ 0.93" in names
+    assert any(n.startswith("text/typos ≥ Image only − 1") for n in names)
+    assert not any(n.startswith("image/mismatched") for n in names)  # a swapped image is not damage
+    for check in doc["product_targets"]:
+        assert check["met"] == (check["margin"] >= 0)
+    text = (crossval / "report.md").read_text()
+    assert "## Regime `product`: trained on damaged posts too" in text
+    assert "### Targets of the product model" in text
 
 
 def test_cv_report_shows_every_condition_with_calibration_auroc_and_the_gated_router(crossval: Path) -> None:
