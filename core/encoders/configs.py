@@ -183,6 +183,7 @@ def _hf_text(
     runtime: str = "torch",
     precision: str = "fp32",
     serving: CpuServing | None = None,
+    tweets: bool = False,
 ) -> HFTextEncoder:
     tokenizer = FastTokenizer(directory, max_length)
     # config.json read directly: an inference-only encoder never imports transformers.
@@ -205,6 +206,7 @@ def _hf_text(
         precision=precision,
         onnx_only=only,
         dim=dim,
+        tweets=tweets,
     )
 
 
@@ -215,6 +217,7 @@ def _offline(
     text_runtime: str = "torch",
     precision: str = "fp32",
     int8_calibration: str | None = None,
+    tweets: bool = False,
 ) -> Encoders:
     serving = None if pretrained else _CPU_SERVING.get()
     if serving is not None:
@@ -222,14 +225,19 @@ def _offline(
         text_runtime = serving.text_runtime or text_runtime
         precision = serving.precision or precision
     text = _hf_text(
-        _minilm_dir(), pretrained, max_length, "all-MiniLM-L6-v2", text_runtime, precision, serving
+        _minilm_dir(), pretrained, max_length, "all-MiniLM-L6-v2", text_runtime, precision, serving, tweets
     )
     image = _offline_image(pretrained, image_runtime, precision, int8_calibration, serving)
     # Options beyond these two are recorded only when they differ from the default, so the fingerprints of
     # existing checkpoints and feature caches (core/training/features.py) stay what they were.
     options: dict[str, Any] = {"max_length": max_length, "image_runtime": image_runtime}
-    extra = {"text_runtime": text_runtime, "precision": precision, "int8_calibration": int8_calibration}
-    defaults = {"text_runtime": "torch", "precision": "fp32", "int8_calibration": None}
+    extra = {
+        "text_runtime": text_runtime,
+        "precision": precision,
+        "int8_calibration": int8_calibration,
+        "tweets": tweets,
+    }
+    defaults = {"text_runtime": "torch", "precision": "fp32", "int8_calibration": None, "tweets": False}
     options.update({k: v for k, v in extra.items() if v != defaults[k]})
     return Encoders("offline", image, text, options)
 
@@ -323,7 +331,8 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
     ``pretrained=False`` builds the architecture only (a checkpoint then supplies the weights).  Options:
     offline: max_length, image_runtime and text_runtime ("torch" or "onnxruntime": CPU inference through an ONNX
     Runtime export, same features within ~1e-5), precision ("fp32" or "int8": CPU inference through ONNX Runtime
-    int8 models of both encoders), int8_calibration (a directory of images for the int8 image model);
+    int8 models of both encoders), int8_calibration (a directory of images for the int8 image model), tweets
+    (rewrite URLs, mentions, hashtags and emoji before tokenising: core/encoders/tweets.py);
     paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
     """
     builders: dict[str, Callable[..., Encoders]] = {"offline": _offline, "paper": _paper, "tiny": _tiny}

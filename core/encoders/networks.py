@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from core.encoders.base import ImageEncoder, ImagePreprocessing, TextEncoder, masked_mean
 from core.encoders.export import OnnxExport
 from core.encoders.switch import OnnxOnly, OnnxSwitch
+from core.encoders.tweets import normalise_tweet
 
 #: Images per ONNX Runtime call. ONNX Runtime's arena keeps the largest call's activations for good, and a CPU
 #: gains no speed from larger calls, only memory (BENCHMARKS.md, memory).
@@ -179,6 +180,7 @@ class HFTextEncoder(OnnxSwitch, TextEncoder):
         onnx_only: OnnxOnly | None = None,
         *,
         dim: int,
+        tweets: bool = False,
     ) -> None:
         super().__init__()
         self._init_switch(runtime, precision, onnx_only)
@@ -187,9 +189,11 @@ class HFTextEncoder(OnnxSwitch, TextEncoder):
         self.dim = dim
         self.max_length = max_length
         self.source = source
+        self.tweets = tweets
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        return self.tokenizer(texts)
+        """Token ids of ``texts``, each first rewritten as a tweet (core/encoders/tweets.py) when ``tweets``."""
+        return self.tokenizer([normalise_tweet(text) for text in texts] if self.tweets else texts)
 
     def forward(self, text_inputs: Mapping[str, Tensor]) -> Tensor:
         if self._takes_onnx(text_inputs["input_ids"]):
@@ -217,7 +221,13 @@ class HFTextEncoder(OnnxSwitch, TextEncoder):
         )
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"max_length": self.max_length, "tokenizer": self.source, "vocab_size": len(self.tokenizer)}
+        described = {
+            "max_length": self.max_length,
+            "tokenizer": self.source,
+            "vocab_size": len(self.tokenizer),
+        }
+        # Recorded only when on, so the fingerprints of existing checkpoints and feature caches stay what they were.
+        return {**described, "tweets": True} if self.tweets else described
 
 
 class TinyImageEncoder(ImageEncoder):

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--encoders", choices=ENCODER_CONFIGS)
     parser.add_argument(
+        "--tweets",
+        action="store_true",
+        help="offline encoders: rewrite URLs, mentions, hashtags and emoji before tokenising",
+    )
+    parser.add_argument(
         "--variant", choices=list(VARIANTS), help="the DRF mechanisms of 'drf' (default: robust)"
     )
     parser.add_argument(
@@ -105,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = tuple(given) if isinstance(given, list) else given
+    if args.tweets:
+        values["encoder_options"] = {**values.get("encoder_options", {}), "tweets": True}
     return EvalConfig(**values)
 
 
