@@ -78,6 +78,9 @@ def describe(record: Mapping[str, Any] | None) -> str:
     disruption = record.get("modality_random")
     if isinstance(disruption, Mapping):
         parts[0] += f", modality-random training {disruption.get('dr')} {disruption.get('setting')}"
+    regime = record.get("regime")
+    if isinstance(regime, Mapping):
+        parts[0] += f", {regime.get('regime')} regime (intact {regime.get('intact')})"
     scores = []
     for split in ("dev", "test"):
         value = record.get(f"{split}_accuracy")

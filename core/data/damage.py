@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core.contracts import DEFAULT_LIMITS, MODALITIES
+from core.data.disruption import modality_fixed
 from core.data.images import DRAFT_SIZE, FORMATS, decode_image
 from core.data.records import ImageSource, Sample, open_image
 
@@ -276,3 +277,27 @@ def damage_samples(samples: Sequence[Sample], condition: str, seed: int) -> tupl
             out.append(replace(sample, text=_damage_text(sample.text, kind, rng, stats), meta=meta))
         stats.damaged += 1
     return out, stats
+
+
+def damaged_variants(
+    samples: Sequence[Sample],
+    seed: int,
+    settings: Sequence[str] = ("C", "D"),
+    damage: Sequence[str] = DAMAGE_CONDITIONS,
+) -> dict[str, tuple[list[Sample], dict[str, object]]]:
+    """Every damaged variant of ``samples``, by condition name, with what the damage did: the paper's
+    modality-fixed ``settings`` of either modality (``"image/C"``; stats under ``"fixed image/C"``) and each realistic
+    ``damage`` condition (stats under ``"damage image/placeholder"``).  What the evaluation tests and the product
+    regime trains on."""
+    variants: dict[str, tuple[list[Sample], dict[str, object]]] = {}
+    for modality in MODALITIES:
+        for setting in settings:
+            disrupted, fixed = modality_fixed(samples, modality, setting, seed)  # type: ignore[arg-type]
+            variants[f"{modality}/{setting}"] = (
+                disrupted,
+                {f"fixed {modality}/{setting}": dict(fixed.disrupted)},
+            )
+    for condition in damage:
+        damaged, stats = damage_samples(samples, condition, seed)
+        variants[condition] = (damaged, {f"damage {condition}": stats.to_dict()})
+    return variants

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from core.contracts import MODALITIES
-from core.data.damage import damage_samples
-from core.data.disruption import modality_fixed
+from core.data.damage import damaged_variants
 from core.data.folds import DEV_FRACTION, fold_split, pooled, stratified_folds
 from core.evaluation.config import EvalConfig
 from core.evaluation.cv_report import write_cv_report
@@ -47,17 +46,14 @@ class CrossValidation(Evaluation):
 
     def pooled_conditions(self) -> dict[str, FeatureTable]:
         """Every test condition applied to the pooled posts, each encoded once (what the cache lacks)."""
-        seed = self.config.disruption_seed
+        settings = dict.fromkeys(("C", *self.config.fixed_settings))  # C also picks the gates on dev
         tables = {"clean": self._encode_samples(self.posts)}
-        for modality in MODALITIES:
-            for setting in dict.fromkeys(("C", *self.config.fixed_settings)):  # C also picks the gates on dev
-                disrupted, stats = modality_fixed(self.posts, modality, setting, seed)
-                self.disruption_stats[f"fixed {modality}/{setting}"] = dict(stats.disrupted)
-                tables[f"{modality}/{setting}"] = self._encode_samples(disrupted)
-        for condition in self.config.damage:
-            damaged, damage = damage_samples(self.posts, condition, seed)
-            self.disruption_stats[f"damage {condition}"] = damage.to_dict()
-            tables[condition] = self._encode_samples(damaged)
+        variants = damaged_variants(
+            self.posts, self.config.disruption_seed, tuple(settings), self.config.damage
+        )
+        for name, (samples, stats) in variants.items():
+            self.disruption_stats.update(stats)
+            tables[name] = self._encode_samples(samples)
         return tables
 
     def fold_conditions(self, tables: dict[str, FeatureTable], fold: int) -> dict[str, Conditions]:

@@ -21,10 +21,12 @@ import torch
 
 from core.checkpoint import save_checkpoint
 from core.data import SPEC_HELP, DataFormatError, load_dataset
+from core.data.damage import damaged_variants
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
 from core.drf import DEFAULT_QUEUE_SIZE, DEFAULT_VARIANT, VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
 from core.encoders.__main__ import prepare_cpu_serving
+from core.evaluation.config import REGIMES
 from core.inference import resolve_device
 from core.model import ABLATIONS, create_model
 from core.provenance import training_record
@@ -44,6 +46,7 @@ from core.training import (
     one_thread,
     score,
 )
+from core.training.mixing import DamageMix
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"modality-random training: disrupt a ratio DR of the samples, e.g. {DISRUPTION_RATIOS}",
     )
     parser.add_argument("--setting", default="C+D", choices=SETTINGS, help="disruption setting (default C+D)")
+    parser.add_argument(
+        "--regime",
+        default="clean",
+        choices=REGIMES,
+        help="clean: the paper's protocol; product: each training and dev post shown intact or under one of its "
+        "damaged variants (the paper's C and D, the realistic damage kinds; frozen encoders only)",
+    )
+    parser.add_argument(
+        "--product-intact",
+        type=float,
+        default=0.5,
+        help="product regime: the chance a post is shown intact (default 0.5)",
+    )
     parser.add_argument("--disruption-seed", type=int, default=0)
     parser.add_argument(
         "--variant",
@@ -127,6 +143,10 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         )
     if args.finetune_layers is not None and not args.finetune:
         raise ValueError("--finetune-layers needs --finetune text")
+    if args.regime == "product" and (args.finetune or args.fine_tune or args.modality_random is not None):
+        raise ValueError(
+            "--regime product trains a head on cached features: no fine-tuning or --modality-random"
+        )
     encoder_lr = args.encoder_lr
     if encoder_lr is None:
         encoder_lr = FINETUNE_ENCODER_LR if args.finetune else DEFAULTS.encoder_lr
@@ -189,6 +209,24 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             CachedSource(encode_samples(model, dataset[s], cache, progress=progress))
             for s in ("train", "dev", "test")
         )
+        if args.regime == "product":
+            mixes = {
+                split: DamageMix(
+                    {
+                        "clean": source.table,
+                        **{
+                            name: encode_samples(model, samples, cache, progress=progress)
+                            for name, (samples, _) in damaged_variants(
+                                dataset[split], args.disruption_seed
+                            ).items()
+                        },
+                    },
+                    args.product_intact,
+                    seed=args.seed,
+                )
+                for split, source in (("train", train), ("dev", dev))
+            }
+            train, dev = mixes["train"], CachedSource(mixes["dev"].fixed())
     with nullcontext() if args.fine_tune or args.finetune else one_thread():
         if not args.finetune:
             result = fit(model, train, dev, config, state_path=state, resume=args.resume, progress=progress)
@@ -203,6 +241,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         modality_random=None
         if args.modality_random is None
         else {"dr": args.modality_random, "setting": args.setting, "seed": args.disruption_seed},
+        regime=None
+        if args.regime == "clean"
+        else {"regime": args.regime, "intact": args.product_intact, "seed": args.disruption_seed},
     )
     version = save_checkpoint(model, args.out, training=record)
     onnx_files = prepare_cpu_serving(args.out)

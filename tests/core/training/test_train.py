@@ -7,6 +7,7 @@ The data is tests/training_data.py's tiny synthetic image-text set, on which the
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import core.training.loop as train_module
 from core.data.disruption import disrupt_dataset
 from core.inference import Predictor
 from core.model import create_model
-from core.provenance import read_training
+from core.provenance import describe, read_training
 from core.training import (
     CachedSource,
     FeatureCache,
@@ -183,6 +184,43 @@ def test_cli_train_writes_a_checkpoint_the_service_loads(data_root, tmp_path, ca
     # Resuming a finished run is a no-op that rewrites the same model.
     resumed, again = train_with_cli(data_root, tmp_path, capsys, "--modality-random", "0.4", "--resume")
     assert resumed == out and again["best_dev_accuracy"] == summary["best_dev_accuracy"]
+
+
+def test_cli_train_in_the_product_regime_trains_on_damaged_posts_and_records_it(
+    data_root, tmp_path, capsys
+) -> None:
+    out, summary = train_with_cli(
+        data_root, tmp_path, capsys, "--regime", "product", "--product-intact", "0.6"
+    )
+    record = read_training(out)
+    assert record is not None and record["regime"] == {"regime": "product", "intact": 0.6, "seed": 0}
+    assert "product regime (intact 0.6)" in describe(record)
+    # The damaged variants of the training and dev posts were encoded too: several times the clean run's features.
+    clean_run = tmp_path / "clean"
+    train_with_cli(data_root, clean_run, capsys)
+
+    def cached_bytes(root: Path) -> int:
+        return sum(p.stat().st_size for p in (root / "cache").rglob("image-*"))
+
+    assert cached_bytes(tmp_path) > 2 * cached_bytes(clean_run)
+    assert 0 <= summary["test"]["accuracy"] <= 100
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "train",
+                "--data",
+                f"jsonl:{data_root}",
+                "--encoders",
+                "tiny",
+                "--out",
+                str(tmp_path / "m"),
+                "--regime",
+                "product",
+                "--finetune",
+                "text",
+            ]
+        )
+    assert done.value.code == 2 and "--regime product" in capsys.readouterr().err
 
 
 def test_cli_train_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:
