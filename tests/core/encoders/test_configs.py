@@ -197,3 +197,34 @@ def test_preprocessing_normalises_each_channel_with_its_own_mean_and_std(mode: s
     want = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, mean, std, strict=True)])
     assert torch.allclose(tensor.mean(dim=(1, 2)), want, atol=1e-5)
     assert float(tensor.std(dim=(1, 2)).max()) < 1e-5  # a solid colour stays solid
+
+
+@pytest.mark.parametrize("size", [(640, 427), (300, 200), (120, 80)])
+def test_preprocessing_resamples_like_pillows_bicubic_filter(size: tuple[int, int]) -> None:
+    """The vectorised resample stays within a fraction of a grey level of Pillow's bicubic resize followed by the
+    centre crop (what the encoders were trained and exported with), down- and upscaling alike; an image already at
+    the input size passes through unresampled."""
+    from core.encoders import ImagePreprocessing
+
+    preprocessing = ImagePreprocessing(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    photo = sample_photo("china.jpg").resize(size, Image.Resampling.BICUBIC)
+    scale = 224 / min(size)
+    width, height = max(224, round(size[0] * scale)), max(224, round(size[1] * scale))
+    left, top = (width - 224) // 2, (height - 224) // 2
+    resized = photo.resize((width, height), Image.Resampling.BICUBIC)
+    pillow = np.asarray(resized.crop((left, top, left + 224, top + 224)), dtype=np.float32)
+    got = (preprocessing(photo).numpy().transpose(1, 2, 0) * 0.5 + 0.5) * 255.0
+    assert float(np.abs(got - pillow).mean()) < 0.1 and float(np.abs(got - pillow).max()) <= 32.0
+    square = photo.resize((224, 224))
+    same = (preprocessing(square).numpy().transpose(1, 2, 0) * 0.5 + 0.5) * 255.0
+    assert np.allclose(same, np.asarray(square, dtype=np.float32), atol=1e-3)
+
+
+def test_the_tweets_option_rewrites_texts_before_tokenising_and_is_recorded_only_when_on(offline) -> None:
+    tweeting = create_encoders("offline", pretrained=False, tweets=True)
+    assert tweeting.options["tweets"] is True and "tweets" not in offline.options
+    assert tweeting.text.preprocessing()["tweets"] is True and "tweets" not in offline.text.preprocessing()
+    tweet = ["Loving it #HappyDays https://t.co/x7Gq"]
+    plain = offline.text.tokenize(["Loving it Happy Days http"])["input_ids"]
+    assert torch.equal(tweeting.text.tokenize(tweet)["input_ids"], plain)
+    assert not torch.equal(offline.text.tokenize(tweet)["input_ids"], plain)
