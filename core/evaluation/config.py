@@ -11,6 +11,7 @@ from core.drf.head import DEFAULT_VARIANT, MECHANISMS, VARIANTS
 from core.evaluation.baselines import BASELINES
 from core.model.drf_model import ABLATIONS
 from core.training.loop import CPU_DIM, CPU_QUEUE_SIZE, CPU_TRAIN, TrainConfig
+from core.training.mixing import PRODUCT_INTACT
 
 ENCODER_DESCRIPTIONS = {
     "offline": "offline: EfficientNet-Lite0 (ImageNet, 1280-d) + all-MiniLM-L6-v2 (384-d), frozen, cached features",
@@ -64,7 +65,7 @@ class EvalConfig:
     # and dev post shown intact with probability ``product_intact``, else under one of its damaged variants, every
     # test condition's but C+D; core/training/mixing.py).  "product" needs cross-validation (folds >= 2).
     regimes: tuple[str, ...] = ("clean",)
-    product_intact: float = 0.5
+    product_intact: float = PRODUCT_INTACT
     # Test conditions whose reliability bins are kept (for the reliability diagram).
     reliability_tests: tuple[str, ...] = ("clean", "image/jpeg_q5", "text/typos")
 

@@ -17,6 +17,7 @@ from core.model.drf_model import create_model
 from core.provenance import training_record
 from core.training.features import CachedSource, encode_samples, feature_cache_for
 from core.training.loop import CPU_DIM, CPU_QUEUE_SIZE, CPU_TRAIN, calibrate_temperature, fit, one_thread
+from core.training.mixing import PRODUCT_INTACT, damage_mix
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,22 @@ def ensure_demo_model(data_dir: str | Path, out_path: str | Path, progress: bool
         "train": _stratified_subset(dataset["train"], DEMO_TRAIN_SAMPLES),
         "dev": _stratified_subset(dataset["dev"], DEMO_DEV_SAMPLES),
     }
-    train = encode_samples(model, splits["train"], cache, progress=progress)
-    dev = encode_samples(model, splits["dev"], cache, progress=progress)
+    # The product regime, as `postsense train` by default: each post intact or under one of its damaged variants.
+    train, dev = (
+        damage_mix(
+            model,
+            splits[s],
+            encode_samples(model, splits[s], cache, progress=progress),
+            cache,
+            progress=progress,
+        )
+        for s in ("train", "dev")
+    )
+    dev_draw = CachedSource(dev.fixed())
     config = replace(CPU_TRAIN, batch_size=32, epochs=10)
     with one_thread():
-        result = fit(
-            model, CachedSource(train), CachedSource(dev), config, progress=progress, description="demo model"
-        )
-        temperature = calibrate_temperature(model, CachedSource(dev))  # temperature scaling on dev
+        result = fit(model, train, dev_draw, config, progress=progress, description="demo model")
+        temperature = calibrate_temperature(model, dev_draw)  # temperature scaling on dev
     log.info(
         "demo model: best dev accuracy %.1f%% at epoch %d, calibration temperature %.3f",
         result.best_dev_accuracy,
@@ -64,8 +73,12 @@ def ensure_demo_model(data_dir: str | Path, out_path: str | Path, progress: bool
         temperature,
     )
     # Said at every serve and score start: a demo model, and how to train on one's own posts (core.provenance).
-    save_checkpoint(
-        model, out, training=training_record(f"vader:{data_dir}", splits, result.best_dev_accuracy)
+    record = training_record(
+        f"vader:{data_dir}",
+        splits,
+        result.best_dev_accuracy,
+        regime={"regime": "product", "intact": PRODUCT_INTACT, "seed": 0},
     )
+    save_checkpoint(model, out, training=record)
     prepare_cpu_serving(out)
     return out

@@ -8,15 +8,20 @@ the realistic damage kinds), so the mix costs no encoding.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from core.model.drf_model import FeatureTable
+from core.data.damage import damaged_variants
+from core.data.records import Sample
+from core.model.drf_model import DRFModel, FeatureTable
+from core.training.features import FeatureCache, encode_samples
 
 #: The name of the undamaged variant in a mix.
 INTACT = "clean"
+#: The product regime's default chance that a post is shown intact.
+PRODUCT_INTACT = 0.5
 
 
 class DamageMix:
@@ -26,7 +31,9 @@ class DamageMix:
     of ``features`` draws afresh (seeded), so every epoch sees other damage; ``fixed`` draws once, for dev.
     """
 
-    def __init__(self, variants: Mapping[str, FeatureTable], intact: float = 0.5, seed: int = 0) -> None:
+    def __init__(
+        self, variants: Mapping[str, FeatureTable], intact: float = PRODUCT_INTACT, seed: int = 0
+    ) -> None:
         if INTACT not in variants or len(variants) < 2:
             raise ValueError(f"a damage mix needs {INTACT!r} and at least one damaged variant")
         if not 0.0 <= intact <= 1.0:
@@ -68,3 +75,22 @@ class DamageMix:
                 out.image[rows], out.text[rows] = part.image, part.text
                 out.image_present[rows], out.text_present[rows] = part.image_present, part.text_present
         return out
+
+
+def damage_mix(
+    model: DRFModel,
+    samples: Sequence[Sample],
+    clean: FeatureTable,
+    cache: FeatureCache,
+    intact: float = PRODUCT_INTACT,
+    seed: int = 0,
+    disruption_seed: int = 0,
+    progress: bool = False,
+) -> DamageMix:
+    """The product regime's source for ``samples`` (whose clean features are ``clean``): every damaged variant of
+    them (``core.data.damage.damaged_variants``) encoded through ``cache`` and mixed."""
+    variants = {
+        name: encode_samples(model, damaged, cache, progress=progress)
+        for name, (damaged, _) in damaged_variants(samples, disruption_seed).items()
+    }
+    return DamageMix({INTACT: clean, **variants}, intact, seed)

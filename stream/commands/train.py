@@ -1,6 +1,8 @@
 """Train a DRF model on a data set and write its checkpoint (model selection on the dev split only).
 
-Frozen encoders (default): features are encoded once and cached, then the head trains on them.  --finetune text
+Frozen encoders (default): features are encoded once and cached, then the head trains on them, by default in the
+product regime (each post intact or under one of its damaged variants, core/training/mixing.py; --regime clean for
+the paper's protocol).  --finetune text
 trains the text encoder too (all of it, or its top --finetune-layers layers), the image encoder frozen and its
 features cached (core/training/finetune.py); dev and test are then scored on texts encoded by the fine-tuned encoder.
 --fine-tune trains both encoders (the paper's setting; needs a GPU to be practical).  The state after every epoch
@@ -21,7 +23,6 @@ import torch
 
 from core.checkpoint import save_checkpoint
 from core.data import SPEC_HELP, DataFormatError, load_dataset
-from core.data.damage import damaged_variants
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
 from core.drf import DEFAULT_QUEUE_SIZE, DEFAULT_VARIANT, VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
@@ -46,7 +47,7 @@ from core.training import (
     one_thread,
     score,
 )
-from core.training.mixing import DamageMix
+from core.training.mixing import PRODUCT_INTACT, damage_mix
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,16 +98,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setting", default="C+D", choices=SETTINGS, help="disruption setting (default C+D)")
     parser.add_argument(
         "--regime",
-        default="clean",
         choices=REGIMES,
-        help="clean: the paper's protocol; product: each training and dev post shown intact or under one of its "
-        "damaged variants (the paper's C and D, the realistic damage kinds; frozen encoders only)",
+        help="product (the default for a head on frozen encoders): each training and dev post shown intact or "
+        "under one of its damaged variants (the paper's C and D, the realistic damage kinds); clean: the paper's "
+        "protocol (the default with --finetune, --fine-tune or --modality-random)",
     )
     parser.add_argument(
         "--product-intact",
         type=float,
-        default=0.5,
-        help="product regime: the chance a post is shown intact (default 0.5)",
+        default=PRODUCT_INTACT,
+        help=f"product regime: the chance a post is shown intact (default {PRODUCT_INTACT})",
     )
     parser.add_argument("--disruption-seed", type=int, default=0)
     parser.add_argument(
@@ -143,10 +144,12 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         )
     if args.finetune_layers is not None and not args.finetune:
         raise ValueError("--finetune-layers needs --finetune text")
-    if args.regime == "product" and (args.finetune or args.fine_tune or args.modality_random is not None):
+    other_regime = bool(args.finetune or args.fine_tune or args.modality_random is not None)
+    if args.regime == "product" and other_regime:
         raise ValueError(
             "--regime product trains a head on cached features: no fine-tuning or --modality-random"
         )
+    regime = args.regime or ("clean" if other_regime else "product")
     encoder_lr = args.encoder_lr
     if encoder_lr is None:
         encoder_lr = FINETUNE_ENCODER_LR if args.finetune else DEFAULTS.encoder_lr
@@ -205,26 +208,23 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         train, dev, test = (SampleSource(model, dataset[s]) for s in ("train", "dev", "test"))
     else:
         cache = feature_cache_for(model, args.cache_dir)
-        train, dev, test = (
-            CachedSource(encode_samples(model, dataset[s], cache, progress=progress))
-            for s in ("train", "dev", "test")
-        )
-        if args.regime == "product":
+        tables = {
+            s: encode_samples(model, dataset[s], cache, progress=progress) for s in ("train", "dev", "test")
+        }
+        train, dev, test = (CachedSource(tables[s]) for s in ("train", "dev", "test"))
+        if regime == "product":
             mixes = {
-                split: DamageMix(
-                    {
-                        "clean": source.table,
-                        **{
-                            name: encode_samples(model, samples, cache, progress=progress)
-                            for name, (samples, _) in damaged_variants(
-                                dataset[split], args.disruption_seed
-                            ).items()
-                        },
-                    },
+                s: damage_mix(
+                    model,
+                    dataset[s],
+                    tables[s],
+                    cache,
                     args.product_intact,
-                    seed=args.seed,
+                    args.seed,
+                    args.disruption_seed,
+                    progress,
                 )
-                for split, source in (("train", train), ("dev", dev))
+                for s in ("train", "dev")
             }
             train, dev = mixes["train"], CachedSource(mixes["dev"].fixed())
     with nullcontext() if args.fine_tune or args.finetune else one_thread():
@@ -242,8 +242,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         if args.modality_random is None
         else {"dr": args.modality_random, "setting": args.setting, "seed": args.disruption_seed},
         regime=None
-        if args.regime == "clean"
-        else {"regime": args.regime, "intact": args.product_intact, "seed": args.disruption_seed},
+        if regime == "clean"
+        else {"regime": regime, "intact": args.product_intact, "seed": args.disruption_seed},
     )
     version = save_checkpoint(model, args.out, training=record)
     onnx_files = prepare_cpu_serving(args.out)

@@ -64,3 +64,5 @@ def test_the_demo_checkpoint_says_it_was_trained_on_the_demo_set(tiny_demo: Path
     assert 0 <= record["dev_accuracy"] <= 100 and record["test_accuracy"] is None
     assert load_checkpoint(path).metadata["training"] == record
     assert describe(record).startswith(f"training data: vader:{tiny_demo / 'data'} (train 120, dev 40)")
+    # Trained as `postsense train` trains by default: on the posts intact and damaged (the product regime).
+    assert record["regime"] == {"regime": "product", "intact": 0.5, "seed": 0}

@@ -197,7 +197,7 @@ def test_cli_train_in_the_product_regime_trains_on_damaged_posts_and_records_it(
     assert "product regime (intact 0.6)" in describe(record)
     # The damaged variants of the training and dev posts were encoded too: several times the clean run's features.
     clean_run = tmp_path / "clean"
-    train_with_cli(data_root, clean_run, capsys)
+    train_with_cli(data_root, clean_run, capsys, "--regime", "clean")
 
     def cached_bytes(root: Path) -> int:
         return sum(p.stat().st_size for p in (root / "cache").rglob("image-*"))
