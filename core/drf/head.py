@@ -174,6 +174,9 @@ class DRFOutput:
     loss_cls: Tensor | None = None  # (15)
     recovery_terms: dict[str, Tensor] = field(default_factory=dict)  # the four recovery terms of (8)
     term_logits: Tensor | None = None  # [3, B, S], each expanded sample classified on its own
+    intact: Tensor | None = (
+        None  # [B, 2] (image, text) undamaged rows of a training mix: queue and recovery inputs
+    )
 
     @property
     def probabilities(self) -> Tensor:
@@ -257,10 +260,12 @@ class DRFHead(nn.Module):
         labels: Tensor | None = None,
         stats: dict[str, QueueStats] | None = None,
         projections: tuple[nn.Module, nn.Module] | None = None,
+        intact: Tensor | None = None,
     ) -> DRFOutput:
         """One pass of (10)-(14), and (3)-(8), (15), (16) when ``labels`` are given (-100 = unlabelled row).
 
-        ``stats`` overrides the queues' own statistics (the service's shared reference queues).
+        ``stats`` overrides the queues' own statistics (the service's shared reference queues).  ``intact`` ([B, 2]
+        bool, a training mix of damaged posts) keeps damaged features out of the queues and the recovery targets.
         """
         cfg = self.config
         self._check_shapes(image_features, text_features)
@@ -318,6 +323,7 @@ class DRFHead(nn.Module):
             image_present=present_v,
             text_present=present_t,
             term_logits=term_logits,
+            intact=None if intact is None else intact.to(device=present_v.device, dtype=torch.bool),
         )
         if labels is not None:
             # (3) needs one space for both modalities: the projected one, means mapped through the projections
@@ -393,7 +399,7 @@ class DRFHead(nn.Module):
         )
         terms = {"sample_v2t": zero, "sample_t2v": zero, "distribution_v2t": zero, "distribution_t2v": zero}
         if cfg.sample_recovery:
-            both = lam_v * lam_t
+            both = lam_v * lam_t if out.intact is None else lam_v * lam_t * out.intact.all(dim=-1).float()
             target_t, target_v = (f_t.detach(), f_v.detach()) if cfg.detach_targets else (f_t, f_v)
             terms["sample_v2t"] = sample_recovery_loss(out.recovered_text.float(), target_t, both)
             terms["sample_t2v"] = sample_recovery_loss(out.recovered_image.float(), target_v, both)
@@ -425,7 +431,11 @@ class DRFHead(nn.Module):
 
     @torch.no_grad()
     def update_queues(self, out: DRFOutput) -> tuple[Tensor, Tensor]:
-        """Enqueue this batch's present features that pass rule (13); returns the accepted masks (image, text)."""
-        accepted_v = self.image_queue.enqueue(out.image_features.detach().float(), out.image_present)
-        accepted_t = self.text_queue.enqueue(out.text_features.detach().float(), out.text_present)
+        """Enqueue this batch's present (and intact) features that pass the admission rule; returns the accepted
+        masks (image, text)."""
+        offered_v, offered_t = out.image_present, out.text_present
+        if out.intact is not None:
+            offered_v, offered_t = offered_v & out.intact[:, 0], offered_t & out.intact[:, 1]
+        accepted_v = self.image_queue.enqueue(out.image_features.detach().float(), offered_v)
+        accepted_t = self.text_queue.enqueue(out.text_features.detach().float(), offered_t)
         return accepted_v, accepted_t

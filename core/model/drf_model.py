@@ -33,13 +33,15 @@ ABLATIONS = (
 @dataclass
 class FeatureTable:
     """Pre-projection features of a list of posts, what ``forward_features`` takes; rows of an absent modality are
-    zeros (lambda = 0). ``labels`` are the posts' classes where known (training and evaluation tables)."""
+    zeros (lambda = 0). ``labels`` are the posts' classes where known (training and evaluation tables); ``intact``
+    says, in a training mix of damaged posts (core/training/mixing.py), which rows' image and text are undamaged."""
 
     image: Tensor  # [n, D_v]
     text: Tensor  # [n, D_t]
     image_present: Tensor  # [n] bool (lambda^v)
     text_present: Tensor  # [n] bool (lambda^t)
     labels: Tensor | None = None  # [n] long
+    intact: Tensor | None = None  # [n, 2] bool (image, text); None: every present modality is intact
 
     def __len__(self) -> int:
         return int(self.image_present.shape[0])
@@ -51,6 +53,7 @@ class FeatureTable:
             self.image_present[index],
             self.text_present[index],
             None if self.labels is None else self.labels[index],
+            None if self.intact is None else self.intact[index],
         )
 
     def to(self, device: torch.device | str) -> FeatureTable:
@@ -60,6 +63,7 @@ class FeatureTable:
             self.image_present.to(device),
             self.text_present.to(device),
             None if self.labels is None else self.labels.to(device),
+            None if self.intact is None else self.intact.to(device),
         )
 
 
@@ -270,10 +274,13 @@ class DRFModel(nn.Module):
                 labels=labels,
                 stats=stats,
                 projections=(self.image_projection, self.text_projection),
+                intact=features.intact,
             )
         f_v = self.image_projection(image_features)
         f_t = self.text_projection(text_features)
-        return self.head(f_v, f_t, image_present, text_present, labels=labels, stats=stats)
+        return self.head(
+            f_v, f_t, image_present, text_present, labels=labels, stats=stats, intact=features.intact
+        )
 
     def encode_batch(self, batch: PreparedBatch) -> tuple[Tensor, Tensor]:
         """Pre-projection features of a batch; absent modalities are never encoded (their rows are zeros)."""

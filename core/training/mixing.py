@@ -20,6 +20,8 @@ from core.training.features import FeatureCache, encode_samples
 
 #: The name of the undamaged variant in a mix.
 INTACT = "clean"
+#: The column of ``FeatureTable.intact`` a damaged variant's modality clears.
+MODALITY_COLUMN = {"image": 0, "text": 1}
 #: The product regime's default chance that a post is shown intact.
 PRODUCT_INTACT = 0.5
 
@@ -67,13 +69,17 @@ class DamageMix:
         return self._gather(torch.arange(len(self)), self.draw(len(self)))
 
     def _gather(self, index: Tensor, which: Tensor) -> FeatureTable:
+        """The rows ``index``, each from the variant ``which`` names; ``intact`` marks the modalities left
+        undamaged (a variant named ``image/...`` damages the image only), for the queues and the recovery."""
         out = self.tables[0].rows(index)
+        out.intact = torch.ones(len(index), 2, dtype=torch.bool)
         for variant in range(1, len(self.tables)):
             rows = which == variant
             if bool(rows.any()):
                 part = self.tables[variant].rows(index[rows])
                 out.image[rows], out.text[rows] = part.image, part.text
                 out.image_present[rows], out.text_present[rows] = part.image_present, part.text_present
+                out.intact[rows, MODALITY_COLUMN[self.names[variant].partition("/")[0]]] = False
         return out
 
 
