@@ -325,6 +325,13 @@ def _tiny(pretrained: bool, dim: int = 32, image_size: int = 32, max_length: int
     )
 
 
+def training_options(name: str, tweets: bool = True) -> dict[str, Any]:
+    """The encoder options a newly trained or evaluated model gets unless asked otherwise: for ``offline``, tweet
+    normalisation (it paid under cross-validation: docs/evaluation.md).  Not ``create_encoders``' defaults, so a
+    checkpoint written before keeps the options it recorded."""
+    return {"tweets": True} if name == "offline" and tweets else {}
+
+
 def create_encoders(name: str = "offline", *, pretrained: bool = True, **options: Any) -> Encoders:
     """Build a named encoder configuration.
 

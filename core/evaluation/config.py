@@ -36,6 +36,7 @@ class EvalConfig:
     data: str = "vader"
     encoders: str = "offline"
     encoder_options: dict[str, Any] = field(default_factory=dict)
+    tweets: bool = True  # offline encoders: tweet normalisation (core.encoders.training_options)
     seeds: tuple[int, ...] = (0, 1, 2)
     dim: int = CPU_DIM
     queue_size: int = CPU_QUEUE_SIZE

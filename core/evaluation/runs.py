@@ -31,7 +31,7 @@ from core.data import Dataset, Sample, load_dataset
 from core.data.damage import damage_samples
 from core.data.disruption import Setting, disrupt_dataset, modality_fixed
 from core.drf.head import VARIANTS
-from core.encoders.configs import Encoders
+from core.encoders.configs import Encoders, training_options
 from core.evaluation.baselines import HEADS, BaselineHead, GatedRouter, Router, choose_gates
 from core.evaluation.config import ENCODER_DESCRIPTIONS, EvalConfig
 from core.evaluation.report import EvaluationResults
@@ -87,7 +87,7 @@ class Evaluation:
             self.labels,
             dim=config.dim,
             queue_size=config.queue_size,
-            encoder_options=config.encoder_options,
+            encoder_options={**training_options(config.encoders, config.tweets), **config.encoder_options},
         )
         self.encoders = Encoders(
             self.base.encoder_name, self.base.image_encoder, self.base.text_encoder, self.base.encoder_options
@@ -312,7 +312,8 @@ class Evaluation:
                 "label_counts": {s: ds.label_counts(s) for s in ds.splits},
                 "attribution": ds.meta.get("attribution"),
             },
-            "encoders": ENCODER_DESCRIPTIONS.get(self.config.encoders, self.config.encoders),
+            "encoders": ENCODER_DESCRIPTIONS.get(self.config.encoders, self.config.encoders)
+            + ("; texts normalised as tweets" if self.base.encoder_options.get("tweets") else ""),
             "config": self.config.to_dict(),
             "disruption": self.disruption_stats,
             "timings": self.timings,

@@ -13,6 +13,7 @@ from core.checkpoint import save_checkpoint
 from core.data.records import Sample, stratified_split
 from core.data.vader import load_vader
 from core.encoders.__main__ import prepare_cpu_serving
+from core.encoders.configs import training_options
 from core.model.drf_model import create_model
 from core.provenance import training_record
 from core.training.features import CachedSource, encode_samples, feature_cache_for
@@ -44,7 +45,13 @@ def ensure_demo_model(data_dir: str | Path, out_path: str | Path, progress: bool
         return out
     dataset = load_vader(data_dir)
     torch.manual_seed(0)
-    model = create_model("offline", dataset.label_names, dim=CPU_DIM, queue_size=CPU_QUEUE_SIZE)
+    model = create_model(
+        "offline",
+        dataset.label_names,
+        dim=CPU_DIM,
+        queue_size=CPU_QUEUE_SIZE,
+        encoder_options=training_options("offline"),
+    )
     cache = feature_cache_for(model, Path(data_dir) / "features")
     splits = {
         "train": _stratified_subset(dataset["train"], DEMO_TRAIN_SAMPLES),

@@ -48,9 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--encoders", choices=ENCODER_CONFIGS)
     parser.add_argument(
-        "--tweets",
-        action="store_true",
-        help="offline encoders: rewrite URLs, mentions, hashtags and emoji before tokenising",
+        "--no-tweets",
+        dest="tweets",
+        action="store_false",
+        default=None,
+        help="offline encoders: tokenise texts as they are (default: URLs, mentions, hashtags and emoji rewritten)",
     )
     parser.add_argument(
         "--variant", choices=list(VARIANTS), help="the DRF mechanisms of 'drf' (default: robust)"
@@ -110,8 +112,6 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = tuple(given) if isinstance(given, list) else given
-    if args.tweets:
-        values["encoder_options"] = {**values.get("encoder_options", {}), "tweets": True}
     return EvalConfig(**values)
 
 

@@ -27,6 +27,7 @@ from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
 from core.drf import DEFAULT_QUEUE_SIZE, DEFAULT_VARIANT, VARIANTS
 from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
 from core.encoders.__main__ import prepare_cpu_serving
+from core.encoders.configs import training_options
 from core.evaluation.config import REGIMES
 from core.inference import resolve_device
 from core.model import ABLATIONS, create_model
@@ -77,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     parser.add_argument("--seed", type=int, default=0, help="initialisation, batch order and dropout")
     parser.add_argument("--fine-tune", action="store_true", help="train both encoders too (no feature cache)")
+    parser.add_argument(
+        "--no-tweets",
+        action="store_true",
+        help="offline encoders: tokenise texts as they are (default: URLs, mentions, hashtags and emoji rewritten)",
+    )
     parser.add_argument(
         "--finetune",
         choices=["text"],
@@ -178,6 +184,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         dim=args.dim,
         queue_size=args.queue_size,
         freeze_encoders=not args.fine_tune,
+        encoder_options=training_options(args.encoders, not args.no_tweets),
         variant=args.variant,
         **ablated,
     ).to(device)

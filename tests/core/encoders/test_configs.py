@@ -228,3 +228,12 @@ def test_the_tweets_option_rewrites_texts_before_tokenising_and_is_recorded_only
     plain = offline.text.tokenize(["Loving it Happy Days http"])["input_ids"]
     assert torch.equal(tweeting.text.tokenize(tweet)["input_ids"], plain)
     assert not torch.equal(offline.text.tokenize(tweet)["input_ids"], plain)
+
+
+def test_new_offline_models_normalise_tweets_unless_asked_not_to() -> None:
+    from core.encoders.configs import training_options
+
+    assert training_options("offline") == {"tweets": True}
+    assert training_options("offline", tweets=False) == {} and training_options("tiny") == {}
+    # An older checkpoint's options (no "tweets") still build encoders that tokenise texts as they are.
+    assert create_encoders("offline", pretrained=False).text.tweets is False
