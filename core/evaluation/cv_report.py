@@ -18,6 +18,7 @@ from typing import Any
 from core.evaluation.cv_tables import (
     _conditions,
     comparison_table,
+    margin_table,
     metric_table,
     shortfalls,
 )
@@ -238,12 +239,7 @@ def _sections(
         "The model's targets, unchanged, judged on the means over folds × seeds (Figure 5 targets: in the "
         "published-split report). margin = DRF − bound.",
         "",
-        "| Target | DRF | bound | margin | met |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {c['target']} | {c['drf']} | {c['bound']} | {c['margin']:+g} | {'yes' if c['met'] else '**no**'} |"
-            for c in checks
-        ),
+        *margin_table(checks),
         "",
         _targets_count(checks),
         "",

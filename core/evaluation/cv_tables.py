@@ -139,3 +139,15 @@ def shortfalls(
                     }
                 )
     return found
+
+
+def margin_table(checks: Sequence[dict[str, Any]]) -> list[str]:
+    """Targets with their margin (DRF − bound, or bound − DRF for an upper bound) and whether each is met."""
+    return [
+        "| Target | DRF | bound | margin | met |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {c['target']} | {c['drf']} | {c['bound']} | {c['margin']:+g} | {'yes' if c['met'] else '**no**'} |"
+            for c in checks
+        ),
+    ]

@@ -22,6 +22,7 @@ from core.evaluation.cv_tables import (
     NO_QUALITY_TARGET,
     SPECIALIST,
     comparison_table,
+    margin_table,
     metric_table,
     shortfalls,
 )
@@ -136,12 +137,7 @@ def product_section(data: EvaluationResults, tests: Sequence[str], baselines: Se
         "",
         "### Targets of the product model",
         "",
-        "| Target | DRF | bound | margin | met |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {c['target']} | {c['drf']} | {c['bound']} | {c['margin']:+g} | {'yes' if c['met'] else '**no**'} |"
-            for c in checks
-        ),
+        *margin_table(checks),
         "",
         f"{sum(c['met'] for c in checks)} of {len(checks)} met. Conditions where a comparator of this regime "
         f"beats DRF: {len(drf_gaps)}"
