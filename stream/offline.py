@@ -12,14 +12,13 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from core.contracts import DeadLetter, Invalid, ModalityState, Post, dumps_strict
 from core.data import decode_text
-from stream.processor import BatchProcessor, DecodedPost, Record, validate
+from stream.processor import BatchProcessor, DecodedPost, Record, decode_pool, torch_threads, validate
 from stream.settings import Settings
 
 if TYPE_CHECKING:
@@ -90,12 +89,13 @@ def score(
     )
     summary = Summary(input=str(source))
     started = time.monotonic()
+    threads = torch_threads()  # the model runs on this thread, at its count, beside single-threaded decoding
     records = _records(source)
     total = _count(source)
     with (
         open(out, "a", encoding="utf-8") as out_fh,
         open(rejected_path, "a", encoding="utf-8") as rejected_fh,
-        ThreadPoolExecutor(settings.batch.decode_workers, thread_name_prefix="decode") as pool,
+        decode_pool(settings.batch.decode_workers) as pool,
         progress(total=total, desc="score", unit="post") as bar,
     ):
         for batch in _batches(records, batch_size):
@@ -126,6 +126,7 @@ def score(
             rejected_fh.flush()
             os.fsync(out_fh.fileno())  # a resumed run trusts what it finds in OUT
             bar.update(len(batch))
+    torch_threads(threads)  # torch's default for new threads, as it was
     summary.seconds = round(time.monotonic() - started, 3)
     out.with_name(out.name + ".summary.json").write_text(dumps_strict(summary.document(), indent=2) + "\n")
     return summary

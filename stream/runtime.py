@@ -52,7 +52,15 @@ from connectors.metrics import Metrics
 from core.contracts import Invalid, Post
 from stream.breaker import CircuitBreakerOpen, DeadLetterBreaker
 from stream.offsets import Batch, OffsetTracker
-from stream.processor import BatchProcessor, DecodedPost, Record, ReferenceQueuesLike, validate
+from stream.processor import (
+    BatchProcessor,
+    DecodedPost,
+    Record,
+    ReferenceQueuesLike,
+    decode_pool,
+    torch_threads,
+    validate,
+)
 from stream.publisher import Publisher
 from stream.rebalance import RebalanceHandler
 from stream.settings import Settings
@@ -138,8 +146,9 @@ class Service:
         kafka = self.settings.kafka
         self._consumer = make_consumer(kafka, self.settings.batch.max_posts)
         self.rebalance.bind(self._consumer)
-        self._pool = ThreadPoolExecutor(self.settings.batch.decode_workers, thread_name_prefix="decode")
-        model_thread = threading.Thread(target=self._model_loop, name="model", daemon=True)
+        threads = torch_threads()  # before the decode threads change torch's default for new threads
+        self._pool = decode_pool(self.settings.batch.decode_workers)
+        model_thread = threading.Thread(target=self._model_loop, args=(threads,), name="model", daemon=True)
         model_thread.start()
         self._consumer.subscribe([kafka.input_topic], listener=self.rebalance)
         log.info(
@@ -155,6 +164,7 @@ class Service:
             self._stopping.set()
             model_thread.join(timeout=self.settings.kafka.produce_timeout_s * 2 + 5)
             self._pool.shutdown(wait=False, cancel_futures=True)
+            torch_threads(threads)  # torch's default for new threads, as it was
             self._close_consumer()
             self.publisher.close()
             log.info("stopped")
@@ -333,7 +343,8 @@ class Service:
 
     # --- the model thread ---------------------------------------------------------------------
 
-    def _model_loop(self) -> None:
+    def _model_loop(self, threads: int) -> None:
+        torch_threads(threads)
         while True:
             batch = self._work.get()
             if batch is None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from typing import Any
 
 import pytest
+import torch
 from helpers import strict_json, wait_until
 from stream_support import (
     LABELS,
@@ -148,6 +150,48 @@ def test_non_finite_numbers_are_dead_lettered_and_every_published_record_is_stri
         "postsense_posts_dead_lettered_total", {"reason": "non_finite_number"}
     )
     assert dead == len(refused)
+
+
+class ThreadCountingPredictor:
+    """A real predictor that notes torch's thread count on the thread of each call: decoding and the model."""
+
+    def __init__(self, inner: Predictor) -> None:
+        self.inner = inner
+        self.counts: dict[str, set[int]] = {"preprocess_image": set(), "predict": set()}
+
+    def preprocess_image(self, image: Any) -> Any:
+        self.counts["preprocess_image"].add(torch.get_num_threads())
+        return self.inner.preprocess_image(image)
+
+    def predict(self, batch: Any) -> Any:
+        self.counts["predict"].add(torch.get_num_threads())
+        return self.inner.predict(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_decode_threads_run_torch_on_one_thread_and_the_model_on_the_services_count(
+    services, names, predictor
+):
+    """Each decode thread led an OpenMP team as wide as the machine, spinning on the model's cores; the model's
+    own thread count must not follow the decode threads' one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the default of threads started from here on: the service's thread gets 2
+    try:
+        settings = stream_settings(services, names)
+        produce_posts(settings, valid_posts(12))
+        counting = ThreadCountingPredictor(predictor)
+        with Running(Service(settings, counting, metrics=Metrics())):  # type: ignore[arg-type]
+            read_topic(settings, settings.kafka.output_topic, expect=12)
+        assert counting.counts == {"preprocess_image": {1}, "predict": {2}}
+        late: list[int] = []
+        started = threading.Thread(target=lambda: late.append(torch.get_num_threads()))
+        started.start()
+        started.join()
+        assert late == [2]  # the decode threads' count did not outlive the service
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_stopped_mid_stream_and_restarted_loses_nothing(services, names, predictor):
