@@ -40,7 +40,11 @@ BENCHMARKS: dict[str, tuple[bool, bool, list[str]]] = {
     "queues": (False, True, []),
     "stages": (True, True, []),
     "naive": (True, True, []),
-    "e2e": (True, True, ["--batch-sizes", "1", "8", "32", "64", "--posts", "768"]),  # 12 batches of 64
+    "e2e": (
+        True,
+        True,
+        ["--batch-sizes", "1", "8", "32", "64", "--posts", "768", "--rounds", "3"],
+    ),  # 12 batches of 64
     "defaults": (True, True, []),
     "soak": (True, True, []),
     "soak-cpu-torch": (True, True, ["--minutes", "5"]),

@@ -11,6 +11,11 @@ Per batch size, two runs of the in-process ``Service`` against a real broker (Ta
   batch to the last, so the group join and model warm-up are not counted.
 * latency: posts are produced at ``--rate-fraction`` of that throughput for ``--latency-seconds``;
   latency is ``created_at`` (stamped at send) → the batch's records acknowledged by the broker.
+* bare forward, paired: right after each throughput run, the model's forward alone on the *same* posts, decoded
+  and tokenised beforehand as the service does it (untimed), in batches of the same size. End to end against
+  this is the like-for-like ratio: the same work, but for the JPEG bytes, Kafka and publishing, measured minutes
+  apart in one process (the 2-core machine drifts by more than the gap between runs of a separate benchmark).
+  ``--rounds R`` repeats throughput + bare forward R times per batch size, alternating; medians are reported.
 
 Prints a table and writes bench/results/e2e.json (machine, command, versions, settings).
 """
@@ -41,6 +46,8 @@ from bench.common import (  # noqa: E402
 )
 from connectors.kafka import ensure_topics, make_producer  # noqa: E402
 from connectors.metrics import Metrics, parse_created_at  # noqa: E402
+from core.contracts import Invalid  # noqa: E402
+from stream.processor import BatchProcessor, Record, validate  # noqa: E402
 from stream.runtime import Service  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 
@@ -147,6 +154,32 @@ def throughput_run(
     }
 
 
+def bare_forward_run(settings: Settings, predictor: Any, records: list[bytes], batch: int) -> dict[str, Any]:
+    """The model's forward alone (``model(batch)``, as bench.forward times it) on the valid posts of ``records``,
+    decoded and prepared beforehand exactly as the service's processor does (decode pool and tokeniser untimed),
+    in batches of ``batch`` posts; one untimed batch first."""
+    import torch
+
+    processor = BatchProcessor(settings, predictor, Metrics())
+    decoded = []
+    for offset, value in enumerate(records):
+        record = Record(settings.kafka.input_topic, 0, offset, None, stamp_created_at(value))
+        post = validate(record, processor.limits)
+        if not isinstance(post, Invalid):
+            decoded.append(processor.decode(record, post))
+    batches = [
+        predictor.prepare([p.pixels for p in chunk], [p.text for p in chunk]).to(predictor.device)
+        for chunk in (decoded[i : i + batch] for i in range(0, len(decoded), batch))
+    ]
+    with torch.inference_mode():
+        predictor.model(batches[0])
+        started = time.perf_counter()
+        for prepared in batches:
+            predictor.model(prepared)
+        seconds = time.perf_counter() - started
+    return {"batch": batch, "posts": len(decoded), "posts_per_s": len(decoded) / seconds}
+
+
 def latency_run(
     endpoints: Endpoints, predictor: Any, batch: int, rate: float, seconds: float, workers: int
 ) -> dict[str, Any]:
@@ -187,7 +220,12 @@ def main() -> None:
         "--rate-fraction", type=float, default=0.5, help="latency run rate, share of throughput"
     )
     parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="throughput + bare forward rounds per batch size (medians)"
+    )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     config = args.config or ("tiny" if args.smoke else "offline")
     batch_sizes = args.batch_sizes or ([8] if args.smoke else [8, 32])
     posts = args.posts or (40 if args.smoke else 400)
@@ -197,23 +235,50 @@ def main() -> None:
     rows = []
     with local_services(args) as endpoints:
         for batch in batch_sizes:
-            tp = throughput_run(endpoints, predictor, batch, posts, args.decode_workers)
+            rounds = []
+            for _ in range(args.rounds):
+                tp = throughput_run(endpoints, predictor, batch, posts, args.decode_workers)
+                bare = bare_forward_run(
+                    run_settings(endpoints, batch, args.decode_workers),
+                    predictor,
+                    make_posts(posts, seed=1),
+                    batch,
+                )
+                rounds.append((tp, bare))
+                print(
+                    f"batch {batch}: {tp['posts_per_s']:.1f} posts/s, bare {bare['posts_per_s']:.1f}",
+                    flush=True,
+                )
+            tp = {**median_round([t for t, _ in rounds]), "rounds": [t for t, _ in rounds]}
             tp["rss_mib"], tp["peak_rss_mib"] = (b / 2**20 for b in rss_bytes())  # real photos served
+            bare = {**median_round([b for _, b in rounds]), "rounds": [b for _, b in rounds]}
             rate = max(1.0, tp["posts_per_s"] * args.rate_fraction)
             lat = latency_run(endpoints, predictor, batch, rate, seconds, args.decode_workers)
-            rows.append({"throughput": tp, "latency": lat})
+            rows.append({"throughput": tp, "bare_forward": bare, "latency": lat})
             print(
-                f"batch {batch}: {tp['posts_per_s']:.1f} posts/s; at {rate:.1f}/s p50 "
-                f"{lat['latency_p50_s']}, p99 {lat['latency_p99_s']}",
+                f"batch {batch}: {tp['posts_per_s']:.1f} posts/s (bare forward {bare['posts_per_s']:.1f}); "
+                f"at {rate:.1f}/s p50 {lat['latency_p50_s']}, p99 {lat['latency_p99_s']}",
                 flush=True,
             )
     print_table(
         f"serve end to end ({config} encoders, {PARTITIONS} partitions, decode workers {args.decode_workers})",
-        ["batch", "posts/s (backlog)", "backlog done", "paced rate /s", "p50 ms", "p99 ms", "paced done"],
+        [
+            "batch",
+            "posts/s (backlog)",
+            "bare forward /s",
+            "ratio",
+            "backlog done",
+            "paced rate /s",
+            "p50 ms",
+            "p99 ms",
+            "paced done",
+        ],
         [
             [
                 r["throughput"]["batch"],
                 r["throughput"]["posts_per_s"],
+                r["bare_forward"]["posts_per_s"],
+                r["throughput"]["posts_per_s"] / r["bare_forward"]["posts_per_s"],
                 r["throughput"]["complete"],
                 r["latency"]["rate_posts_per_s"],
                 _ms(r["latency"]["latency_p50_s"]),
@@ -230,12 +295,18 @@ def main() -> None:
             "partitions": PARTITIONS,
             "decode_workers": args.decode_workers,
             "rate_fraction": args.rate_fraction,
+            "rounds": args.rounds,
             "rows": rows,
         },
         smoke=args.smoke,
         out_dir=args.out,
     )
     print(f"\nwrote {path}")
+
+
+def median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median posts/s (the lower middle one of an even count): a real run, not an average."""
+    return dict(sorted(runs, key=lambda run: run["posts_per_s"])[(len(runs) - 1) // 2])
 
 
 def _ms(seconds: float | None) -> float | str:

@@ -189,9 +189,9 @@ def test_targets_are_judged_against_the_project_bounds() -> None:
     cpu_soak = {**soak, "steady_rss_mib": {"median": 600.0}, "serve_torch": "2.13.0+cpu"}
     results = {"forward": forward, "e2e": e2e, "naive": naive, "stages": stages, "soak": soak}
     verdicts = {r["target"]: r["met"] for r in targets({**results, "soak-cpu-torch": cpu_soak})}
-    best = "end to end (batch 32) / bare forward (batch 32), offline, best batch sizes"
+    best = "end to end (batch 32) / bench.forward (batch 32), offline, best batch sizes"
     assert verdicts[best] is True
-    assert verdicts["end to end / bare forward, offline batch 8"] is None  # reported, no target of its own
+    assert verdicts["end to end / bench.forward, offline batch 8"] is None  # reported, no target of its own
     assert verdicts["end to end (batch 32) / naive loop, offline"] is None
     slower = {**e2e, "rows": [{"throughput": {"batch": 8, "posts_per_s": 35.0}}]}  # 35/40 < 0.9 at best sizes
     worse = targets({**results, "e2e": slower})
@@ -203,6 +203,32 @@ def test_targets_are_judged_against_the_project_bounds() -> None:
     # One steady-RSS row per torch build that served: the CUDA build's 1000 MiB misses, CPU-only torch's 600 meets.
     assert verdicts["steady RSS of serve, MiB (soak median; torch 2.14.1 (CUDA 13.0))"] is False
     assert verdicts["steady RSS of serve, MiB (soak median; torch 2.13.0+cpu)"] is True
+
+
+def test_the_paired_bare_forward_on_the_same_posts_is_the_target_when_measured() -> None:
+    """bench.e2e's paired bare forward (same posts, same process) decides; bench.forward's is reported beside."""
+    forward = {"rows": [{"config": "offline", "batch_size": 16, "posts_per_s": 50.0}]}
+    rows = [
+        {
+            "throughput": {"batch": 32, "posts_per_s": 37.0},
+            "bare_forward": {"batch": 32, "posts_per_s": 40.0},
+        },
+        {
+            "throughput": {"batch": 8, "posts_per_s": 30.0},
+            "bare_forward": {"batch": 8, "posts_per_s": 42.0},  # the best bare batch: 37/42 = 0.88
+        },
+    ]
+    verdicts = {
+        r["target"]: r["met"]
+        for r in targets({"forward": forward, "e2e": {"config": "offline", "rows": rows}})
+    }
+    paired = "end to end (batch 32) / bare forward on the same posts (batch 8), offline, best batch sizes"
+    assert verdicts[paired] is False
+    assert verdicts["end to end / bare forward on the same posts, offline batch 32"] is None
+    assert verdicts["end to end (batch 32) / bench.forward (batch 16), offline, best batch sizes"] is None
+    rows[1]["bare_forward"]["posts_per_s"] = 41.0  # 37/41 = 0.902
+    met = targets({"forward": None, "e2e": {"config": "offline", "rows": rows}})
+    assert next(r["met"] for r in met if r["target"].startswith("end to end (batch 32) / bare")) is True
 
 
 def test_targets_say_what_was_not_run() -> None:
