@@ -10,6 +10,7 @@ from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, Setting
 from core.drf.head import DEFAULT_VARIANT, MECHANISMS, VARIANTS
 from core.evaluation.baselines import BASELINES
 from core.model.drf_model import ABLATIONS
+from core.training.finetune import FINETUNE_TEXT
 from core.training.loop import CPU_DIM, CPU_QUEUE_SIZE, CPU_TRAIN, TrainConfig
 from core.training.mixing import PRODUCT_INTACT
 
@@ -67,6 +68,16 @@ class EvalConfig:
     # test condition's but C+D; core/training/mixing.py).  "product" needs cross-validation (folds >= 2).
     regimes: tuple[str, ...] = ("clean",)
     product_intact: float = PRODUCT_INTACT
+    # Fine-tuned text encoder (cross-validation only; core.training.finetune's two-stage recipe): per fold, the text
+    # encoder (its top ``finetune_layers`` transformer layers; None: all of it) is fine-tuned with a linear text
+    # classifier on the fold's clean training posts for ``finetune_epochs`` (dev picks the epoch); every head then
+    # trains on its features.  On the folds in ``finetune_e2e_folds`` a DRF model is also fine-tuned end to end (its
+    # text encoder with its head, for the heads' ``epochs``), reported as "drf-e2e".
+    finetune_text: bool = False
+    finetune_layers: int | None = None
+    finetune_epochs: int = FINETUNE_TEXT.epochs
+    finetune_lr: float = FINETUNE_TEXT.encoder_lr
+    finetune_e2e_folds: tuple[int, ...] = (0,)
     # Test conditions whose reliability bins are kept (for the reliability diagram).
     reliability_tests: tuple[str, ...] = ("clean", "image/jpeg_q5", "text/typos")
 
@@ -118,6 +129,18 @@ class EvalConfig:
             problems.append(f"regimes: {list(self.regimes)}; known: {list(REGIMES)}, clean always runs")
         if "product" in self.regimes and not self.folds:
             problems.append("the product regime runs in cross-validation only (folds >= 2)")
+        if self.finetune_text and not self.folds:
+            problems.append("fine-tuning the text encoder is evaluated in cross-validation only (folds >= 2)")
+        if self.finetune_text and self.encoders == "paper":
+            problems.append(
+                "the paper's encoders are not fine-tuned on this CPU; use the offline or tiny encoders"
+            )
+        if any(not 0 <= fold < self.folds for fold in self.finetune_e2e_folds):
+            problems.append(f"finetune_e2e_folds must be folds 0 .. folds-1, got {self.finetune_e2e_folds}")
+        if self.finetune_layers is not None and (self.finetune_layers < 1 or not self.finetune_text):
+            problems.append(
+                f"finetune_layers needs finetune_text and must be >= 1, got {self.finetune_layers}"
+            )
         if not 0 <= self.product_intact < 1:
             problems.append(f"product_intact must lie in [0, 1), got {self.product_intact}")
         if any(not 0 < r <= 1 for r in self.ratios):
@@ -125,12 +148,25 @@ class EvalConfig:
         if problems:
             raise ValueError("invalid evaluation configuration: " + "; ".join(problems))
         self.train_config(0)  # validates the optimisation settings
+        self.finetune_config(0)
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(
             epochs=self.epochs,
             batch_size=self.batch_size,
             encoder_lr=self.encoder_lr,
+            head_lr=self.head_lr,
+            min_lr=self.min_lr,
+            seed=seed,
+        )
+
+    def finetune_config(self, seed: int, epochs: int | None = None) -> TrainConfig:
+        """Fine-tuning's optimisation: the text encoder at ``finetune_lr``, the head at the heads' rate, for
+        ``epochs`` (default ``finetune_epochs``)."""
+        return TrainConfig(
+            epochs=epochs or self.finetune_epochs,
+            batch_size=FINETUNE_TEXT.batch_size,
+            encoder_lr=self.finetune_lr,
             head_lr=self.head_lr,
             min_lr=self.min_lr,
             seed=seed,

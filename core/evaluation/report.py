@@ -27,6 +27,7 @@ ABLATION_NAMES = {
 METHOD_NAMES = {
     "drf": "DRF",
     "drf-paper": "DRF, paper-literal",
+    "drf-e2e": "DRF, fine-tuned end to end",
     "concat": "Concat (padded)",
     "concat_dropout": "Concat + modality dropout",
     "router": "Router (specialist per post)",

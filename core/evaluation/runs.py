@@ -92,6 +92,7 @@ class Evaluation:
         self.encoders = Encoders(
             self.base.encoder_name, self.base.image_encoder, self.base.text_encoder, self.base.encoder_options
         )
+        self.cache_root = Path(cache_root)
         self.cache: FeatureCache = feature_cache_for(self.base, cache_root)
         self.timings["load_seconds"] = time.monotonic() - started
         self.encode_seconds = 0.0
@@ -108,9 +109,12 @@ class Evaluation:
     def _encode(self, dataset: Dataset, split: str) -> FeatureTable:
         return self._encode_samples(dataset[split])
 
-    def _encode_samples(self, samples: Sequence[Sample]) -> FeatureTable:
+    def _encode_samples(
+        self, samples: Sequence[Sample], model: DRFModel | None = None, cache: FeatureCache | None = None
+    ) -> FeatureTable:
+        """Features of ``samples`` by ``model`` into ``cache`` (default: the frozen encoders and their cache)."""
         started = time.monotonic()
-        table = encode_samples(self.base, samples, self.cache, progress=self.progress)
+        table = encode_samples(model or self.base, samples, cache or self.cache, progress=self.progress)
         self.encode_seconds += time.monotonic() - started
         return table
 

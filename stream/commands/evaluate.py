@@ -85,6 +85,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--product-intact", type=float, help="product regime: chance a training post is shown intact (0.5)"
     )
+    parser.add_argument(
+        "--finetune",
+        choices=["text"],
+        help="with --folds: fine-tune the text encoder per fold on its training posts (two-stage: a linear text "
+        "classifier, then every head trains on its features; DRF fine-tuned end to end is reported as drf-e2e)",
+    )
+    parser.add_argument(
+        "--finetune-layers",
+        type=int,
+        help="with --finetune text: only the top N transformer layers (default: all of it)",
+    )
+    parser.add_argument("--finetune-epochs", type=int, help="with --finetune text: epochs of stage one (3)")
+    parser.add_argument(
+        "--finetune-e2e-folds",
+        type=int,
+        nargs="*",
+        help="with --finetune text: folds on which DRF is also fine-tuned end to end (default: 0; none: skip)",
+    )
+    parser.add_argument(
+        "--finetune-lr", type=float, help="with --finetune text: the text encoder's learning rate (3e-5)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--dim", type=int, help="DRF width d of every head (default 128)")
     parser.add_argument("--queue-size", type=int)
@@ -112,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = tuple(given) if isinstance(given, list) else given
+    if args.finetune:
+        values["finetune_text"] = args.finetune == "text"
     return EvalConfig(**values)
 
 

@@ -3,8 +3,9 @@
 Frozen encoders (default): features are encoded once and cached, then the head trains on them, by default in the
 product regime (each post intact or under one of its damaged variants, core/training/mixing.py; --regime clean for
 the paper's protocol).  --finetune text
-trains the text encoder too (all of it, or its top --finetune-layers layers), the image encoder frozen and its
-features cached (core/training/finetune.py); dev and test are then scored on texts encoded by the fine-tuned encoder.
+fine-tunes the text encoder too (all of it, or its top --finetune-layers layers), the image encoder frozen and its
+features cached (core/training/finetune.py): by default in two stages (the text encoder with a linear classifier,
+then the DRF head on the fine-tuned features, as above), or end to end with the DRF head (--finetune-objective drf).
 --fine-tune trains both encoders (the paper's setting; needs a GPU to be practical).  The state after every epoch
 goes to --state; --resume continues an interrupted run from it.
 """
@@ -16,6 +17,7 @@ import json
 import logging
 import sys
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from core.training import (
     one_thread,
     score,
 )
+from core.training.finetune import FINETUNE_TEXT, OBJECTIVES
 from core.training.mixing import PRODUCT_INTACT, damage_mix
 from stream.settings import Settings
 
@@ -94,6 +97,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with --finetune text: only the text encoder's top N transformer layers (default: all of it; "
         "0: none; an encoder without layers, tiny, trains whole)",
+    )
+    parser.add_argument(
+        "--finetune-objective",
+        choices=OBJECTIVES,
+        help="with --finetune text: text (default; two-stage: the text encoder with a linear classifier for "
+        "--finetune-epochs, then the DRF head on its cached features, in either regime) or drf (end to end with "
+        "the DRF head, the clean regime)",
+    )
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=FINETUNE_TEXT.epochs,
+        help=f"with --finetune text (two-stage): epochs of stage one (default {FINETUNE_TEXT.epochs})",
     )
     parser.add_argument(
         "--modality-random",
@@ -150,10 +166,14 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         )
     if args.finetune_layers is not None and not args.finetune:
         raise ValueError("--finetune-layers needs --finetune text")
-    other_regime = bool(args.finetune or args.fine_tune or args.modality_random is not None)
+    if args.finetune_objective is not None and not args.finetune:
+        raise ValueError("--finetune-objective needs --finetune text")
+    end_to_end = bool(args.finetune) and args.finetune_objective == "drf"
+    other_regime = bool(end_to_end or args.fine_tune or args.modality_random is not None)
     if args.regime == "product" and other_regime:
         raise ValueError(
-            "--regime product trains a head on cached features: no fine-tuning or --modality-random"
+            "--regime product trains a head on cached features: not with --fine-tune, --modality-random or "
+            "--finetune-objective drf"
         )
     regime = args.regime or ("clean" if other_regime else "product")
     encoder_lr = args.encoder_lr
@@ -167,6 +187,10 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         min_lr=args.min_lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
+    )
+    # Stage one of the two-stage recipe: the text encoder with a linear classifier, at the encoder's learning rate.
+    finetune_config = replace(
+        FINETUNE_TEXT, encoder_lr=encoder_lr, epochs=args.finetune_epochs, seed=args.seed
     )
     device = resolve_device(settings.model.device)
     progress = not args.no_progress
@@ -192,29 +216,32 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     dev: FeatureSource
     test: FeatureSource
     state = args.state or args.out.with_name(args.out.name + ".state")
+    cache = feature_cache_for(model, args.cache_dir)
     if args.finetune:
         # The cache of the model as created holds the images (and stays right for them: the image encoder is frozen).
-        image_cache = feature_cache_for(model, args.cache_dir)
-        result = finetune_text_encoder(
+        image_cache = cache
+        stage_one = finetune_text_encoder(
             model,
             dataset["train"],
             dataset["dev"],
-            config,
+            config if end_to_end else finetune_config,
             image_cache,
             layers=args.finetune_layers,
-            state_path=state,
+            objective=args.finetune_objective or "text",
+            state_path=state if end_to_end else state.with_name(state.name + ".text"),
             resume=args.resume,
             progress=progress,
         )
-        # Dev and test texts encoded by the fine-tuned encoder, cached under its new fingerprint.
+        # Texts encoded by the fine-tuned encoder, cached under its new fingerprint.
         cache = finetuned_feature_cache(model, args.cache_dir, image_cache)
+    if end_to_end:
+        result = stage_one
         dev, test = (
             CachedSource(encode_samples(model, dataset[s], cache, progress=progress)) for s in ("dev", "test")
         )
     elif args.fine_tune:
         train, dev, test = (SampleSource(model, dataset[s]) for s in ("train", "dev", "test"))
-    else:
-        cache = feature_cache_for(model, args.cache_dir)
+    else:  # a head on cached features: frozen encoders, or stage two after fine-tuning the text encoder
         tables = {
             s: encode_samples(model, dataset[s], cache, progress=progress) for s in ("train", "dev", "test")
         }
@@ -234,8 +261,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
                 for s in ("train", "dev")
             }
             train, dev = mixes["train"], CachedSource(mixes["dev"].fixed())
-    with nullcontext() if args.fine_tune or args.finetune else one_thread():
-        if not args.finetune:
+    with nullcontext() if args.fine_tune or end_to_end else one_thread():
+        if not end_to_end:
             result = fit(model, train, dev, config, state_path=state, resume=args.resume, progress=progress)
         # Temperature scaling on dev, for the selected weights: saved with the checkpoint, applied by the Predictor.
         temperature = calibrate_temperature(model, dev)

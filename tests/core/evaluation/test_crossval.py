@@ -12,6 +12,7 @@ from PIL import Image
 from torch import Tensor, nn
 from training_data import make_dataset
 
+from core.data.records import Sample
 from core.evaluation import CrossValidation, EvalConfig
 from core.evaluation.baselines import BaselineHead, GatedRouter, Router, choose_gates
 from core.evaluation.cv_report import results_from_json, write_cv_report
@@ -219,10 +220,10 @@ def test_features_are_encoded_once_for_all_folds(tmp_path: Path) -> None:
     crossval = CrossValidation(config, tmp_path / "cache", progress=False)
     encoded = crossval.pooled_conditions
 
-    def encode_once() -> dict[str, FeatureTable]:
-        tables = encoded()
+    def encode_once(samples: dict[str, list[Sample]]) -> dict[str, FeatureTable]:
+        tables = encoded(samples)
 
-        def refuse(samples: object) -> FeatureTable:
+        def refuse(*args: object) -> FeatureTable:
             raise AssertionError("a fold encoded features")
 
         crossval._encode_samples = refuse  # type: ignore[method-assign]
@@ -232,3 +233,83 @@ def test_features_are_encoded_once_for_all_folds(tmp_path: Path) -> None:
     crossval.execute()
     assert {r["fold"] for r in crossval.results} == {0, 1, 2}
     assert sum(s["test"] for s in crossval.fold_sizes) == 200
+
+
+def test_a_finetuned_fold_trains_its_text_encoder_on_its_training_posts_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two-stage fine-tuning in cross-validation: each fold fine-tunes its own copy of the text encoder on its
+    training posts (never its test posts), every head of the fold is scored on texts encoded by that copy, and
+    the stage-one model is reported as drf-e2e."""
+    import core.evaluation.crossval as crossval_module
+
+    root = make_dataset(tmp_path / "data")
+    config = EvalConfig(
+        data=f"jsonl:{root}",
+        encoders="tiny",
+        seeds=(0,),
+        dim=16,
+        queue_size=16,
+        epochs=1,
+        batch_size=64,
+        fixed_settings=("C",),
+        random_settings=(),
+        ablations=(),
+        compare_paper=False,
+        baselines=("concat", "text_only", "image_only"),
+        damage=("text/typos",),
+        folds=2,
+        regimes=("clean", "product"),
+        finetune_text=True,
+        finetune_epochs=1,
+    )
+    crossval = CrossValidation(config, tmp_path / "cache", progress=False)
+    frozen_text = crossval.base.text_encoder.state_dict()
+    seen: list[tuple[str, set[str], object]] = []
+    finetune = crossval_module.finetune_text_encoder
+
+    def spy(model, train, dev, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = finetune(model, train, dev, *args, **kwargs)
+        seen.append((kwargs["objective"], {s.id for s in train} | {s.id for s in dev}, model))
+        return result
+
+    monkeypatch.setattr(crossval_module, "finetune_text_encoder", spy)
+    crossval.execute()
+
+    ids = [s.id for s in crossval.posts]
+    # Fold 0: the two-stage text classifier, then DRF end to end; fold 1: the text classifier only.
+    assert [(objective, fold) for fold, (objective, _, _) in zip((0, 0, 1), seen, strict=True)] == [
+        ("text", 0),
+        ("drf", 0),
+        ("text", 1),
+    ]
+    for fold, (_, trained_on, model) in zip((0, 0, 1), seen, strict=True):
+        test_ids = {ids[i] for i in crossval.folds[fold]}
+        assert trained_on and not trained_on & test_ids
+        weights = model.text_encoder.state_dict()  # type: ignore[attr-defined]
+        assert any(not torch.equal(weights[k], frozen_text[k]) for k in frozen_text)
+    # The frozen encoders are untouched: fine-tuning worked on copies.
+    assert all(torch.equal(v, crossval.base.text_encoder.state_dict()[k]) for k, v in frozen_text.items())
+    e2e = [r for r in crossval.results if r["method"] == "drf-e2e"]
+    assert {(r["fold"], r["regime"]) for r in e2e} == {(0, "clean")}
+    assert {r["test"] for r in e2e} >= {"clean", "text/C", "text/typos"}
+    for regime in ("clean", "product"):
+        assert {r["fold"] for r in crossval.results if r["method"] == "drf" and r["regime"] == regime} == {
+            0,
+            1,
+        }
+    outcome = crossval.outcome()
+    assert "drf-e2e" in outcome.methods
+    assert "fine-tuned per fold" in outcome.describe["encoders"]
+    assert outcome.describe["timings"]["finetune_seconds"] > 0
+    paths = write_cv_report(outcome, tmp_path / "report")
+    assert "DRF, fine-tuned end to end" in paths["markdown"].read_text()
+
+
+def test_finetuning_is_refused_outside_cross_validation() -> None:
+    with pytest.raises(ValueError, match="cross-validation only"):
+        EvalConfig(encoders="tiny", finetune_text=True)
+    with pytest.raises(ValueError, match="finetune_layers"):
+        EvalConfig(encoders="tiny", folds=2, finetune_layers=2)
+    with pytest.raises(ValueError, match="finetune_e2e_folds"):
+        EvalConfig(encoders="tiny", folds=2, finetune_text=True, finetune_e2e_folds=(2,))

@@ -21,7 +21,7 @@ from core.encoders.base import TextEncoder, masked_mean
 from core.encoders.configs import Encoders
 from core.encoders.networks import TinyImageEncoder
 from core.inference import Predictor
-from core.model import DRFModel, create_model
+from core.model import DRFModel, FeatureTable, create_model
 from core.training import (
     FINETUNE_ENCODER_LR,
     CachedSource,
@@ -36,6 +36,7 @@ from core.training import (
     predict_probabilities,
 )
 from core.training.features import encoder_fingerprint
+from core.training.finetune import TextClassifier
 from stream.cli import main
 
 CONFIG = TrainConfig(epochs=3, batch_size=16, encoder_lr=1e-2, head_lr=3e-3, min_lr=1e-5, seed=0)
@@ -193,6 +194,40 @@ def test_zero_layers_trains_nothing_of_the_text_encoder(dataset, tmp_path) -> No
         enable_text_finetuning(model, -1)
 
 
+def test_the_text_objective_trains_the_text_encoder_with_a_classifier_of_its_own(dataset, tmp_path) -> None:
+    """Stage one of the two-stage recipe: the text encoder learns the labels through a linear classifier; the DRF
+    head (trained afterwards on the fine-tuned features) is left as it was."""
+    model = tiny_model(dataset.label_names)
+    fingerprint = encoder_fingerprint(model)
+    text_before, head_before = state_of(model.text_encoder), state_of(model.head)
+    image_cache = feature_cache_for(model, tmp_path)
+    result = finetune_text_encoder(
+        model, dataset["train"][:64], dataset["dev"][:24], CONFIG, image_cache, objective="text"
+    )
+    assert changed(text_before, model.text_encoder)
+    assert changed(head_before, model.head) == set()
+    assert encoder_fingerprint(model) != fingerprint and not model.text_trainable
+    assert len(result.history) == CONFIG.epochs and 0 <= result.best_dev_accuracy <= 100
+    with pytest.raises(ValueError, match="objective"):
+        finetune_text_encoder(
+            model, dataset["train"][:8], dataset["dev"][:8], CONFIG, image_cache, objective="x"
+        )
+
+
+def test_the_text_classifier_learns_only_from_posts_that_have_a_text() -> None:
+    model = tiny_model(["negative", "neutral", "positive"])
+    classifier = TextClassifier(model)
+    text = torch.randn(4, model.text_encoder.dim)
+    present = torch.tensor([True, True, False, False])
+    table = FeatureTable(
+        torch.zeros(4, model.image_encoder.dim), text, torch.ones(4, dtype=torch.bool), present
+    )
+    labels = torch.tensor([0, 2, 1, 1])
+    out = classifier.forward_features(table, labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[:2], labels[:2])
+    assert out.loss is not None and torch.allclose(out.loss, expected)
+
+
 def test_top_layers_of_a_bert_text_encoder_train_alone_with_dropout_in_train_mode_only(
     dataset, tmp_path
 ) -> None:
@@ -288,9 +323,26 @@ def test_finetuning_refuses_an_onnx_text_encoder(dataset) -> None:
         enable_text_finetuning(model)
 
 
-def test_cli_train_finetune_text_writes_a_checkpoint_the_service_loads(data_root, tmp_path, capsys) -> None:
-    out, summary = train_with_cli(data_root, tmp_path, capsys, "--finetune", "text")
+@pytest.mark.parametrize("objective", ["text", "drf"])
+def test_cli_train_finetune_text_writes_a_checkpoint_the_service_loads(
+    data_root, tmp_path, capsys, objective
+) -> None:
+    """Two-stage (default: a text classifier for --finetune-epochs, then the DRF head on the fine-tuned features, in
+    the product regime) or end to end (the DRF head with the text encoder, the clean regime)."""
+    out, summary = train_with_cli(
+        data_root,
+        tmp_path,
+        capsys,
+        "--finetune",
+        "text",
+        "--finetune-objective",
+        objective,
+        "--finetune-epochs",
+        "1",
+    )
     assert summary["text_finetune"] == {"layers": "all"} and len(summary["history"]) == 2
+    regime = summary["training"].get("regime")
+    assert (regime or {}).get("regime") == ("product" if objective == "text" else None)
     checkpoint = load_checkpoint(out)
     assert checkpoint.metadata["config"]["text_finetune"] == {"layers": "all"}
     # Against the model the command started from (same seed): the text encoder moved, the image encoder did not.
@@ -311,6 +363,7 @@ def test_cli_finetune_options_are_checked(data_root, tmp_path, capsys) -> None:
     for extra, message in (
         (["--finetune-layers", "1"], "needs --finetune text"),
         (["--finetune", "text", "--fine-tune"], "both encoders already"),
+        (["--finetune-objective", "text"], "needs --finetune text"),
     ):
         with pytest.raises(SystemExit) as done:
             main([*base, *extra])

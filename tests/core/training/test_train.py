@@ -218,6 +218,8 @@ def test_cli_train_in_the_product_regime_trains_on_damaged_posts_and_records_it(
                 "product",
                 "--finetune",
                 "text",
+                "--finetune-objective",
+                "drf",
             ]
         )
     assert done.value.code == 2 and "--regime product" in capsys.readouterr().err
