@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -199,24 +200,28 @@ def test_gates_are_picked_on_dev_to_route_low_quality_posts_to_the_specialist() 
     assert -5.0 < gate_image <= 0.0 and gate_text == float("-inf")
 
 
+def tiny_config(root: Path, **overrides: Any) -> EvalConfig:
+    """A quick cross-validation of the synthetic data set with the tiny encoders, one seed, one epoch."""
+    settings: dict[str, Any] = {
+        "data": f"jsonl:{root}",
+        "encoders": "tiny",
+        "seeds": (0,),
+        "dim": 16,
+        "queue_size": 16,
+        "epochs": 1,
+        "batch_size": 64,
+        "fixed_settings": ("C",),
+        "random_settings": (),
+        "ablations": (),
+        "compare_paper": False,
+        "damage": ("text/typos",),
+    }
+    return EvalConfig(**{**settings, **overrides})
+
+
 def test_features_are_encoded_once_for_all_folds(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "data")
-    config = EvalConfig(
-        data=f"jsonl:{root}",
-        encoders="tiny",
-        seeds=(0,),
-        dim=16,
-        queue_size=16,
-        epochs=1,
-        batch_size=64,
-        fixed_settings=("C",),
-        random_settings=(),
-        ablations=(),
-        compare_paper=False,
-        baselines=("concat", "text_only", "image_only", "gated_router"),
-        damage=("text/typos",),
-        folds=3,
-    )
+    config = tiny_config(root, baselines=("concat", "text_only", "image_only", "gated_router"), folds=3)
     crossval = CrossValidation(config, tmp_path / "cache", progress=False)
     encoded = crossval.pooled_conditions
 
@@ -244,20 +249,9 @@ def test_a_finetuned_fold_trains_its_text_encoder_on_its_training_posts_only(
     import core.evaluation.crossval as crossval_module
 
     root = make_dataset(tmp_path / "data")
-    config = EvalConfig(
-        data=f"jsonl:{root}",
-        encoders="tiny",
-        seeds=(0,),
-        dim=16,
-        queue_size=16,
-        epochs=1,
-        batch_size=64,
-        fixed_settings=("C",),
-        random_settings=(),
-        ablations=(),
-        compare_paper=False,
+    config = tiny_config(
+        root,
         baselines=("concat", "text_only", "image_only"),
-        damage=("text/typos",),
         folds=2,
         regimes=("clean", "product"),
         finetune_text=True,
