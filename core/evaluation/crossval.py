@@ -7,7 +7,9 @@ in Table 3 (and, with ``regimes`` holding "product", again on damaged posts: cor
 under each realistic damage (core/data/damage.py).
 
 Each condition is applied and encoded once for the pooled posts (a post is damaged the same way whichever fold it
-is in), so features are computed once and every fold takes its rows: no fold re-encodes anything.  Each result
+is in), so features are computed once and every fold takes its rows: no fold re-encodes anything.  With
+``finetune_text`` each fold fine-tunes its own copy of the text encoder on its training posts and encodes every
+condition's texts with it (``finetuned``): the two-stage recipe of core/training/finetune.py.  Each result
 row carries its ``fold`` (0 .. K-1); a table cell is the mean ± sample std over folds × seeds.
 """
 

@@ -9,13 +9,13 @@ rate beside the head's (``TrainConfig.encoder_lr``, ``FINETUNE_ENCODER_LR`` by d
   tokenised and encoded per batch, with gradient in training and without it when scored (eval mode, no_grad).
 * ``finetune_text_encoder`` is the library entry point and stage one of the **two-stage recipe**: fine-tune on a
   fold's training posts (dev for model selection only), leaving the model with the best dev epoch's weights and its
-  text encoder frozen again. The objective is the DRF model itself (end to end; ``train --finetune text``) or a
-  linear classifier on the text features (``TextClassifier``; what cross-validation's stage one uses: with a fresh
-  DRF head, two epochs at batch 32 left DRF at the majority class on dev, 59.4 %). Stage two: its fingerprint has
-  changed with its text weights (``core.training.features.encoder_fingerprint``), so ``finetuned_feature_cache``
-  gives a cache that encodes and keeps texts under the new fingerprint while reading images from the cache they
-  were already in; the fold's ``encode_samples`` tables then train every head from cached features, as with frozen
-  encoders.
+  text encoder frozen again. The objective is the DRF model itself (end to end; ``--finetune-objective drf``) or a
+  linear classifier on the text features (``TextClassifier``; the default of ``train --finetune text`` and
+  cross-validation's stage one: with a fresh DRF head, two epochs at batch 32 left DRF at the majority class on
+  dev, 59.4 %). Stage two: its fingerprint has changed with its text weights
+  (``core.training.features.encoder_fingerprint``), so ``finetuned_feature_cache`` gives a cache that encodes and
+  keeps texts under the new fingerprint while reading images from the cache they were already in; the fold's
+  ``encode_samples`` tables then train every head from cached features, as with frozen encoders.
 
 Nothing goes stale: a cached text feature is keyed by the weights that encoded it, and the scoring of dev and test
 after fine-tuning encodes texts with the fine-tuned encoder (live, or into the new fingerprint's cache).
