@@ -135,7 +135,7 @@ class EvalConfig:
             problems.append(
                 "the paper's encoders are not fine-tuned on this CPU; use the offline or tiny encoders"
             )
-        if any(not 0 <= fold < self.folds for fold in self.finetune_e2e_folds):
+        if self.finetune_text and any(not 0 <= fold < self.folds for fold in self.finetune_e2e_folds):
             problems.append(f"finetune_e2e_folds must be folds 0 .. folds-1, got {self.finetune_e2e_folds}")
         if self.finetune_layers is not None and (self.finetune_layers < 1 or not self.finetune_text):
             problems.append(
