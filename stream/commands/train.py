@@ -216,7 +216,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     dev: FeatureSource
     test: FeatureSource
     state = args.state or args.out.with_name(args.out.name + ".state")
-    cache = feature_cache_for(model, args.cache_dir)
+    if not args.fine_tune:  # every path but training both encoders reads features from the cache
+        cache = feature_cache_for(model, args.cache_dir)
     if args.finetune:
         # The cache of the model as created holds the images (and stays right for them: the image encoder is frozen).
         image_cache = cache
