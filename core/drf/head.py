@@ -22,13 +22,14 @@ Two variants (``VARIANTS``; docs/evaluation.md has the measurements behind every
 * ``paper``: the equations as written: rule (13) admission, unnormalised weights lambda q q of (12), recovery targets
   of (4) that carry gradient, one classification loss on M.
 * ``robust`` (the default): the paper's intent (a low-quality modality counts less, a missing one is recovered) with
-  four mechanisms that hold up on real posts: queues admit everything but outliers (``floor`` rule, so their
+  the mechanisms that hold up on real posts: queues admit everything but outliers (``floor`` rule, so their
   statistics follow the training projections); the three terms of (12) are weighted by a softmax over the present
   terms of their summed log qualities divided by a temperature (weights sum to 1, so M's scale no longer shrinks
   with how typical a post is, and no hard floor zeroes the gradient); the targets of (4) are detached (recovery
   trains the converters, not the projections towards each other); and every expanded sample is also classified on
   its own (each of the three terms must predict the sentiment, so a post missing a modality is scored by a term
-  that was trained to do it).
+  that was trained to do it); and each modality is also classified alone by a specialist MLP, two more terms of the
+  same softmax, so a damaged modality's weight moves to the intact one's specialist (``specialist_terms``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from core.drf.losses import distribution_constraint, distribution_recovery_loss,
 
 #: Index of each expanded sample in ``fusion_weights`` (column order of (12)).
 EXPANSIONS = ("intact", "image+recovered_text", "recovered_image+text")
+#: The specialist terms (``specialist_terms``), in ``specialist_weights`` order: one modality classified alone.
+SPECIALISTS = ("image", "text")
 FUSION_RULES = ("softmax", "product")
 #: Mean log q of a queue's own features: -||f - mu||^2 / (2 sigma^2) averages to -1/2 because sigma^2 is the mean of
 #: ||f - mu||^2 (2).
@@ -91,10 +94,12 @@ class DRFConfig:
     quality_space: str = "encoder"
     image_dim: int = 0  # width of the image feature space of the queues and converters (0 = dim)
     text_dim: int = 0
-    normalise_image: bool = (
-        True  # L2-normalise image features before everything (docs/evaluation.md: quality AUROC)
-    )
+    normalise_image: bool = True  # L2-normalise image features first (docs/evaluation.md: quality AUROC)
     normalise_text: bool = False
+    # Two more terms beside the three of (12): each modality classified alone by its own MLP, weighted in the same
+    # softmax by its log q plus that of a typical missing partner (-1/2). A damaged modality's weight moves to the
+    # other one's specialist, which a recovered feature (a function of the intact one) cannot beat.
+    specialist_terms: bool = True
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.dim < 1 or self.queue_size < 1:
@@ -133,6 +138,7 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
         "quality_space": "encoder",
         "normalise_image": True,
         "normalise_text": False,
+        "specialist_terms": True,
     },
     "paper": {
         "admission": "rule13",
@@ -144,6 +150,7 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
         "quality_space": "projected",
         "normalise_image": False,
         "normalise_text": False,
+        "specialist_terms": False,
     },
 }
 DEFAULT_VARIANT = "robust"
@@ -166,6 +173,8 @@ class DRFOutput:
     log_quality_recovered_image: Tensor  # [B], log q^{t->v} (meaningless where the text is absent)
     log_quality_recovered_text: Tensor  # [B], log q^{v->t}
     fusion_weights: Tensor  # [B, 3], the weights of (12) in EXPANSIONS order (sum 1 per post under "softmax")
+    # [B, 2] in SPECIALISTS order with ``specialist_terms`` (then all five weights sum to 1 per post)
+    specialist_weights: Tensor | None
     image_present: Tensor  # [B] bool, lambda^v
     text_present: Tensor  # [B] bool, lambda^t
     loss: Tensor | None = None  # (16)
@@ -173,7 +182,8 @@ class DRFOutput:
     loss_rec: Tensor | None = None  # (8)
     loss_cls: Tensor | None = None  # (15)
     recovery_terms: dict[str, Tensor] = field(default_factory=dict)  # the four recovery terms of (8)
-    term_logits: Tensor | None = None  # [3, B, S], each expanded sample classified on its own
+    # [3, B, S] each expanded sample classified on its own; [5, B, S] with the specialists after them
+    term_logits: Tensor | None = None
     intact: Tensor | None = (
         None  # [B, 2] (image, text) undamaged rows of a training mix: queue and recovery inputs
     )
@@ -187,35 +197,6 @@ class DRFOutput:
     def abstained(self) -> Tensor:
         """Rows with no usable modality: their prediction is softmax(b) and should not be published."""
         return ~(self.image_present | self.text_present)
-
-
-def output_diagnostics(out: DRFOutput) -> dict[str, float]:
-    """What the fusion did on a set of posts: quantiles (10/50/90 %) of log q for present and recovered features,
-    the mean share of each term of (12) (weights over their sum per post) and the mean norm of M.
-
-    The numbers behind docs/evaluation.md's diagnosis (stale queues, vanishing M, typicality-driven weights).
-    """
-    summary: dict[str, float] = {}
-    both = out.image_present & out.text_present
-    series = {
-        "log_q_image": (out.log_quality_image, out.image_present),
-        "log_q_text": (out.log_quality_text, out.text_present),
-        "log_q_recovered_image": (out.log_quality_recovered_image, out.text_present),
-        "log_q_recovered_text": (out.log_quality_recovered_text, out.image_present),
-    }
-    levels = torch.tensor([0.1, 0.5, 0.9])
-    for name, (values, mask) in series.items():
-        chosen = values[mask].detach().float().cpu()
-        if chosen.numel():
-            for level, value in zip((10, 50, 90), torch.quantile(chosen, levels).tolist(), strict=True):
-                summary[f"{name}_p{level}"] = value
-    weights = out.fusion_weights[both].detach().float().cpu()
-    if weights.numel():
-        shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        for name, share in zip(EXPANSIONS, shares.mean(dim=0).tolist(), strict=True):
-            summary[f"share_{name}"] = share
-    summary["fused_norm"] = float(out.fused.detach().float().norm(dim=-1).mean())
-    return summary
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -245,6 +226,11 @@ class DRFHead(nn.Module):
         self.converter_t2v = mlp([d_t, conv_h, d_v], config.dropout)
         self.fusion = mlp([2 * d, fuse_h, fuse_h, d], config.dropout)
         self.classifier = nn.Linear(d, config.num_classes)
+        self.specialists = (
+            nn.ModuleList(mlp([d, fuse_h, fuse_h, config.num_classes], config.dropout) for _ in SPECIALISTS)
+            if config.specialist_terms
+            else None
+        )
         self.image_queue = FeatureQueue(d_v, config.queue_size, config.admission, config.admission_floor)
         self.text_queue = FeatureQueue(d_t, config.queue_size, config.admission, config.admission_floor)
 
@@ -299,14 +285,20 @@ class DRFHead(nn.Module):
         # Where a weight is exactly zero the term is removed, not multiplied (0 * inf would be NaN).
         # (12) and (14) run in float32 even under autocast: in float16 a weight near the floor (e^-80), and so a
         # small M, would flush to zero.
-        column_weights = weights.T[..., None]
+        column_weights = weights[:, :3].T[..., None]
         terms = torch.where(column_weights > 0, column_weights * fused_pairs.float(), 0.0)
         fused = terms.sum(dim=0)
         with torch.autocast(fused.device.type, enabled=False):
-            logits = self.classifier(fused)
-            term_logits = (
-                self.classifier(fused_pairs.float()) if labels is not None and cfg.term_loss else None
-            )
+            if self.specialists is None:
+                logits = self.classifier(fused)
+                term_logits = (
+                    self.classifier(fused_pairs.float()) if labels is not None and cfg.term_loss else None
+                )
+            else:  # five terms, mixed as logits: (14) of M plus each specialist's own
+                alone = [head(p.float()) for head, p in zip(self.specialists, (p_v, p_t), strict=True)]
+                term_logits = torch.cat([self.classifier(fused_pairs.float()), torch.stack(alone)])
+                all_weights = weights.T[..., None]
+                logits = torch.where(all_weights > 0, all_weights * term_logits, 0.0).sum(dim=0)
 
         out = DRFOutput(
             logits=logits,
@@ -319,7 +311,8 @@ class DRFHead(nn.Module):
             log_quality_text=lq_t.clamp_min(LOG_QUALITY_FLOOR),
             log_quality_recovered_image=lq_t2v.clamp_min(LOG_QUALITY_FLOOR),
             log_quality_recovered_text=lq_v2t.clamp_min(LOG_QUALITY_FLOOR),
-            fusion_weights=weights,
+            fusion_weights=weights[:, :3],
+            specialist_weights=weights[:, 3:] if self.specialists is not None else None,
             image_present=present_v,
             text_present=present_t,
             term_logits=term_logits,
@@ -349,22 +342,27 @@ class DRFHead(nn.Module):
 
     def _term_presence(self, lam_v: Tensor, lam_t: Tensor) -> Tensor:
         """[B, 3]: which of the three terms of (12) exist: intact pair, image + recovered text, recovered image +
-        text. With the expansion, a post with both modalities has all three; without it, only its own."""
+        text. With the expansion, a post with both modalities has all three; without it, only its own. [B, 5] with
+        the specialist terms: each exists where its modality does."""
         if self.config.expansion:
-            return torch.stack([lam_v * lam_t, lam_v, lam_t], dim=-1)
-        return torch.stack([lam_v * lam_t, lam_v * (1 - lam_t), (1 - lam_v) * lam_t], dim=-1)
+            lams = [lam_v * lam_t, lam_v, lam_t]
+        else:
+            lams = [lam_v * lam_t, lam_v * (1 - lam_t), (1 - lam_v) * lam_t]
+        return torch.stack(lams + ([lam_v, lam_t] if self.config.specialist_terms else []), dim=-1)
 
     def _fusion_weights(
         self, lams: Tensor, lq_v: Tensor, lq_t: Tensor, lq_t2v: Tensor, lq_v2t: Tensor
     ) -> Tensor:
         """[B, 3] weights of (12): lambda^v lambda^t q^v q^t, lambda^v q^v q^{v->t}, lambda^t q^{t->v} q^t (the
-        paper's product rule), or a softmax of the present terms' log q over a temperature (the robust rule)."""
+        paper's product rule), or a softmax of the present terms' log q over a temperature (the robust rule).
+        [B, 5] with the specialist terms, whose partner counts as a typical feature: q^v e^{-1/2}, q^t e^{-1/2}."""
         cfg = self.config
         if cfg.cap_recovered:
             # A converter regresses towards the mean, so a recovered feature looks more typical than any real one;
             # it counts at most as a typical real feature (log q = -1/2: the mean over the queue, by (2)).
             lq_t2v, lq_v2t = lq_t2v.clamp_max(TYPICAL_LOG_QUALITY), lq_v2t.clamp_max(TYPICAL_LOG_QUALITY)
-        log_q = torch.stack([lq_v + lq_t, lq_v + lq_v2t, lq_t2v + lq_t], dim=-1)
+        specialists = [lq_v + TYPICAL_LOG_QUALITY, lq_t + TYPICAL_LOG_QUALITY] if cfg.specialist_terms else []
+        log_q = torch.stack([lq_v + lq_t, lq_v + lq_v2t, lq_t2v + lq_t, *specialists], dim=-1)
         if cfg.detach_quality:
             log_q = log_q.detach()
         if not cfg.gaussian_weights:
@@ -422,9 +420,10 @@ class DRFHead(nn.Module):
         if out.term_logits is not None and bool(labelled.any()):
             # Each expanded sample that exists (lambda > 0) is a training sample of its own.
             exists = (lams.T > 0) & labelled[None, :]
+            count = out.term_logits.shape[0]
             per_term = F.cross_entropy(
-                out.term_logits.flatten(0, 1), labels.long().repeat(3).clamp_min(0), reduction="none"
-            ).reshape(3, -1)
+                out.term_logits.flatten(0, 1), labels.long().repeat(count).clamp_min(0), reduction="none"
+            ).reshape(count, -1)
             loss_per_term = cfg.term_loss * (per_term * exists).sum() / exists.sum().clamp_min(1)
         out.loss_dis, out.loss_rec, out.loss_cls, out.recovery_terms = loss_dis, loss_rec, loss_cls, terms
         out.loss = loss_dis + loss_rec + loss_cls + loss_per_term

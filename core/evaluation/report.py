@@ -188,7 +188,7 @@ DIAGNOSTICS = (
 
 
 def diagnostics_table(results: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
-    """The training diagnostics (core.drf.head.output_diagnostics on dev) at the first and the last epoch of each
+    """The training diagnostics (core.drf.diagnostics.output_diagnostics on dev) at the first and the last epoch of each
     DRF variant trained clean, mean over seeds: how the queues and the fusion weights evolve."""
     lines = [
         "| Method | epoch | " + " | ".join(h for _, h in DIAGNOSTICS) + " |",

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.drf.diagnostics import output_diagnostics
 from core.drf.distribution import DEFAULT_QUEUE_SIZE, QueueStats
-from core.drf.head import DEFAULT_VARIANT, VARIANTS, DRFConfig, DRFHead, DRFOutput, output_diagnostics
+from core.drf.head import DEFAULT_VARIANT, VARIANTS, DRFConfig, DRFHead, DRFOutput
 from core.encoders.configs import Encoders, create_encoders
 
 DEFAULT_DIM = 768
@@ -306,7 +307,7 @@ class DRFModel(nn.Module):
 
     @torch.no_grad()
     def diagnostics(self, features: FeatureTable) -> dict[str, float]:
-        """``core.drf.head.output_diagnostics`` of an eval-mode pass, plus each queue's fill and sigma."""
+        """``core.drf.diagnostics.output_diagnostics`` of an eval-mode pass, plus each queue's fill and sigma."""
         was_training = self.training
         self.train(False)
         out = self.forward_features(features)
