@@ -28,6 +28,8 @@ SCHEMA_FILES = {
     "dead_letter": "dead_letter.v1.json",
 }
 DEAD_LETTER_HEADER = "postsense.dlq"
+#: The record's names of the fusion terms: the three of (12) (core.drf.head.EXPANSIONS), then the specialist terms.
+FUSION_TERMS = ("intact", "image_recovered_text", "recovered_image_text", "image_alone", "text_alone")
 
 
 @cache
@@ -298,7 +300,9 @@ def sentiment_document(
     ``calibration`` says how the probabilities were calibrated (``Predictor.calibration``; None: not at all).
     """
     abstained = probabilities is None
-    intact, image_recovered_text, recovered_image_text = (float(w) for w in fusion_weights)
+    weights = [float(w) for w in fusion_weights]
+    if len(weights) not in (3, len(FUSION_TERMS)):
+        raise ValueError(f"fusion_weights: 3 or {len(FUSION_TERMS)} weights, got {len(weights)}")
     topic, partition, offset = source
     return {
         "schema_version": SCHEMA_VERSION,
@@ -308,11 +312,7 @@ def sentiment_document(
         "abstained": abstained,
         "modalities": {"image": image.document(), "text": text.document()},
         "recovered": recovered,
-        "fusion_weights": {
-            "intact": intact,
-            "image_recovered_text": image_recovered_text,
-            "recovered_image_text": recovered_image_text,
-        },
+        "fusion_weights": dict(zip(FUSION_TERMS[: len(weights)], weights, strict=True)),
         "model": {"name": model[0], "version": model[1]},
         "source": {"topic": topic, "partition": partition, "offset": offset},
         "event_time": post.created_at,

@@ -47,7 +47,9 @@ class BatchPrediction:
     quality_image: np.ndarray  # [B] in (0, 1], NaN where the image is absent
     quality_text: np.ndarray  # [B]
     recovered: list[str | None]  # "image" | "text" | None: the missing modality a converter stood in for
-    fusion_weights: np.ndarray  # [B, 3] weights of (12): intact, image+recovered text, recovered image+text
+    # [B, 3] weights of (12): intact, image+recovered text, recovered image+text; [B, 5] with the head's specialist
+    # terms (then the image alone, the text alone; all five sum to 1)
+    fusion_weights: np.ndarray
     abstained: np.ndarray  # [B] bool: no usable modality
     image_features: np.ndarray  # [B, d_v] float32, zeros where absent (proposals for the reference queues)
     text_features: np.ndarray  # [B, d_t]
@@ -302,7 +304,13 @@ class Predictor:
             quality_image=np.where(image_present, out.log_quality_image.exp().cpu().numpy(), np.nan),
             quality_text=np.where(text_present, out.log_quality_text.exp().cpu().numpy(), np.nan),
             recovered=recovered,
-            fusion_weights=out.fusion_weights.float().cpu().numpy(),
+            fusion_weights=torch.cat(
+                [out.fusion_weights] + ([] if out.specialist_weights is None else [out.specialist_weights]),
+                dim=-1,
+            )
+            .float()
+            .cpu()
+            .numpy(),
             abstained=abstained,
             image_features=image_features.cpu().numpy(),
             text_features=text_features.cpu().numpy(),

@@ -137,3 +137,29 @@ def test_output_schema_accepts_an_abstention_and_rejects_quality_zero():
     validator("sentiment").validate(record)
     record["modalities"]["image"] = {"state": "ok", "reason": None, "quality": 0.0}
     assert not validator("sentiment").is_valid(record)
+
+
+@pytest.mark.parametrize("count", [3, 5])
+def test_sentiment_record_names_every_fusion_term_of_the_model(count):
+    """Three terms of (12) from a head without specialist terms (older checkpoints), five from one with them; both
+    are valid records, and a weight vector of any other length is a bug, refused rather than silently cut."""
+    from core.contracts import FUSION_TERMS, ModalityReport, ModalityState, sentiment_document
+
+    post = parse_post(raw(GOOD[0]), Limits())
+    assert isinstance(post, Post)
+    fields = dict(
+        source=("posts", 0, 7),
+        label="positive",
+        probabilities={"negative": 0.1, "neutral": 0.2, "positive": 0.7},
+        image=ModalityReport(ModalityState.ok, None, 0.5),
+        text=ModalityReport(ModalityState.ok, None, 0.25),
+        recovered=None,
+        model=("drf-offline", "v1"),
+        processed_at="2026-12-03T12:00:00.000Z",
+    )
+    weights = [0.1 * (i + 1) for i in range(count)]
+    document = sentiment_document(post, fusion_weights=weights, **fields)
+    assert document["fusion_weights"] == pytest.approx(dict(zip(FUSION_TERMS[:count], weights, strict=True)))
+    validator("sentiment").validate(json.loads(json.dumps(document)))
+    with pytest.raises(ValueError, match="fusion_weights"):
+        sentiment_document(post, fusion_weights=[0.25] * 4, **fields)

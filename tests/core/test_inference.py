@@ -71,9 +71,24 @@ def test_predict_reports_labels_quality_recovery_and_abstention(predictor: Predi
     assert np.isnan(result.quality_image[[2, 3]]).all() and np.isnan(result.quality_text[[1, 3]]).all()
     present_quality = np.concatenate([result.quality_image[:2], result.quality_text[[0, 2]]])
     assert ((present_quality > 0) & (present_quality <= 1)).all()
-    assert (result.fusion_weights[1] > 0).tolist() == [False, True, False]  # image only: term 2 of (12)
-    assert (result.fusion_weights[2] > 0).tolist() == [False, False, True]
+    # Columns: the three terms of (12), then the image alone and the text alone (the default head's specialist terms).
+    assert (result.fusion_weights[0] > 0).all()  # both present: every term exists
+    assert (result.fusion_weights[1] > 0).tolist() == [
+        False,
+        True,
+        False,
+        True,
+        False,
+    ]  # image + recovered text
+    assert (result.fusion_weights[2] > 0).tolist() == [
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]  # recovered image + text
     assert (result.fusion_weights[3] == 0).all()
+    assert np.allclose(result.fusion_weights[:3].sum(axis=1), 1.0, atol=1e-6)
     assert result.image_features.shape == (4, 32) and (result.image_features[2:] == 0).all()
     assert not result.image_accepted[2:].any() and not result.text_accepted[[1, 3]].any()
 

@@ -304,3 +304,59 @@ def test_encoder_space_head_projects_only_the_fusion_inputs() -> None:
     assert all(p.grad is not None for layer in project for p in layer.parameters())
     with pytest.raises(ValueError, match=r"\[B, 6\] and \[B, 5\]"):
         head(f_t, f_v, present, present, projections=project)
+
+
+def specialist_head() -> DRFHead:
+    """The example with the specialist terms; each specialist classifies its own feature as is (W = I, b = 0)."""
+    head = make_head(fusion="softmax", specialist_terms=True)
+    head.specialists = nn.ModuleList([linear([[1, 0], [0, 1]], [0, 0]) for _ in range(2)])
+    return head
+
+
+def test_specialist_terms_join_the_softmax_as_a_modality_with_a_typical_partner() -> None:
+    """Summed log qualities -2.5, -2.5, -6.5 for the three terms of (12); image alone -0.5 - 0.5, text alone -2 - 0.5.
+    Logits mix every term's own: (2.25, 2.75), (4.25, 0.75), (1.25, 5.75), then f^v = (1, 0) and f^t = (1, 3)."""
+    out = specialist_head()(F_V, F_T, YES, YES)
+    scores = torch.tensor([-2.5, -2.5, -6.5, -1.0, -2.5])
+    weights = scores.softmax(dim=0)
+    assert out.fusion_weights[0].tolist() == pytest.approx(weights[:3].tolist(), rel=1e-5)
+    assert out.specialist_weights is not None
+    assert out.specialist_weights[0].tolist() == pytest.approx(weights[3:].tolist(), rel=1e-5)
+    terms = torch.tensor([[2.25, 2.75], [4.25, 0.75], [1.25, 5.75], [1.0, 0.0], [1.0, 3.0]])
+    assert out.logits[0].tolist() == pytest.approx((weights[:, None] * terms).sum(0).tolist(), rel=1e-5)
+    # M stays the fused feature of (12): the three fused terms only.
+    fused = (
+        weights[0] * torch.tensor([2.0, 3])
+        + weights[1] * torch.tensor([4.0, 1])
+        + weights[2] * torch.tensor([1.0, 6])
+    )
+    assert out.fused[0].tolist() == pytest.approx(fused.tolist(), rel=1e-5)
+
+
+def test_specialist_terms_carry_a_missing_or_damaged_modality_to_the_intact_ones_specialist() -> None:
+    head = specialist_head()
+    # Text missing: image + recovered text (-2.5) and the image alone (-1) are the only terms.
+    alone = head(F_V, F_T, YES, NO)
+    w = torch.tensor([-2.5, -1.0]).softmax(dim=0)
+    assert alone.fusion_weights[0].tolist() == pytest.approx([0.0, float(w[0]), 0.0], abs=1e-6)
+    assert alone.logits[0].tolist() == pytest.approx(
+        (w[0] * torch.tensor([4.25, 0.75]) + w[1] * torch.tensor([1.0, 0])).tolist(), rel=1e-5
+    )
+    # An image far off its distribution: nearly all the weight goes to the terms without it, the text's
+    # specialist first (-2.5 against -6.5 for the recovered image + text).
+    far = head(torch.tensor([[6.0, 0]]), F_T, YES, YES)
+    assert far.specialist_weights is not None and float(far.specialist_weights[0, 1]) > 0.97
+    assert far.logits[0].tolist() == pytest.approx([1.0, 3.0], abs=0.2)
+
+
+def test_specialists_train_on_their_own_cross_entropy() -> None:
+    """Each specialist is a training sample of its own (the per-term loss), so it learns even where its weight is
+    small; without labels no term logits are kept beyond the forward."""
+    head = make_head(fusion="softmax", specialist_terms=True, term_loss=1.0).train().requires_grad_(True)
+    out = head(F_V, F_T, YES, NO, labels=torch.tensor([1]))
+    assert out.term_logits is not None and out.term_logits.shape == (5, 1, 2)
+    out.loss.backward()
+    image_specialist, text_specialist = head.specialists
+    assert any(bool(p.grad.abs().sum() > 0) for p in image_specialist.parameters())
+    # The text is missing: its specialist's term does not exist, so nothing trains it on this post.
+    assert all(p.grad is None or not bool(p.grad.abs().sum() > 0) for p in text_specialist.parameters())
