@@ -96,9 +96,10 @@ class DRFConfig:
     text_dim: int = 0
     normalise_image: bool = True  # L2-normalise image features first (docs/evaluation.md: quality AUROC)
     normalise_text: bool = False
-    # Two more terms beside the three of (12): each modality classified alone by its own MLP, weighted in the same
-    # softmax by its log q plus that of a typical missing partner (-1/2). A damaged modality's weight moves to the
-    # other one's specialist, which a recovered feature (a function of the intact one) cannot beat.
+    # Two more terms beside the three of (12): each modality classified alone by its own MLP on its own features
+    # (the queues' space, not the fusion's projection), weighted in the same softmax by its log q plus that of a
+    # typical missing partner (-1/2). A damaged modality's weight moves to the intact one's specialist, which a
+    # recovered feature (a function of the intact one) cannot beat.
     specialist_terms: bool = True
 
     def __post_init__(self) -> None:
@@ -227,7 +228,9 @@ class DRFHead(nn.Module):
         self.fusion = mlp([2 * d, fuse_h, fuse_h, d], config.dropout)
         self.classifier = nn.Linear(d, config.num_classes)
         self.specialists = (
-            nn.ModuleList(mlp([d, fuse_h, fuse_h, config.num_classes], config.dropout) for _ in SPECIALISTS)
+            nn.ModuleList(
+                mlp([width, fuse_h, fuse_h, config.num_classes], config.dropout) for width in (d_v, d_t)
+            )
             if config.specialist_terms
             else None
         )
@@ -295,7 +298,7 @@ class DRFHead(nn.Module):
                     self.classifier(fused_pairs.float()) if labels is not None and cfg.term_loss else None
                 )
             else:  # five terms, mixed as logits: (14) of M plus each specialist's own
-                alone = [head(p.float()) for head, p in zip(self.specialists, (p_v, p_t), strict=True)]
+                alone = [head(p.float()) for head, p in zip(self.specialists, (f_v, f_t), strict=True)]
                 term_logits = torch.cat([self.classifier(fused_pairs.float()), torch.stack(alone)])
                 all_weights = weights.T[..., None]
                 logits = torch.where(all_weights > 0, all_weights * term_logits, 0.0).sum(dim=0)
