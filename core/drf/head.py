@@ -96,11 +96,13 @@ class DRFConfig:
     text_dim: int = 0
     normalise_image: bool = True  # L2-normalise image features first (docs/evaluation.md: quality AUROC)
     normalise_text: bool = False
-    # Two more terms beside the three of (12): each modality classified alone by its own MLP on its own features
-    # (the queues' space, not the fusion's projection), weighted in the same softmax by its log q plus that of a
-    # typical missing partner (-1/2). A damaged modality's weight moves to the intact one's specialist, which a
-    # recovered feature (a function of the intact one) cannot beat.
+    # Two more terms beside the three of (12): each modality classified alone by an MLP on its own (queue-space)
+    # features, in the same softmax with its log q plus a typical partner's (-1/2), so a damaged modality's weight
+    # moves to the intact one's specialist.
     specialist_terms: bool = True
+    # Log weight taken off each term holding a recovered feature: a converter's guess counts less than an observation
+    # (with damage-trained specialists beside them the recovered pairs were the weaker terms; docs/evaluation.md).
+    recovered_penalty: float = 2.0
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.dim < 1 or self.queue_size < 1:
@@ -113,10 +115,8 @@ class DRFConfig:
             raise ValueError(f"fusion must be one of {FUSION_RULES}, got {self.fusion!r}")
         if self.quality_space not in QUALITY_SPACES:
             raise ValueError(f"quality_space must be one of {QUALITY_SPACES}, got {self.quality_space!r}")
-        if not self.temperature > 0 or self.term_loss < 0:
-            raise ValueError(
-                f"temperature must be > 0 and term_loss >= 0, got {self.temperature}, {self.term_loss}"
-            )
+        if not self.temperature > 0 or min(self.term_loss, self.recovered_penalty) < 0:
+            raise ValueError(f"temperature must be > 0, term_loss and recovered_penalty >= 0: {self}")
 
     def to_dict(self) -> dict[str, int | float | bool | str]:
         return asdict(self)
@@ -140,6 +140,7 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
         "normalise_image": True,
         "normalise_text": False,
         "specialist_terms": True,
+        "recovered_penalty": 2.0,
     },
     "paper": {
         "admission": "rule13",
@@ -152,6 +153,7 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
         "normalise_image": False,
         "normalise_text": False,
         "specialist_terms": False,
+        "recovered_penalty": 0.0,
     },
 }
 DEFAULT_VARIANT = "robust"
@@ -358,14 +360,18 @@ class DRFHead(nn.Module):
     ) -> Tensor:
         """[B, 3] weights of (12): lambda^v lambda^t q^v q^t, lambda^v q^v q^{v->t}, lambda^t q^{t->v} q^t (the
         paper's product rule), or a softmax of the present terms' log q over a temperature (the robust rule).
-        [B, 5] with the specialist terms, whose partner counts as a typical feature: q^v e^{-1/2}, q^t e^{-1/2}."""
+        [B, 5] with the specialist terms, whose partner counts as a typical feature: q^v e^{-1/2}, q^t e^{-1/2}.
+        A recovered feature's term has ``recovered_penalty`` taken off its log weight."""
         cfg = self.config
         if cfg.cap_recovered:
             # A converter regresses towards the mean, so a recovered feature looks more typical than any real one;
             # it counts at most as a typical real feature (log q = -1/2: the mean over the queue, by (2)).
             lq_t2v, lq_v2t = lq_t2v.clamp_max(TYPICAL_LOG_QUALITY), lq_v2t.clamp_max(TYPICAL_LOG_QUALITY)
         specialists = [lq_v + TYPICAL_LOG_QUALITY, lq_t + TYPICAL_LOG_QUALITY] if cfg.specialist_terms else []
-        log_q = torch.stack([lq_v + lq_t, lq_v + lq_v2t, lq_t2v + lq_t, *specialists], dim=-1)
+        penalty = cfg.recovered_penalty
+        log_q = torch.stack(
+            [lq_v + lq_t, lq_v + lq_v2t - penalty, lq_t2v + lq_t - penalty, *specialists], dim=-1
+        )
         if cfg.detach_quality:
             log_q = log_q.detach()
         if not cfg.gaussian_weights:

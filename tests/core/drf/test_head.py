@@ -15,6 +15,7 @@ fusion F([a; b]) = a + b; classifier W = I, b = 0.  Sample f^v = (1,0), f^t = (1
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -331,6 +332,20 @@ def test_specialist_terms_join_the_softmax_as_a_modality_with_a_typical_partner(
         + weights[2] * torch.tensor([1.0, 6])
     )
     assert out.fused[0].tolist() == pytest.approx(fused.tolist(), rel=1e-5)
+
+
+def test_recovered_penalty_lowers_exactly_the_terms_that_hold_a_recovered_feature() -> None:
+    """Same example with a penalty of 2: scores -2.5, -2.5 - 2, -6.5 - 2, -1, -2.5; nothing else changes."""
+    head = specialist_head()
+    head.config = replace(head.config, recovered_penalty=2.0)
+    out = head(F_V, F_T, YES, YES)
+    weights = torch.tensor([-2.5, -4.5, -8.5, -1.0, -2.5]).softmax(dim=0)
+    assert out.specialist_weights is not None
+    assert torch.cat([out.fusion_weights[0], out.specialist_weights[0]]).tolist() == pytest.approx(
+        weights.tolist(), rel=1e-5
+    )
+    with pytest.raises(ValueError, match="recovered_penalty"):
+        replace(head.config, recovered_penalty=-1.0)
 
 
 def test_specialist_terms_carry_a_missing_or_damaged_modality_to_the_intact_ones_specialist() -> None:
