@@ -183,6 +183,8 @@ DIAGNOSTICS = (
     ("share_intact", "share intact"),
     ("share_image+recovered_text", "share image+rec. text"),
     ("share_recovered_image+text", "share rec. image+text"),
+    ("share_image_alone", "share image alone"),
+    ("share_text_alone", "share text alone"),
     ("fused_norm", "‖M‖"),
 )
 
@@ -421,7 +423,7 @@ def _diagnostics_section(data: EvaluationResults) -> list[str]:
         "",
         "On the dev split after the first and the last epoch (clean training), mean over seeds: share of offered "
         "features each queue admitted during the epoch, queue fill and σ, median log q of present and recovered "
-        "features, mean share of each term of (12) for posts with both modalities, mean ‖M‖.",
+        "features, mean share of each term of (12) and of each specialist term for posts with both modalities, mean ‖M‖.",
         "",
         *diagnostics_table(data.results, drf_methods),
         "",
