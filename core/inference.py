@@ -304,13 +304,7 @@ class Predictor:
             quality_image=np.where(image_present, out.log_quality_image.exp().cpu().numpy(), np.nan),
             quality_text=np.where(text_present, out.log_quality_text.exp().cpu().numpy(), np.nan),
             recovered=recovered,
-            fusion_weights=torch.cat(
-                [out.fusion_weights] + ([] if out.specialist_weights is None else [out.specialist_weights]),
-                dim=-1,
-            )
-            .float()
-            .cpu()
-            .numpy(),
+            fusion_weights=out.term_weights.float().cpu().numpy(),
             abstained=abstained,
             image_features=image_features.cpu().numpy(),
             text_features=text_features.cpu().numpy(),

@@ -27,13 +27,8 @@ def output_diagnostics(out: DRFOutput) -> dict[str, float]:
         if chosen.numel():
             for level, value in zip((10, 50, 90), torch.quantile(chosen, levels).tolist(), strict=True):
                 summary[f"{name}_p{level}"] = value
-    weights, names = out.fusion_weights, list(EXPANSIONS)
-    if out.specialist_weights is not None:
-        weights, names = (
-            torch.cat([weights, out.specialist_weights], -1),
-            names + [f"{s}_alone" for s in SPECIALISTS],
-        )
-    weights = weights[both].detach().float().cpu()
+    weights = out.term_weights[both].detach().float().cpu()
+    names = [*EXPANSIONS, *(f"{s}_alone" for s in SPECIALISTS)][: weights.shape[-1]]
     if weights.numel():
         shares = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         for name, share in zip(names, shares.mean(dim=0).tolist(), strict=True):

@@ -22,14 +22,10 @@ Two variants (``VARIANTS``; docs/evaluation.md has the measurements behind every
 * ``paper``: the equations as written: rule (13) admission, unnormalised weights lambda q q of (12), recovery targets
   of (4) that carry gradient, one classification loss on M.
 * ``robust`` (the default): the paper's intent (a low-quality modality counts less, a missing one is recovered) with
-  the mechanisms that hold up on real posts: queues admit everything but outliers (``floor`` rule, so their
-  statistics follow the training projections); the three terms of (12) are weighted by a softmax over the present
-  terms of their summed log qualities divided by a temperature (weights sum to 1, so M's scale no longer shrinks
-  with how typical a post is, and no hard floor zeroes the gradient); the targets of (4) are detached (recovery
-  trains the converters, not the projections towards each other); and every expanded sample is also classified on
-  its own (each of the three terms must predict the sentiment, so a post missing a modality is scored by a term
-  that was trained to do it); and each modality is also classified alone by a specialist MLP, two more terms of the
-  same softmax, so a damaged modality's weight moves to the intact one's specialist (``specialist_terms``).
+  mechanisms that hold up on real posts: floor admission (queues follow the training projections); a softmax over
+  the present terms' summed log qualities (weights sum to 1, M's scale no longer shrinks with typicality); detached
+  targets of (4); every expanded sample classified on its own; each modality also classified alone by a specialist
+  (``specialist_terms``); and less weight for the terms holding a recovered feature (``recovered_penalty``).
 """
 
 from __future__ import annotations
@@ -96,9 +92,8 @@ class DRFConfig:
     text_dim: int = 0
     normalise_image: bool = True  # L2-normalise image features first (docs/evaluation.md: quality AUROC)
     normalise_text: bool = False
-    # Two more terms beside the three of (12): each modality classified alone by an MLP on its own (queue-space)
-    # features, in the same softmax with its log q plus a typical partner's (-1/2), so a damaged modality's weight
-    # moves to the intact one's specialist.
+    # Each modality also classified alone by an MLP on its own features: two more terms of the softmax (its log q plus
+    # a typical partner's, -1/2), so a damaged modality's weight moves to the intact one's specialist.
     specialist_terms: bool = True
     # Log weight taken off each term holding a recovered feature: a converter's guess counts less than an observation
     # (with damage-trained specialists beside them the recovered pairs were the weaker terms; docs/evaluation.md).
@@ -176,8 +171,7 @@ class DRFOutput:
     log_quality_recovered_image: Tensor  # [B], log q^{t->v} (meaningless where the text is absent)
     log_quality_recovered_text: Tensor  # [B], log q^{v->t}
     fusion_weights: Tensor  # [B, 3], the weights of (12) in EXPANSIONS order (sum 1 per post under "softmax")
-    # [B, 2] in SPECIALISTS order with ``specialist_terms`` (then all five weights sum to 1 per post)
-    specialist_weights: Tensor | None
+    specialist_weights: Tensor | None  # [B, 2] in SPECIALISTS order (``specialist_terms``; all five sum to 1)
     image_present: Tensor  # [B] bool, lambda^v
     text_present: Tensor  # [B] bool, lambda^t
     loss: Tensor | None = None  # (16)
@@ -195,6 +189,12 @@ class DRFOutput:
     def probabilities(self) -> Tensor:
         """Y of (14)."""
         return self.logits.float().softmax(dim=-1)
+
+    @property
+    def term_weights(self) -> Tensor:
+        """[B, 3 or 5]: every term's weight, the three of (12) then the specialists (the published order)."""
+        extra = [] if self.specialist_weights is None else [self.specialist_weights]
+        return torch.cat([self.fusion_weights, *extra], dim=-1)
 
     @property
     def abstained(self) -> Tensor:
