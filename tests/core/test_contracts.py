@@ -3,7 +3,16 @@ import json
 
 import pytest
 
-from core.contracts import DEAD_LETTER_HEADER, DeadLetter, Invalid, Limits, Post, parse_post, validator
+from core.contracts import (
+    DEAD_LETTER_HEADER,
+    DeadLetter,
+    Invalid,
+    Limits,
+    Post,
+    conforms,
+    parse_post,
+    validator,
+)
 
 
 def raw(doc) -> bytes:
@@ -71,6 +80,34 @@ def test_non_finite_numbers_anywhere_make_the_record_invalid(value, needle):
     out = parse_post(value)
     assert isinstance(out, Invalid) and out.reason == "non_finite_number", out
     assert needle in (out.detail or "")
+
+
+# Documents where a schema checker can slip: bool against const 1, date-time edge cases, lengths counted in code points.
+BORDERLINE = [
+    {"id": "1", "schema_version": True},
+    {"id": "1", "schema_version": 1.0},
+    {"id": "1", "schema_version": "1"},
+    {"id": "1", "created_at": "2024-01-01 00:00:00Z"},
+    {"id": "1", "created_at": "2024-13-01T00:00:00Z"},
+    {"id": "1", "created_at": "2024-02-29T23:59:60+01:00"},
+    {"id": "1", "created_at": None},
+    {"id": "1", "metadata": []},
+    {"id": "1", "metadata": None},
+    {"id": "\U0001f600" * 256},
+    {"id": "\U0001f600" * 257},
+    {"id": "1", "image": {}},
+    {"id": "1", "image": {"base64": None}},
+    {"id": "1", "image": {"url": ""}},
+    {"id": "1", "image": {"path": "p", "extra": 1}},
+    {"id": "1", "text": ["a"]},
+    {"id": None},
+]
+
+
+@pytest.mark.parametrize("doc", GOOD + BORDERLINE)
+def test_the_fast_schema_check_agrees_with_jsonschema(doc):
+    """Only a rejected post is walked by jsonschema again: the fast check must never accept what it would refuse."""
+    assert conforms("post", doc) == validator("post").is_valid(doc)
 
 
 def test_finite_extremes_and_large_integers_are_still_posts():
