@@ -86,7 +86,15 @@ def decode_image_bytes(data: bytes, limits: MediaLimits) -> DecodedImage:
 
 
 def _decode_base64(text: str, limits: MediaLimits) -> bytes | DecodedImage:
-    """Standard or URL-safe base64, optionally as a data: URI and wrapped over lines (MIME style)."""
+    """Standard or URL-safe base64, optionally as a data: URI and wrapped over lines (MIME style).
+
+    Strict standard base64, what nearly every producer sends, is decoded by one C call; anything else takes the
+    lenient path, whose whitespace scan alone cost about 4x the decode on a 58 KB bench photo."""
+    if text and len(text) // 4 * 3 <= limits.max_image_bytes + 3:
+        try:
+            return binascii.a2b_base64(text, strict_mode=True)
+        except (binascii.Error, ValueError):  # ValueError: a non-ASCII character
+            pass
     body = _WHITESPACE.sub("", _DATA_URI_PREFIX.sub("", text, count=1))
     if not body:
         return DecodedImage(ModalityState.empty, "empty_value", None, 0)
