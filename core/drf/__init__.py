@@ -1,4 +1,5 @@
-"""The paper's maths, torch only: feature queues and quality (``distribution``), the DRF head (``head``)."""
+"""The paper's maths, torch only: feature queues and quality (``distribution``), the DRF head (``head``) and
+what its forward pass produces (``output``)."""
 
 from core.drf.distribution import (
     DEFAULT_QUEUE_SIZE,
@@ -8,7 +9,8 @@ from core.drf.distribution import (
     log_quality,
     queue_statistics,
 )
-from core.drf.head import DEFAULT_VARIANT, MECHANISMS, VARIANTS, DRFConfig, DRFHead, DRFOutput
+from core.drf.head import DEFAULT_VARIANT, MECHANISMS, VARIANTS, DRFConfig, DRFHead
+from core.drf.output import DRFOutput
 
 __all__ = [
     "DEFAULT_QUEUE_SIZE",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from core.drf.head import EXPANSIONS, SPECIALISTS, DRFOutput
+from core.drf.head import EXPANSIONS, SPECIALISTS
+from core.drf.output import DRFOutput
 
 
 def output_diagnostics(out: DRFOutput) -> dict[str, float]:

@@ -30,7 +30,7 @@ Two variants (``VARIANTS``; docs/evaluation.md has the measurements behind every
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ from core.drf.distribution import (
     stats_log_quality,
 )
 from core.drf.losses import distribution_constraint, distribution_recovery_loss, sample_recovery_loss
+from core.drf.output import DRFOutput
 
 #: Index of each expanded sample in ``fusion_weights`` (column order of (12)).
 EXPANSIONS = ("intact", "image+recovered_text", "recovered_image+text")
@@ -154,52 +155,6 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
 DEFAULT_VARIANT = "robust"
 #: The switches in which the variants differ.
 MECHANISMS = tuple(k for k, v in VARIANTS["paper"].items() if VARIANTS["robust"][k] != v)
-
-
-@dataclass
-class DRFOutput:
-    """Everything one forward pass produces; losses are None without labels."""
-
-    logits: Tensor  # [B, S], W M + b of (14)
-    fused: Tensor  # [B, d], M of (12)
-    image_features: Tensor  # [B, d_v], f^v in the queues' space (zeros where absent)
-    text_features: Tensor  # [B, d_t], f^t
-    recovered_image: Tensor  # [B, d_v], f^{t->v} = C_{t->v}(f^t)
-    recovered_text: Tensor  # [B, d_t], f^{v->t} = C_{v->t}(f^v)
-    log_quality_image: Tensor  # [B], log q^v (meaningless where absent)
-    log_quality_text: Tensor  # [B], log q^t
-    log_quality_recovered_image: Tensor  # [B], log q^{t->v} (meaningless where the text is absent)
-    log_quality_recovered_text: Tensor  # [B], log q^{v->t}
-    fusion_weights: Tensor  # [B, 3], the weights of (12) in EXPANSIONS order (sum 1 per post under "softmax")
-    specialist_weights: Tensor | None  # [B, 2] in SPECIALISTS order (``specialist_terms``; all five sum to 1)
-    image_present: Tensor  # [B] bool, lambda^v
-    text_present: Tensor  # [B] bool, lambda^t
-    loss: Tensor | None = None  # (16)
-    loss_dis: Tensor | None = None  # (3)
-    loss_rec: Tensor | None = None  # (8)
-    loss_cls: Tensor | None = None  # (15)
-    recovery_terms: dict[str, Tensor] = field(default_factory=dict)  # the four recovery terms of (8)
-    # [3, B, S] each expanded sample classified on its own; [5, B, S] with the specialists after them
-    term_logits: Tensor | None = None
-    intact: Tensor | None = (
-        None  # [B, 2] (image, text) undamaged rows of a training mix: queue and recovery inputs
-    )
-
-    @property
-    def probabilities(self) -> Tensor:
-        """Y of (14)."""
-        return self.logits.float().softmax(dim=-1)
-
-    @property
-    def term_weights(self) -> Tensor:
-        """[B, 3 or 5]: every term's weight, the three of (12) then the specialists (the published order)."""
-        extra = [] if self.specialist_weights is None else [self.specialist_weights]
-        return torch.cat([self.fusion_weights, *extra], dim=-1)
-
-    @property
-    def abstained(self) -> Tensor:
-        """Rows with no usable modality: their prediction is softmax(b) and should not be published."""
-        return ~(self.image_present | self.text_present)
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from core.drf.diagnostics import output_diagnostics
 from core.drf.distribution import DEFAULT_QUEUE_SIZE, QueueStats
-from core.drf.head import DEFAULT_VARIANT, VARIANTS, DRFConfig, DRFHead, DRFOutput
+from core.drf.head import DEFAULT_VARIANT, VARIANTS, DRFConfig, DRFHead
+from core.drf.output import DRFOutput
 from core.encoders.configs import Encoders, create_encoders
 
 DEFAULT_DIM = 768
