@@ -25,7 +25,8 @@ Two variants (``VARIANTS``; docs/evaluation.md has the measurements behind every
   mechanisms that hold up on real posts: floor admission (queues follow the training projections); a softmax over
   the present terms' summed log qualities (weights sum to 1, M's scale no longer shrinks with typicality); detached
   targets of (4); every expanded sample classified on its own; each modality also classified alone by a specialist
-  (``specialist_terms``); and less weight for the terms holding a recovered feature (``recovered_penalty``).
+  (``specialist_terms``), which get only part of the mixed prediction's gradient (``specialist_gradient``); and less
+  weight for the terms holding a recovered feature (``recovered_penalty``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class DRFConfig:
     # Log weight taken off each term holding a recovered feature: a converter's guess counts less than an observation
     # (with damage-trained specialists beside them the recovered pairs were the weaker terms; docs/evaluation.md).
     recovered_penalty: float = 2.0
+    # Share of the mixed prediction's gradient that reaches the specialists (their own cross-entropy always does):
+    # fully coupled they learn to complement the fused terms and are weaker alone, which is all a missing modality
+    # leaves; uncoupled, the clean accuracy fell (docs/evaluation.md).
+    specialist_gradient: float = 0.5
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.dim < 1 or self.queue_size < 1:
@@ -113,6 +118,8 @@ class DRFConfig:
             raise ValueError(f"quality_space must be one of {QUALITY_SPACES}, got {self.quality_space!r}")
         if not self.temperature > 0 or min(self.term_loss, self.recovered_penalty) < 0:
             raise ValueError(f"temperature must be > 0, term_loss and recovered_penalty >= 0: {self}")
+        if not 0.0 <= self.specialist_gradient <= 1.0:
+            raise ValueError(f"specialist_gradient must lie in [0, 1], got {self.specialist_gradient}")
 
     def to_dict(self) -> dict[str, int | float | bool | str]:
         return asdict(self)
@@ -137,6 +144,7 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
         "normalise_text": False,
         "specialist_terms": True,
         "recovered_penalty": 2.0,
+        "specialist_gradient": 0.5,
     },
     "paper": {
         "admission": "rule13",
@@ -150,6 +158,7 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
         "normalise_text": False,
         "specialist_terms": False,
         "recovered_penalty": 0.0,
+        "specialist_gradient": 1.0,
     },
 }
 DEFAULT_VARIANT = "robust"
@@ -255,10 +264,14 @@ class DRFHead(nn.Module):
                     self.classifier(fused_pairs.float()) if labels is not None and cfg.term_loss else None
                 )
             else:  # five terms, mixed as logits: (14) of M plus each specialist's own
-                alone = [head(p.float()) for head, p in zip(self.specialists, (f_v, f_t), strict=True)]
-                term_logits = torch.cat([self.classifier(fused_pairs.float()), torch.stack(alone)])
+                alone = torch.stack(
+                    [head(p.float()) for head, p in zip(self.specialists, (f_v, f_t), strict=True)]
+                )
+                term_logits = torch.cat([self.classifier(fused_pairs.float()), alone])
+                share = cfg.specialist_gradient  # the same values, a share of the gradient
+                mixed = torch.cat([term_logits[:3], share * alone + (1 - share) * alone.detach()])
                 all_weights = weights.T[..., None]
-                logits = torch.where(all_weights > 0, all_weights * term_logits, 0.0).sum(dim=0)
+                logits = torch.where(all_weights > 0, all_weights * mixed, 0.0).sum(dim=0)
 
         out = DRFOutput(
             logits=logits,

@@ -375,3 +375,25 @@ def test_specialists_train_on_their_own_cross_entropy() -> None:
     assert any(bool(p.grad.abs().sum() > 0) for p in image_specialist.parameters())
     # The text is missing: its specialist's term does not exist, so nothing trains it on this post.
     assert all(p.grad is None or not bool(p.grad.abs().sum() > 0) for p in text_specialist.parameters())
+
+
+def test_specialist_gradient_scales_only_what_the_mixed_prediction_teaches_the_specialists() -> None:
+    """The prediction is the same at every share; the mixed cross-entropy's gradient into a specialist is scaled by
+    the share (0: it learns from its own term alone), and the fused terms' gradient is untouched."""
+    grads, logits, fusion_grads = {}, {}, {}
+    for share in (1.0, 0.5, 0.0):
+        torch.manual_seed(0)
+        head = make_head(fusion="softmax", specialist_terms=True, term_loss=0.0, specialist_gradient=share)
+        head.train().requires_grad_(True)
+        out = head(F_V, F_T, YES, YES, labels=torch.tensor([1]))
+        out.loss_cls.backward()
+        logits[share] = out.logits.detach()
+        grads[share] = torch.cat([p.grad.flatten() for p in head.specialists.parameters()])
+        fusion_grads[share] = torch.cat([p.grad.flatten() for p in head.classifier.parameters()])
+    assert torch.equal(logits[1.0], logits[0.5]) and torch.equal(logits[1.0], logits[0.0])
+    assert grads[1.0].abs().sum() > 0
+    torch.testing.assert_close(grads[0.5], 0.5 * grads[1.0])
+    assert not grads[0.0].any()
+    torch.testing.assert_close(fusion_grads[0.0], fusion_grads[1.0])
+    with pytest.raises(ValueError, match="specialist_gradient"):
+        DRFConfig(num_classes=2, specialist_gradient=1.5)
