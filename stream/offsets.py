@@ -12,11 +12,15 @@ from collections import deque
 from collections.abc import Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kafka import TopicPartition
 
 from core.contracts import Invalid
 from stream.processor import DecodedPost, Record
+
+if TYPE_CHECKING:
+    from core.inference import PreparedBatch
 
 
 class InvalidStoredOffset(RuntimeError):
@@ -29,13 +33,15 @@ class InvalidStoredOffset(RuntimeError):
 
 @dataclass
 class Batch:
-    """A sealed batch: its records, their validation results and decode futures, and its completion state."""
+    """A sealed batch: its records, their validation results, decode and prepare futures, and its completion state."""
 
     seq: int
     records: list[Record]
-    decoding: list[Future[tuple[DecodedPost, float]]]  # each post with the monotonic time its decode ended
+    decoding: list[Future[DecodedPost]]
     invalid: list[tuple[Record, Invalid]]
     sealed_at: float
+    #: The model input of the decoded posts, built in the decode pool after them (None when none is valid).
+    preparing: Future[tuple[PreparedBatch, float]] | None = None  # with the monotonic time it was ready
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     #: Partitions lost or revoked while the batch was in flight: their offsets must not be committed.

@@ -11,6 +11,7 @@ the paper's eq. (12)), never an error; only a record that is not a post becomes 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from stream.settings import Settings
 if TYPE_CHECKING:
     import torch
 
-    from core.inference import BatchPrediction, Predictor
+    from core.inference import BatchPrediction, Predictor, PreparedBatch
 
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,8 @@ class BatchProcessor:
             draft_size=(predictor.decode_size, predictor.decode_size),
         )
         self.fetch_policy = settings.media.policy()
+        # A fast (Rust) tokenizer raises "Already borrowed" when two threads use it at once.
+        self._prepare_lock = threading.Lock()
 
     def decode(self, record: Record, post: Post) -> DecodedPost:
         """Decode one post's modalities (thread-safe; runs in the decode pool). Never raises for bad input."""
@@ -219,15 +222,23 @@ class BatchProcessor:
             )
         return DecodedPost(record, post, image, pixels, text, text_state, text_reason)
 
-    def infer(self, posts: Sequence[DecodedPost]) -> BatchPrediction:
-        """One forward pass for the batch, against the freshest reference statistics."""
+    def prepare(self, posts: Sequence[DecodedPost]) -> PreparedBatch:
+        """The batch's model input: images stacked, texts tokenised. Thread-safe, so ``serve`` runs it in the
+        decode pool and its model thread runs only the forward."""
+        with self._prepare_lock:
+            return self.predictor.prepare([p.pixels for p in posts], [p.text for p in posts])
+
+    def infer(self, posts: Sequence[DecodedPost], prepared: PreparedBatch | None = None) -> BatchPrediction:
+        """One forward pass for the batch (``prepared``: its ``prepare``, done beforehand), against the freshest
+        reference statistics."""
         if self.queues is not None:
             stats = self.queues.stats()  # cached, never a Redis round trip; a new dict only when it changed
             if stats is not None and stats is not self._stats_in_use:
                 self.predictor.set_reference_stats(stats)
                 self._stats_in_use = stats
+        if prepared is None:
+            prepared = self.prepare(posts)
         started = time.perf_counter()
-        prepared = self.predictor.prepare([p.pixels for p in posts], [p.text for p in posts])
         prediction = self.predictor.predict(prepared)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         # The one Redis round trip per batch: propose what the admission rule accepted.
@@ -239,11 +250,17 @@ class BatchProcessor:
             )
         return prediction
 
-    def process(self, posts: Sequence[DecodedPost], invalid: Sequence[tuple[Record, Invalid]]) -> BatchResult:
-        """Sentiment records for the decoded posts and dead letters for the invalid records."""
+    def process(
+        self,
+        posts: Sequence[DecodedPost],
+        invalid: Sequence[tuple[Record, Invalid]],
+        prepared: PreparedBatch | None = None,
+    ) -> BatchResult:
+        """Sentiment records for the decoded posts (``prepared``: their ``prepare``, if done beforehand) and dead
+        letters for the invalid records."""
         documents: list[dict[str, Any]] = []
         if posts:
-            prediction = self.infer(posts)
+            prediction = self.infer(posts, prepared)
             self.metrics.observe_prediction(prediction)
             self.metrics.observe_modality_states("image", [p.image.state for p in posts])
             self.metrics.observe_modality_states("text", [p.text_state for p in posts])
