@@ -14,6 +14,10 @@ moves labels, the fp32 head with only the image or only the text features int8.
 
     python -m bench.parity --data tenfold:../shared/data/mvsa-single-dev/MVSA-single/10-fold-1
 
+``--checkpoint PATH`` instead compares one trained checkpoint (e.g. from ``train --finetune text``, whose text
+weights are not the pretrained ones) served at fp32 and at int8 on the test split, through the service's decode,
+``Predictor.prepare`` and ``predict``: the same accuracy, agreement and rho, one model, no heads trained.
+
 fp32 features come from the shared cache (``--cache-dir``, default ``data/features``, fingerprinted by the encoders'
 weights); int8 features get their own fingerprint. Data, features and per-post outputs stay out of the repository:
 only the aggregate figures are written (``bench/results/parity.json``).
@@ -69,6 +73,72 @@ def compare(fp32: dict[str, np.ndarray], int8: dict[str, np.ndarray], table: Any
     }
 
 
+def passes_gate(accuracy_drop: float, agreement: float, quality_rho: float) -> bool:
+    """The gate above, on a mean accuracy drop and the worst agreement and quality rho."""
+    return (
+        accuracy_drop <= MAX_ACCURACY_DROP and agreement >= MIN_AGREEMENT and quality_rho >= MIN_QUALITY_RHO
+    )
+
+
+def served_outputs(checkpoint: Path, samples: list[Any], precision: str) -> dict[str, np.ndarray]:
+    """Labels and quality scores of ``checkpoint`` served as ``serve`` serves it on a CPU: both encoders in ONNX
+    Runtime at ``precision`` (files built from the checkpoint's own weights), its pinned reference statistics, the
+    service's image decode; labels are indices, -1 where it abstained."""
+    from PIL import Image
+
+    from connectors.media import MediaLimits, decode_image_bytes
+    from core.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(
+        checkpoint, device="cpu", image_runtime="onnxruntime", text_runtime="onnxruntime", precision=precision
+    )
+    limits = MediaLimits(draft_size=(predictor.decode_size, predictor.decode_size))
+    labels, quality_image, quality_text = [], [], []
+    for start in range(0, len(samples), 32):
+        chunk = samples[start : start + 32]
+        pixels = []
+        for sample in chunk:
+            source, image = sample.image, None
+            if isinstance(source, Image.Image):
+                image = source
+            elif source is not None:
+                data = source.read_bytes() if isinstance(source, Path) else source
+                image = decode_image_bytes(data, limits).image
+            pixels.append(predictor.preprocess_image(image) if image is not None else None)
+        prediction = predictor.predict(predictor.prepare(pixels, [sample.text for sample in chunk]))
+        labels += [-1 if name is None else predictor.labels.index(name) for name in prediction.labels]
+        quality_image.append(prediction.quality_image)
+        quality_text.append(prediction.quality_text)
+    return {
+        "labels": np.array(labels),
+        "quality_image": np.concatenate(quality_image),
+        "quality_text": np.concatenate(quality_text),
+    }
+
+
+def checkpoint_parity(checkpoint: Path, samples: list[Any]) -> dict[str, float]:
+    """int8 against fp32 for one trained checkpoint (e.g. ``train --finetune text``): no head is retrained, which
+    is what ``model.precision=int8`` does to it."""
+    fp32, int8 = (served_outputs(checkpoint, samples, precision) for precision in ("fp32", "int8"))
+    truth = np.array([sample.label for sample in samples])
+    image = np.isfinite(fp32["quality_image"]) & np.isfinite(int8["quality_image"])
+    text = np.isfinite(fp32["quality_text"]) & np.isfinite(int8["quality_text"])
+    result = {
+        "accuracy_fp32": 100.0 * float(np.mean(fp32["labels"] == truth)),
+        "accuracy_int8": 100.0 * float(np.mean(int8["labels"] == truth)),
+        "agreement": 100.0 * float(np.mean(fp32["labels"] == int8["labels"])),
+        "rho_quality_image": spearman(fp32["quality_image"][image], int8["quality_image"][image]),
+        "rho_quality_text": spearman(fp32["quality_text"][text], int8["quality_text"][text]),
+    }
+    result["accuracy_drop"] = result["accuracy_fp32"] - result["accuracy_int8"]
+    result["parity"] = passes_gate(
+        result["accuracy_drop"],
+        result["agreement"],
+        min(result["rho_quality_image"], result["rho_quality_text"]),
+    )
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a data spec, e.g. tenfold:DIR/10-fold-1 (core.data)")
@@ -76,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--int8-calibration", default=None, help="directory of calibration images (default: the built-in set)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="compare this trained checkpoint served at fp32 and at int8 on the test split (no head is trained)",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,6 +170,34 @@ def main(argv: list[str] | None = None) -> int:
     splits = {"train": dataset["train"], "dev": dataset["dev"], "test": dataset["test"]}
     if args.smoke:
         splits = {name: samples[:48] for name, samples in splits.items()}
+    if args.checkpoint is not None:
+        started = time.monotonic()
+        result = checkpoint_parity(args.checkpoint, splits["test"])
+        print_table(
+            f"{args.checkpoint.name} served at int8 vs fp32, {dataset.name} test ({len(splits['test'])} posts)",
+            ["acc fp32 %", "acc int8 %", "agreement %", "rho q_image", "rho q_text"],
+            [
+                [
+                    f"{result['accuracy_fp32']:.2f}",
+                    f"{result['accuracy_int8']:.2f}",
+                    f"{result['agreement']:.1f}",
+                    f"{result['rho_quality_image']:.4f}",
+                    f"{result['rho_quality_text']:.4f}",
+                ]
+            ],
+        )
+        print(
+            f"accuracy drop {result['accuracy_drop']:+.2f} points, parity {'holds' if result['parity'] else 'FAILS'}"
+        )
+        document = {
+            "data": args.data,
+            "test_posts": len(splits["test"]),
+            "checkpoint": str(args.checkpoint),
+            "result": result,
+            "seconds": time.monotonic() - started,
+        }
+        print(f"wrote {write_result('parity-checkpoint', document, smoke=args.smoke, out_dir=args.out)}")
+        return 0
     int8_options = {"precision": "int8"}
     if args.int8_calibration:
         int8_options["int8_calibration"] = args.int8_calibration
@@ -153,11 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         keys = per_seed[0][variant]
         mean = {k: float(np.mean([s[variant][k] for s in per_seed])) for k in keys}
         mean["accuracy_drop"] = mean["accuracy_fp32"] - mean["accuracy_int8"]
-        mean["parity"] = bool(
-            mean["accuracy_drop"] <= MAX_ACCURACY_DROP
-            and min(s[variant]["agreement"] for s in per_seed) >= MIN_AGREEMENT
-            and min(min(s[variant]["rho_quality_image"], s[variant]["rho_quality_text"]) for s in per_seed)
-            >= MIN_QUALITY_RHO
+        mean["parity"] = passes_gate(
+            mean["accuracy_drop"],
+            min(s[variant]["agreement"] for s in per_seed),
+            min(min(s[variant]["rho_quality_image"], s[variant]["rho_quality_text"]) for s in per_seed),
         )
         summary[variant] = mean
     rows = [
