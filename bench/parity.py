@@ -80,6 +80,21 @@ def passes_gate(accuracy_drop: float, agreement: float, quality_rho: float) -> b
     )
 
 
+def cells(r: dict[str, Any]) -> list[str]:
+    """A comparison's table cells: accuracy fp32 and int8, agreement, rho of q^v and q^t."""
+    return [
+        f"{r['accuracy_fp32']:.2f}",
+        f"{r['accuracy_int8']:.2f}",
+        f"{r['agreement']:.1f}",
+        f"{r['rho_quality_image']:.4f}",
+        f"{r['rho_quality_text']:.4f}",
+    ]
+
+
+def verdict(r: dict[str, Any]) -> str:
+    return f"accuracy drop {r['accuracy_drop']:+.2f} points, parity {'holds' if r['parity'] else 'FAILS'}"
+
+
 def served_outputs(checkpoint: Path, samples: list[Any], precision: str) -> dict[str, np.ndarray]:
     """Labels and quality scores of ``checkpoint`` served as ``serve`` serves it on a CPU: both encoders in ONNX
     Runtime at ``precision`` (files built from the checkpoint's own weights), its pinned reference statistics, the
@@ -176,19 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         print_table(
             f"{args.checkpoint.name} served at int8 vs fp32, {dataset.name} test ({len(splits['test'])} posts)",
             ["acc fp32 %", "acc int8 %", "agreement %", "rho q_image", "rho q_text"],
-            [
-                [
-                    f"{result['accuracy_fp32']:.2f}",
-                    f"{result['accuracy_int8']:.2f}",
-                    f"{result['agreement']:.1f}",
-                    f"{result['rho_quality_image']:.4f}",
-                    f"{result['rho_quality_text']:.4f}",
-                ]
-            ],
+            [cells(result)],
         )
-        print(
-            f"accuracy drop {result['accuracy_drop']:+.2f} points, parity {'holds' if result['parity'] else 'FAILS'}"
-        )
+        print(verdict(result))
         document = {
             "data": args.data,
             "test_posts": len(splits["test"]),
@@ -267,11 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             variant,
             s["seed"],
-            f"{r['accuracy_fp32']:.2f}",
-            f"{r['accuracy_int8']:.2f}",
-            f"{r['agreement']:.1f}",
-            f"{r['rho_quality_image']:.4f}",
-            f"{r['rho_quality_text']:.4f}",
+            *cells(r),
         ]
         for variant in variants
         for s in per_seed
@@ -280,11 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             variant,
             "mean",
-            f"{m['accuracy_fp32']:.2f}",
-            f"{m['accuracy_int8']:.2f}",
-            f"{m['agreement']:.1f}",
-            f"{m['rho_quality_image']:.4f}",
-            f"{m['rho_quality_text']:.4f}",
+            *cells(m),
         ]
         for variant, m in summary.items()
     ]
@@ -294,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         rows,
     )
     for variant, m in summary.items():
-        print(
-            f"{variant}: accuracy drop {m['accuracy_drop']:+.2f} points, parity {'holds' if m['parity'] else 'FAILS'}"
-        )
+        print(f"{variant}: {verdict(m)}")
     results = {
         "data": args.data,
         "test_posts": len(splits["test"]),
