@@ -62,8 +62,20 @@ def head_outputs(model: Any, table: Any) -> dict[str, np.ndarray]:
 
 
 def compare(fp32: dict[str, np.ndarray], int8: dict[str, np.ndarray], table: Any) -> dict[str, float]:
-    truth = table.labels.numpy()
-    image, text = table.image_present.numpy(), table.text_present.numpy()
+    return compare_outputs(
+        fp32, int8, table.labels.numpy(), table.image_present.numpy(), table.text_present.numpy()
+    )
+
+
+def compare_outputs(
+    fp32: dict[str, np.ndarray],
+    int8: dict[str, np.ndarray],
+    truth: np.ndarray,
+    image: np.ndarray,
+    text: np.ndarray,
+) -> dict[str, float]:
+    """Accuracy of each, label agreement, and Spearman rho of the quality scores over the rows where ``image`` /
+    ``text`` (boolean masks) say the modality is there."""
     return {
         "accuracy_fp32": 100.0 * float(np.mean(fp32["labels"] == truth)),
         "accuracy_int8": 100.0 * float(np.mean(int8["labels"] == truth)),
@@ -138,13 +150,7 @@ def checkpoint_parity(checkpoint: Path, samples: list[Any]) -> dict[str, float]:
     truth = np.array([sample.label for sample in samples])
     image = np.isfinite(fp32["quality_image"]) & np.isfinite(int8["quality_image"])
     text = np.isfinite(fp32["quality_text"]) & np.isfinite(int8["quality_text"])
-    result = {
-        "accuracy_fp32": 100.0 * float(np.mean(fp32["labels"] == truth)),
-        "accuracy_int8": 100.0 * float(np.mean(int8["labels"] == truth)),
-        "agreement": 100.0 * float(np.mean(fp32["labels"] == int8["labels"])),
-        "rho_quality_image": spearman(fp32["quality_image"][image], int8["quality_image"][image]),
-        "rho_quality_text": spearman(fp32["quality_text"][text], int8["quality_text"][text]),
-    }
+    result = compare_outputs(fp32, int8, truth, image, text)
     result["accuracy_drop"] = result["accuracy_fp32"] - result["accuracy_int8"]
     result["parity"] = passes_gate(
         result["accuracy_drop"],
