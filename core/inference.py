@@ -259,20 +259,23 @@ class Predictor:
         try:
             return self._predict(batch)
         except torch.cuda.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
             if size == 1:
                 raise OutOfMemoryAtOnePost(
                     f"out of memory on {self.device} for a single post: the model does not fit ({exc})"
                 ) from exc
-            self.max_rows = size // 2
-            log.warning(
-                "out of memory on %s at a batch of %d posts: split; batches now at most %d",
-                self.device,
-                size,
-                self.max_rows,
-            )
-            return self.predict(batch)
+        # The halves run only here, after the handler: inside it the error's traceback would keep the failed
+        # attempt's frames, and every tensor they had put on the device, alive through the retry (seen on an
+        # H200: 200 MiB held over 8 splits, so even one post ran out).
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.max_rows = size // 2
+        log.warning(
+            "out of memory on %s at a batch of %d posts: split; batches now at most %d",
+            self.device,
+            size,
+            self.max_rows,
+        )
+        return self.predict(batch)
 
     @torch.inference_mode()
     def _predict(self, batch: PreparedBatch) -> BatchPrediction:

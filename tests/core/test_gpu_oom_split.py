@@ -4,6 +4,8 @@ and every post still gets its result; one post that does not fit is a clear erro
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,27 @@ def test_out_of_memory_at_one_post_is_a_clear_error(
     fail_above(predictor, monkeypatch, limit=0)
     with pytest.raises(OutOfMemoryAtOnePost, match="single post"):
         predictor.predict(batch_of(predictor, 2))
+
+
+def test_the_failed_attempt_is_released_before_the_halves_run(
+    predictor: Predictor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a real out-of-memory needs and an injected one hides: the tensors the failed forward had already
+    allocated must be free when the halves run, or on a full device the halves run out too."""
+    held: list[weakref.ref[torch.Tensor]] = []
+    alive_at_retry: list[bool] = []
+    forward = predictor.model.forward
+
+    def allocate_then_oom(batch, *args, **kwargs):
+        alive_at_retry.extend(ref() is not None for ref in held)
+        if len(batch) > 4:
+            activations = torch.ones(len(batch), 1024)  # what a forward holds when the next allocation fails
+            held.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return forward(batch, *args, **kwargs)
+
+    monkeypatch.setattr(predictor.model, "forward", allocate_then_oom)
+    got = predictor.predict(batch_of(predictor, 13))
+
+    assert len(got.labels) == 13 and len(held) == 2  # 13 and 6 failed
+    assert alive_at_retry and not any(alive_at_retry)
