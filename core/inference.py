@@ -117,6 +117,7 @@ class Predictor:
             self._amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # Page-locked host batches let the copy to the GPU run asynchronously (PreparedBatch.to is non_blocking).
         self.pin_memory = device.type == "cuda"
+        model.pad_image_batches = device.type == "cuda"  # a few image batch sizes for cuDNN
         # Largest batch that fitted after an out-of-memory error; later batches are cut to it up front.
         self.max_rows: int | None = None
 

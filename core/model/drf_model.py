@@ -158,6 +158,8 @@ class DRFModel(nn.Module):
         # Temperature scaling of the published probabilities (softmax(logits / T)), fitted on dev by the trainer and
         # kept in the checkpoint's payload, not the state dict; None: never fitted (T = 1, probabilities unscaled).
         self.calibration_temperature: float | None = None
+        # Inference on CUDA pads each image batch to a power of two (``encode_images``); ``Predictor`` turns it on.
+        self.pad_image_batches = False
         for encoder in (self.image_encoder, self.text_encoder):
             encoder.requires_grad_(not freeze_encoders)
         self.train(True)  # nn.Module's default mode, with frozen encoders kept in eval
@@ -241,7 +243,21 @@ class DRFModel(nn.Module):
         return [g for g in groups if g["params"]]
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """Pre-projection image features [B, D_v] (no autograd graph when the encoders are frozen)."""
+        """Pre-projection image features [B, D_v] (no autograd graph when the encoders are frozen).
+
+        With ``pad_image_batches`` (eval mode only) the batch is padded with blank images to the next power of two
+        and the padding's rows dropped: on CUDA every new batch size sends each of the encoder's convolutions back
+        to cuDNN to choose an algorithm, and the count of present images differs from batch to batch, so padding
+        leaves 8 sizes up to 128 instead of up to 128. Eval-mode rows do not interact, so no feature changes.
+        """
+        rows = pixel_values.shape[0]
+        padded = 1 << max(rows - 1, 0).bit_length()
+        if self.pad_image_batches and not self.training and padded > rows:
+            blank = pixel_values.new_zeros(padded - rows, *pixel_values.shape[1:])
+            return self._encode_image_rows(torch.cat([pixel_values, blank]))[:rows]
+        return self._encode_image_rows(pixel_values)
+
+    def _encode_image_rows(self, pixel_values: Tensor) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoders):
             return self.image_encoder(pixel_values)
 

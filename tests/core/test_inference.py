@@ -191,3 +191,21 @@ def test_a_batch_with_nothing_usable_abstains_on_every_row(predictor: Predictor)
     assert np.isnan(result.quality_image).all() and np.isnan(result.quality_text).all()
     assert not result.image_accepted.any() and not result.text_accepted.any()
     assert np.array_equal(result.probabilities[0], result.probabilities[1])  # softmax(b) for both
+
+
+def test_padded_image_batches_give_the_same_features_from_a_few_batch_sizes(model: DRFModel) -> None:
+    """On CUDA the Predictor pads image batches to a power of two (each new size costs cuDNN seconds); the
+    present posts' features must not change, and the encoder must only ever see the padded sizes."""
+    predictor = Predictor.from_model(model)
+    colours = [(30 * i, 255 - 20 * i, 90) for i in range(6)]
+    images = [predictor.preprocess_image(picture(c)) for c in colours]
+    batch = predictor.prepare([images[0], None, *images[1:]], [f"post {i}" for i in range(7)])
+    plain = model.encode_batch(batch)
+    sizes: list[int] = []
+    hook = model.image_encoder.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    model.pad_image_batches = True
+    padded = model.encode_batch(batch)
+    hook.remove()
+    assert sizes == [8]  # 6 present images -> 8 rows
+    torch.testing.assert_close(padded, plain, atol=1e-6, rtol=1e-5)
+    assert Predictor.from_model(model, device="cpu").model.pad_image_batches is False  # CPU: no padding
