@@ -247,8 +247,9 @@ class DRFModel(nn.Module):
 
         With ``pad_image_batches`` (eval mode only) the batch is padded with blank images to the next power of two
         and the padding's rows dropped: on CUDA every new batch size sends each of the encoder's convolutions back
-        to cuDNN to choose an algorithm, and the count of present images differs from batch to batch, so padding
-        leaves 8 sizes up to 128 instead of up to 128. Eval-mode rows do not interact, so no feature changes.
+        to cuDNN to choose an algorithm, and the count of present images differs from batch to batch: padded, a run
+        meets at most 8 sizes up to 128, not up to 128 of them. Eval-mode rows do not interact, so features change
+        only by rounding (the kernels chosen for another size may sum in another order).
         """
         rows = pixel_values.shape[0]
         padded = 1 << max(rows - 1, 0).bit_length()
