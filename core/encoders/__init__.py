@@ -6,13 +6,21 @@ module here that reads a checkpoint).
 """
 
 from core.encoders.base import EncoderUnavailableError, ImageEncoder, ImagePreprocessing, TextEncoder
-from core.encoders.configs import ENCODER_CONFIGS, CpuServing, Encoders, cpu_serving, create_encoders
+from core.encoders.configs import (
+    ENCODER_CONFIGS,
+    LITE_SIZES,
+    CpuServing,
+    Encoders,
+    cpu_serving,
+    create_encoders,
+)
 from core.encoders.export import ONNX_CACHE_ENV, onnx_cache_dir, onnx_dir_for
 from core.encoders.sessions import PRECISIONS, RUNTIMES, cpu_threads
 from core.encoders.switch import configure_cpu_inference
 
 __all__ = [
     "ENCODER_CONFIGS",
+    "LITE_SIZES",
     "ONNX_CACHE_ENV",
     "PRECISIONS",
     "RUNTIMES",

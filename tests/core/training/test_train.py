@@ -242,6 +242,27 @@ def test_cli_train_reports_bad_input_without_a_traceback(tmp_path, capsys) -> No
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_train_refuses_an_image_model_the_encoders_do_not_have(data_root, tmp_path, capsys) -> None:
+    """--image-model picks an offline EfficientNet-Lite; asked of the tiny encoders it is a clear usage error."""
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "train",
+                "--data",
+                f"jsonl:{data_root}",
+                "--encoders",
+                "tiny",
+                "--out",
+                str(tmp_path / "m"),
+                "--image-model",
+                "lite1",
+            ]
+        )
+    assert done.value.code == 2
+    assert "invalid options for encoder configuration 'tiny'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
 def test_ensure_demo_model_reuses_an_existing_checkpoint(tmp_path) -> None:
     existing = tmp_path / "demo.ckpt"
     existing.write_bytes(b"already trained")
