@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from core.evaluation.cv_tables import (
-    _conditions,
     comparison_table,
+    conditions,
     margin_table,
     metric_table,
     shortfalls,
@@ -116,7 +116,7 @@ def write_cv_report(data: EvaluationResults, out_dir: str | Path) -> dict[str, P
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "report.md"}
     cfg = data.config
-    tests = _conditions(cfg)
+    tests = conditions(cfg)
     methods = [m for m in data.methods if not m.startswith("drf-no-")]
     baselines = [m for m in cfg["baselines"] if m in methods]
     checks = [

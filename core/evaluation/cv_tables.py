@@ -16,7 +16,7 @@ NO_QUALITY_TARGET = ("image/mismatched",)
 SPECIALIST = {"image": "text_only", "text": "image_only"}
 
 
-def _conditions(config: dict[str, Any]) -> list[str]:
+def conditions(config: dict[str, Any]) -> list[str]:
     paper = [f"{m}/{s}" for m in ("image", "text") for s in config["fixed_settings"]]
     damage = list(config["damage"])
     ordered = [c for m in ("image", "text") for c in (*paper, *damage) if c.startswith(f"{m}/")]
