@@ -306,6 +306,16 @@ class Evaluation:
             self.describe(), self.results, self.quality_auroc, self.methods_clean(), self.damage_auroc
         )
 
+    def _encoders_description(self) -> str:
+        """What the report's header says of the encoders, options that change the features included."""
+        options = self.base.encoder_options
+        described = ENCODER_DESCRIPTIONS.get(self.config.encoders, self.config.encoders)
+        if options.get("image_model", "lite0") != "lite0":
+            described = described.replace(
+                "EfficientNet-Lite0", f"EfficientNet-{options['image_model'].title()}"
+            )
+        return described + ("; texts normalised as tweets" if options.get("tweets") else "")
+
     def describe(self) -> dict[str, Any]:
         ds = self.dataset
         return {
@@ -316,8 +326,7 @@ class Evaluation:
                 "label_counts": {s: ds.label_counts(s) for s in ds.splits},
                 "attribution": ds.meta.get("attribution"),
             },
-            "encoders": ENCODER_DESCRIPTIONS.get(self.config.encoders, self.config.encoders)
-            + ("; texts normalised as tweets" if self.base.encoder_options.get("tweets") else ""),
+            "encoders": self._encoders_description(),
             "config": self.config.to_dict(),
             "disruption": self.disruption_stats,
             "timings": self.timings,

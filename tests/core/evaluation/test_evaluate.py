@@ -226,3 +226,21 @@ def test_invalid_evaluation_options_are_reported_clearly(tmp_path, capsys) -> No
         main(["evaluate", "--data", "vader", "--out", str(tmp_path), "--baselines", "svm", "--no-progress"])
     assert done.value.code == 2
     assert "baselines: unknown ['svm']" in capsys.readouterr().err
+
+
+def test_report_header_names_the_image_model_its_features_came_from() -> None:
+    """A report made with --image-model lite1 must not say Lite0: the header is how a reader tells two reports apart."""
+    from types import SimpleNamespace
+
+    from core.evaluation.runs import Evaluation
+
+    def header(**options: object) -> str:
+        run = SimpleNamespace(
+            config=EvalConfig(encoders="offline"), base=SimpleNamespace(encoder_options=options)
+        )
+        return Evaluation._encoders_description(run)
+
+    assert header(tweets=True).startswith("offline: EfficientNet-Lite0 (ImageNet, 1280-d) + all-MiniLM-L6-v2")
+    assert header(tweets=True).endswith("; texts normalised as tweets")
+    lite1 = header(image_model="lite1")
+    assert "EfficientNet-Lite1 (ImageNet, 1280-d)" in lite1 and "Lite0" not in lite1
