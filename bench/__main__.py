@@ -9,7 +9,7 @@ project's targets against the results and draws the plots. Exit status 1 if any 
 where that script finds no CPU wheel.
 
     python -m bench [--smoke] [--only NAME ...] [--skip NAME ...] [--image-runtime onnxruntime|torch]
-                    [--text-runtime onnxruntime|torch] [--precision fp32|int8]
+                    [--text-runtime onnxruntime|torch] [--precision fp32|int8] [--image-model lite0|lite1|lite2]
                     [--soak-minutes 11] [--out DIR]
 """
 
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bench.common import (
+    IMAGE_MODEL_ENV,
     IMAGE_RUNTIME_ENV,
     PRECISION_ENV,
     RESULTS_DIR,
@@ -77,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"offline encoders' precision (the naive loop stays fp32; sets {PRECISION_ENV})",
     )
     parser.add_argument(
+        "--image-model",
+        choices=["lite0", "lite1", "lite2"],
+        help=f"offline image encoder's EfficientNet-Lite variant (default lite0; sets {IMAGE_MODEL_ENV})",
+    )
+    parser.add_argument(
         "--soak-minutes", type=float, help="length of the soak (default 11, warm-up included)"
     )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.image_runtime, IMAGE_RUNTIME_ENV),
         (args.text_runtime, TEXT_RUNTIME_ENV),
         (args.precision, PRECISION_ENV),
+        (args.image_model, IMAGE_MODEL_ENV),
     ):
         if value:
             env[name] = value

@@ -348,6 +348,8 @@ def stamp_created_at(record: bytes) -> bytes:
 IMAGE_RUNTIME_ENV = "POSTSENSE_BENCH_IMAGE_RUNTIME"
 TEXT_RUNTIME_ENV = "POSTSENSE_BENCH_TEXT_RUNTIME"
 PRECISION_ENV = "POSTSENSE_BENCH_PRECISION"
+#: The offline image encoder's EfficientNet-Lite variant (default: the product's, lite0).
+IMAGE_MODEL_ENV = "POSTSENSE_BENCH_IMAGE_MODEL"
 #: The device every benchmark's model runs on (default cpu); ``python -m bench.gpu`` sets it to cuda.
 DEVICE_ENV = "POSTSENSE_BENCH_DEVICE"
 #: A bert-base-uncased ``save_pretrained`` directory (config + tokenizer) for the ``paper`` configuration, which
@@ -363,6 +365,7 @@ def offline_options(precision: str | None = None) -> dict[str, str]:
         "image_runtime": os.environ.get(IMAGE_RUNTIME_ENV, "onnxruntime"),
         "text_runtime": os.environ.get(TEXT_RUNTIME_ENV, "onnxruntime"),
         "precision": precision or os.environ.get(PRECISION_ENV, DEFAULT_PRECISION),
+        **({"image_model": os.environ[IMAGE_MODEL_ENV]} if os.environ.get(IMAGE_MODEL_ENV) else {}),
     }
 
 
