@@ -26,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from core.data.records import Sample, load_image
+from core.encoders.base import ImageEncoder
 from core.encoders.export import ONNX_RECIPE
 from core.files import digest_weights, torch_save_atomically
 from core.model.drf_model import DRFModel, FeatureTable, PreparedBatch
@@ -34,6 +35,7 @@ from core.progress import progress as progress_bar
 log = logging.getLogger(__name__)
 
 #: Size load_image gives before the encoder's own preprocessing: the disruption masks pixels at this size.
+#: An encoder whose input is larger (EfficientNet-Lite1/2) gets its own size instead (``image_load_size``).
 IMAGE_LOAD_SIZE = (224, 224)
 #: Below this many images to encode, exporting the image encoder to ONNX Runtime costs more than it saves.
 ORT_MIN_IMAGES = 64
@@ -84,6 +86,13 @@ class FeatureCache:
         self._loaded(modality).update(zip(keys, features, strict=True))
 
 
+def image_load_size(encoder: ImageEncoder) -> tuple[int, int]:
+    """What an image is resized to before the encoder's preprocessing: ``IMAGE_LOAD_SIZE``, or the encoder's input
+    size where that is larger, so a 240-px encoder is not fed 224-px images scaled up."""
+    size = encoder.preprocessing.size
+    return (size, size) if size > IMAGE_LOAD_SIZE[0] else IMAGE_LOAD_SIZE
+
+
 def encoder_fingerprint(model: DRFModel) -> str:
     """Identifies what a cached feature depends on: encoder configuration, preprocessing and exact weights."""
     digest = hashlib.sha256()
@@ -91,7 +100,7 @@ def encoder_fingerprint(model: DRFModel) -> str:
         "encoders": model.encoder_name,
         "options": model.encoder_options,
         "preprocessing": model.preprocessing,
-        "image_load_size": IMAGE_LOAD_SIZE,
+        "image_load_size": image_load_size(model.image_encoder),
     }
     # int8 features depend on the quantisation recipe too.
     if model.encoder_options.get("precision") == "int8":
@@ -166,7 +175,7 @@ def _ort_image_runner(model: DRFModel) -> Callable[[Tensor], Tensor] | None:
 
 
 def _load_pixels(model: DRFModel, sample: Sample) -> Tensor:
-    image = load_image(sample, IMAGE_LOAD_SIZE)
+    image = load_image(sample, image_load_size(model.image_encoder))
     assert image is not None
     return model.image_encoder.preprocess(image)
 
@@ -249,7 +258,9 @@ def encode_samples(
 def encode_padding(model: DRFModel, cache: FeatureCache) -> tuple[Tensor, Tensor]:
     """Features of a blank (black) image and an all-[MASK] text: the paper's padding for methods that cannot
     take a missing modality (section 4.3)."""
-    blank = Sample("padding", PADDING_TEXT, Image.new("RGB", IMAGE_LOAD_SIZE), 0, ("padding",))
+    blank = Sample(
+        "padding", PADDING_TEXT, Image.new("RGB", image_load_size(model.image_encoder)), 0, ("padding",)
+    )
     table = encode_samples(model, [blank], cache)
     return table.image[0], table.text[0]
 

@@ -103,6 +103,19 @@ def test_larger_image_models_give_their_packages_imagenet_logits(variant: str, s
         create_encoders("offline", pretrained=False, image_model="lite9")
 
 
+def test_training_features_load_images_at_the_encoders_own_size_when_it_is_larger() -> None:
+    """A 240-px encoder trained on 224-px loads scaled up would see other pixels than it is served; Lite0 keeps
+    the 224 px its cached features (and their fingerprints) were made with."""
+    from core.training.features import IMAGE_LOAD_SIZE, image_load_size
+
+    sizes = {
+        variant: image_load_size(create_encoders("offline", pretrained=False, image_model=variant).image)
+        for variant in ("lite0", "lite1", "lite2")
+    }
+    assert sizes == {"lite0": IMAGE_LOAD_SIZE, "lite1": (240, 240), "lite2": (260, 260)}
+    assert image_load_size(create_encoders("tiny").image) == IMAGE_LOAD_SIZE
+
+
 def test_offline_text_encoder_pads_dynamically_and_truncates(offline) -> None:
     inputs = offline.text.tokenize(["short", "a somewhat longer tweet than the first one"])
     assert inputs["input_ids"].shape[1] == int(inputs["attention_mask"].sum(1).max())  # padded to the longest
