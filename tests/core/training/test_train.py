@@ -204,62 +204,27 @@ def test_cli_train_in_the_product_regime_trains_on_damaged_posts_and_records_it(
 
     assert cached_bytes(tmp_path) > 2 * cached_bytes(clean_run)
     assert 0 <= summary["test"]["accuracy"] <= 100
+    product_finetune = ("--regime", "product", "--finetune", "text", "--finetune-objective", "drf")
+    refused = train_refused(f"jsonl:{data_root}", tmp_path / "m", capsys, *product_finetune)
+    assert "--regime product" in refused
+
+
+def train_refused(data: str, out: Path, capsys, *extra: str) -> str:
+    """``postsense train`` on the tiny encoders that must stop with a usage error (exit 2): what it said."""
     with pytest.raises(SystemExit) as done:
-        main(
-            [
-                "train",
-                "--data",
-                f"jsonl:{data_root}",
-                "--encoders",
-                "tiny",
-                "--out",
-                str(tmp_path / "m"),
-                "--regime",
-                "product",
-                "--finetune",
-                "text",
-                "--finetune-objective",
-                "drf",
-            ]
-        )
-    assert done.value.code == 2 and "--regime product" in capsys.readouterr().err
+        main(["train", "--data", data, "--encoders", "tiny", "--out", str(out), *extra])
+    assert done.value.code == 2
+    return capsys.readouterr().err
 
 
 def test_cli_train_reports_bad_input_without_a_traceback(tmp_path, capsys) -> None:
-    with pytest.raises(SystemExit) as done:
-        main(
-            [
-                "train",
-                "--data",
-                f"jsonl:{tmp_path / 'nowhere'}",
-                "--encoders",
-                "tiny",
-                "--out",
-                str(tmp_path / "m"),
-            ]
-        )
-    assert done.value.code == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "does not exist" in train_refused(f"jsonl:{tmp_path / 'nowhere'}", tmp_path / "m", capsys)
 
 
 def test_cli_train_refuses_an_image_model_the_encoders_do_not_have(data_root, tmp_path, capsys) -> None:
     """--image-model picks an offline EfficientNet-Lite; asked of the tiny encoders it is a clear usage error."""
-    with pytest.raises(SystemExit) as done:
-        main(
-            [
-                "train",
-                "--data",
-                f"jsonl:{data_root}",
-                "--encoders",
-                "tiny",
-                "--out",
-                str(tmp_path / "m"),
-                "--image-model",
-                "lite1",
-            ]
-        )
-    assert done.value.code == 2
-    assert "invalid options for encoder configuration 'tiny'" in capsys.readouterr().err
+    refused = train_refused(f"jsonl:{data_root}", tmp_path / "m", capsys, "--image-model", "lite1")
+    assert "invalid options for encoder configuration 'tiny'" in refused
     assert not (tmp_path / "m").exists()
 
 
