@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--image-model",
         choices=["lite0", "lite1", "lite2"],
-        help=f"offline image encoder's EfficientNet-Lite variant (default lite0; sets {IMAGE_MODEL_ENV})",
+        help=f"offline image encoder's EfficientNet-Lite variant (default the product's, lite1; sets {IMAGE_MODEL_ENV})",
     )
     parser.add_argument(
         "--soak-minutes", type=float, help="length of the soak (default 11, warm-up included)"

@@ -348,7 +348,7 @@ def stamp_created_at(record: bytes) -> bytes:
 IMAGE_RUNTIME_ENV = "POSTSENSE_BENCH_IMAGE_RUNTIME"
 TEXT_RUNTIME_ENV = "POSTSENSE_BENCH_TEXT_RUNTIME"
 PRECISION_ENV = "POSTSENSE_BENCH_PRECISION"
-#: The offline image encoder's EfficientNet-Lite variant (default: the product's, lite0).
+#: The offline image encoder's EfficientNet-Lite variant (default: the product's, ``training_options``).
 IMAGE_MODEL_ENV = "POSTSENSE_BENCH_IMAGE_MODEL"
 #: The device every benchmark's model runs on (default cpu); ``python -m bench.gpu`` sets it to cuda.
 DEVICE_ENV = "POSTSENSE_BENCH_DEVICE"
@@ -361,11 +361,13 @@ DEFAULT_PRECISION = "fp32"
 
 def offline_options(precision: str | None = None) -> dict[str, str]:
     """Encoder options of the offline configuration for this run; ``precision`` overrides the run's."""
+    from core.encoders.configs import training_options
+
     return {
         "image_runtime": os.environ.get(IMAGE_RUNTIME_ENV, "onnxruntime"),
         "text_runtime": os.environ.get(TEXT_RUNTIME_ENV, "onnxruntime"),
         "precision": precision or os.environ.get(PRECISION_ENV, DEFAULT_PRECISION),
-        **({"image_model": os.environ[IMAGE_MODEL_ENV]} if os.environ.get(IMAGE_MODEL_ENV) else {}),
+        "image_model": os.environ.get(IMAGE_MODEL_ENV) or training_options("offline")["image_model"],
     }
 
 

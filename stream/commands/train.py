@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-model",
         choices=list(LITE_SIZES),
-        help="offline encoders: the EfficientNet-Lite variant (default lite0; lite1 and lite2 are larger)",
+        help="offline encoders: the EfficientNet-Lite variant (default lite1; lite0 is smaller, lite2 larger)",
     )
     parser.add_argument(
         "--finetune",

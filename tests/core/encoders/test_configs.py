@@ -266,10 +266,13 @@ def test_the_tweets_option_rewrites_texts_before_tokenising_and_is_recorded_only
     assert not torch.equal(offline.text.tokenize(tweet)["input_ids"], plain)
 
 
-def test_new_offline_models_normalise_tweets_unless_asked_not_to() -> None:
+def test_new_offline_models_take_lite1_and_normalise_tweets_unless_asked_not_to() -> None:
     from core.encoders.configs import training_options
 
-    assert training_options("offline") == {"tweets": True}
-    assert training_options("offline", tweets=False) == {} and training_options("tiny") == {}
-    # An older checkpoint's options (no "tweets") still build encoders that tokenise texts as they are.
-    assert create_encoders("offline", pretrained=False).text.tweets is False
+    assert training_options("offline") == {"image_model": "lite1", "tweets": True}
+    assert training_options("offline", tweets=False) == {"image_model": "lite1"}
+    assert training_options("tiny") == {}
+    # An older checkpoint's options (no "tweets", no "image_model") still build encoders that tokenise texts as they
+    # are and see images through Lite0.
+    older = create_encoders("offline", pretrained=False)
+    assert older.text.tweets is False and older.image.preprocessing.size == 224
