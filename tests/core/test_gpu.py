@@ -31,6 +31,7 @@ import torch
 from stream_support import LABELS, Running, produce_posts, read_topic, stream_settings, valid_posts
 
 from core.checkpoint import save_checkpoint
+from core.encoders.configs import training_options
 from core.inference import OutOfMemoryAtOnePost, Predictor
 from core.model import DRFModel, PreparedBatch, create_model
 
@@ -99,7 +100,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from core.training import CachedSource, TrainConfig, fit
 
     torch.manual_seed(0)
-    options = {"image_runtime": "torch"} if CONFIG == "offline" else {}
+    # The product's encoders (Lite1, tweets), in eager torch so the GPU runs them.
+    options = {**training_options("offline"), "image_runtime": "torch"} if CONFIG == "offline" else {}
     model = create_model(CONFIG, LABELS, pretrained=CONFIG == "offline", encoder_options=options)
     predictor = Predictor.from_model(model)
     images, texts, labels = sample_posts(2 * SAMPLE, start=SAMPLE)
