@@ -25,8 +25,9 @@ Two variants (``VARIANTS``; docs/evaluation.md has the measurements behind every
   mechanisms that hold up on real posts: floor admission (queues follow the training projections); a softmax over
   the present terms' summed log qualities (weights sum to 1, M's scale no longer shrinks with typicality); detached
   targets of (4); every expanded sample classified on its own; each modality also classified alone by a specialist
-  (``specialist_terms``), which get only part of the mixed prediction's gradient (``specialist_gradient``); and less
-  weight for the terms holding a recovered feature (``recovered_penalty``).
+  (``specialist_terms``), which get only part of the mixed prediction's gradient (``specialist_gradient``); less
+  weight for the terms holding a recovered feature (``recovered_penalty``); and, trained on damaged posts, a learned
+  damage detector's say in each modality's quality (``damage_detector``, core/drf/damage.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.drf.damage import DamageDetector, damage_loss
 from core.drf.distribution import (
     ADMISSION_RULES,
     DEFAULT_ADMISSION_FLOOR,
@@ -104,6 +106,9 @@ class DRFConfig:
     # fully coupled they learn to complement the fused terms and are weaker alone, which is all a missing modality
     # leaves; uncoupled, the clean accuracy fell (docs/evaluation.md).
     specialist_gradient: float = 0.5
+    # A learned detector per modality adds min(0, log-odds of intact) to its log q, trained on a damage mix's labels
+    # (core/drf/damage.py; inert in a model trained clean).
+    damage_detector: bool = True
 
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.dim < 1 or self.queue_size < 1:
@@ -145,6 +150,7 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
         "specialist_terms": True,
         "recovered_penalty": 2.0,
         "specialist_gradient": 0.5,
+        "damage_detector": True,
     },
     "paper": {
         "admission": "rule13",
@@ -159,6 +165,7 @@ VARIANTS: dict[str, dict[str, str | float | bool]] = {
         "specialist_terms": False,
         "recovered_penalty": 0.0,
         "specialist_gradient": 1.0,
+        "damage_detector": False,
     },
 }
 DEFAULT_VARIANT = "robust"
@@ -202,6 +209,9 @@ class DRFHead(nn.Module):
         )
         self.image_queue = FeatureQueue(d_v, config.queue_size, config.admission, config.admission_floor)
         self.text_queue = FeatureQueue(d_t, config.queue_size, config.admission, config.admission_floor)
+        self.detectors = (
+            nn.ModuleList(DamageDetector(w) for w in (d_v, d_t)) if config.damage_detector else None
+        )
 
     def queue_stats(self) -> dict[str, QueueStats]:
         return {"image": self.image_queue.stats(), "text": self.text_queue.stats()}
@@ -241,6 +251,12 @@ class DRFHead(nn.Module):
         floor = None if cfg.fusion == "softmax" else LOG_QUALITY_FLOOR
         lq_v = stats_log_quality(f_v, stats_v, floor)
         lq_t = stats_log_quality(f_t, stats_t, floor)
+        damage = None
+        if self.detectors is not None:
+            damage = torch.stack(
+                [d(f, s) for d, f, s in zip(self.detectors, (f_v, f_t), (stats_v, stats_t), strict=True)], -1
+            )
+            lq_v, lq_t = lq_v + damage[:, 0].clamp_max(0), lq_t + damage[:, 1].clamp_max(0)
         lq_t2v = stats_log_quality(f_t2v, stats_v, floor)
         lq_v2t = stats_log_quality(f_v2t, stats_t, floor)
         lams = self._term_presence(present_v.float(), present_t.float())
@@ -290,6 +306,7 @@ class DRFHead(nn.Module):
             text_present=present_t,
             term_logits=term_logits,
             intact=None if intact is None else intact.to(device=present_v.device, dtype=torch.bool),
+            damage_logits=damage,
         )
         if labels is not None:
             # (3) needs one space for both modalities: the projected one, means mapped through the projections
@@ -403,7 +420,11 @@ class DRFHead(nn.Module):
             ).reshape(count, -1)
             loss_per_term = cfg.term_loss * (per_term * exists).sum() / exists.sum().clamp_min(1)
         out.loss_dis, out.loss_rec, out.loss_cls, out.recovery_terms = loss_dis, loss_rec, loss_cls, terms
-        out.loss = loss_dis + loss_rec + loss_cls + loss_per_term
+        loss_damage = zero
+        if out.damage_logits is not None and out.intact is not None:
+            present = torch.stack([out.image_present, out.text_present], -1)
+            loss_damage = damage_loss(out.damage_logits, present, out.intact)
+        out.loss = loss_dis + loss_rec + loss_cls + loss_per_term + loss_damage
 
     @torch.no_grad()
     def update_queues(self, out: DRFOutput) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,10 @@ class DRFOutput:
         None  # [B, 2] (image, text) undamaged rows of a training mix: queue and recovery inputs
     )
 
+    damage_logits: Tensor | None = (
+        None  # [B, 2] (image, text) log-odds that each is intact (``damage_detector``)
+    )
+
     @property
     def probabilities(self) -> Tensor:
         """Y of (14)."""
