@@ -15,6 +15,7 @@ import torch
 from training_data import train_with_cli
 
 import core.training.loop as train_module
+from core.checkpoint import load_checkpoint
 from core.data.disruption import disrupt_dataset
 from core.inference import Predictor
 from core.model import create_model
@@ -197,7 +198,15 @@ def test_cli_train_in_the_product_regime_trains_on_damaged_posts_and_records_it(
     assert "product regime (intact 0.6)" in describe(record)
     # The damaged variants of the training and dev posts were encoded too: several times the clean run's features.
     clean_run = tmp_path / "clean"
-    train_with_cli(data_root, clean_run, capsys, "--regime", "clean")
+    clean_checkpoint, _ = train_with_cli(data_root, clean_run, capsys, "--regime", "clean")
+
+    # The mix's intact flags train the damage detectors (core/drf/damage.py); trained clean they stay silent.
+    def detector_weight(checkpoint: Path) -> float:
+        detectors = load_checkpoint(checkpoint).model.head.detectors
+        assert detectors is not None
+        return sum(float(d.out_weight.abs().sum()) for d in detectors)
+
+    assert detector_weight(out) > 0 and detector_weight(clean_checkpoint) == 0
 
     def cached_bytes(root: Path) -> int:
         return sum(p.stat().st_size for p in (root / "cache").rglob("image-*"))
